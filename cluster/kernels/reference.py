@@ -1,0 +1,105 @@
+"""Plain-torch versions of every kernel: the CPU path of the engine and the ground truth for the Triton tests.
+
+Shapes (T = tokens in the step, B = sequences, Hq/Hkv = heads, D = head dim):
+  k_cache, v_cache: [num_blocks, block_size, Hkv, D]
+  block_tables:     [B, max_blocks] int32 (unused entries arbitrary)
+  context_lens:     [B] int32, tokens of each sequence in the cache once this step's K/V are stored
+  cu_seqlens_q:     [B+1] int32, prefix sums of this step's query tokens per sequence
+  slot_mapping:     [T] int64, flat cache slot (block * block_size + offset) of each new token; -1 skips
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm in fp32; with `residual`, adds it first and also returns the sum (the next residual)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return out if residual is None else (out, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] on the last dim -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+    """Neox-style rotary (rotate halves) on q [T, Hq, D] and k [T, Hkv, D]; cos_sin [max_pos, D] = [cos | sin]."""
+    cs = cos_sin[positions]
+    cos, sin = cs.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write this step's K/V [T, Hkv, D] into their cache slots."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+    bs = cache.shape[1]
+    nblocks = (n + bs - 1) // bs
+    return cache[block_table[:nblocks].long()].flatten(0, 1)[:n]  # [n, Hkv, D]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole cached context (prefix, chunk or decode).
+
+    Query i of a sequence with q_len new tokens and ctx cached tokens sits at position ctx - q_len + i and sees
+    keys 0..that position. Handles prefill, chunked prefill, prefix-cache hits and decode alike.
+    """
+    T, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    out = torch.empty_like(q)
+    ctx_list = context_lens.tolist()
+    cu = cu_seqlens_q.tolist()
+    for b, ctx in enumerate(ctx_list):
+        s, e = cu[b], cu[b + 1]
+        ql = e - s
+        if ql == 0:
+            continue
+        k = _gather(k_cache, block_tables[b], ctx).to(q.dtype)  # [ctx, Hkv, D]
+        v = _gather(v_cache, block_tables[b], ctx).to(q.dtype)
+        qb = q[s:e].view(ql, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * ql, d)
+        qpos = torch.arange(ctx - ql, ctx, device=q.device).repeat(group)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(qb, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+        out[s:e] = o.view(hkv, group, ql, d).permute(2, 0, 1, 3).reshape(ql, hq, d)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, max_context_len: int | None = None) -> torch.Tensor:
+    """One query per sequence ([B, Hq, D]) over its cache, batched with padding: one SDPA call for the batch."""
+    B, hq, d = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    group = hq // hkv
+    max_ctx = int(max_context_len if max_context_len is not None else context_lens.max())
+    nblocks = (max_ctx + bs - 1) // bs
+    bt = block_tables[:, :nblocks].long().clamp(0, nb - 1)
+    k = k_cache[bt].view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[bt].view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)
+    mask = torch.arange(nblocks * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    qb = q.view(B, hkv, group, d)
+    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return o.reshape(B, hq, d)
