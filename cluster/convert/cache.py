@@ -1,0 +1,74 @@
+"""Convert once per (checkpoint, tp, dtype, quant), then reuse: a cache keyed by the source files' identity."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from cluster.convert.hf import Source, convert_checkpoint, resolve_source
+from cluster.models.config import ModelConfig
+
+FORMAT_VERSION = 1
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("CLUSTER_CACHE_DIR") or Path.home() / ".cache" / "cluster")
+
+
+def is_converted(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "rank0.safetensors").exists()
+
+
+def cache_key(src: Source, tp: int, dtype: str, quant: str = "") -> str:
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{tp}|{dtype}|{quant}".encode())
+    for f in src.files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{int(st.st_mtime)}".encode())
+    name = Path(src.gguf_file).stem if src.gguf_file else src.path.name
+    return f"{name}-tp{tp}-{dtype}-{h.hexdigest()[:12]}"
+
+
+def ensure_converted(model: str | None, tp: int, dtype: str, cache_dir: str | None = None,
+                     progress: bool = True) -> Path:
+    """Return a directory in engine format for `model`: itself if already converted, else the (new) cache entry.
+
+    A file lock makes concurrent workers of one replica convert once and the others wait."""
+    if model and is_converted(Path(model)):
+        cfg = ModelConfig.load(Path(model) / "config.json")
+        if cfg.tp != tp:
+            raise ValueError(f"{model} was converted for tp={cfg.tp}, not tp={tp}; run `cluster convert` with --tp {tp}")
+        return Path(model)
+    src = resolve_source(model)
+    out = cache_root(cache_dir) / cache_key(src, tp, dtype)
+    if is_converted(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(out) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_converted(out):
+            tmp = Path(str(out) + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_checkpoint(src, tmp, tp, dtype, progress=progress)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+    return out
+
+
+def resolve_dtype(model: str | None, dtype: str, device: str) -> str:
+    """'auto': fp32 on the CPU (exact, and CPU bf16 is slow); the checkpoint's half type (else bf16) on a GPU."""
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":
+        return "float32"
+    if model and is_converted(Path(model)):
+        return ModelConfig.load(Path(model) / "config.json").dtype
+    try:
+        from cluster.convert.hf import read_hf_config
+
+        hf = read_hf_config(resolve_source(model))
+        src_dtype = hf.get("torch_dtype") or hf.get("dtype")
+    except Exception:
+        src_dtype = None
+    return "float16" if src_dtype == "float16" else "bfloat16"

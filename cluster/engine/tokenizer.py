@@ -1,0 +1,106 @@
+"""Tokenizer wrapper (chat template, prompt forms) and incremental detokenization for streaming.
+
+Streaming text never ends in a broken UTF-8 character (held back until the next token completes it) and never
+shows a stop word, or the start of one, until it is known not to be one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+Prompt = Union[str, list[int], list[dict]]
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(path))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.hf.chat_template:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """A string, token ids, or an OpenAI-style message list (chat template applied) -> token ids."""
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return list(prompt)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if "role" not in m or "content" not in m:
+                    raise ValueError("each message needs 'role' and 'content'")
+            text = self.apply_chat_template(prompt)
+            return self.encode(text, add_special_tokens=False)
+        raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
+
+
+class IncrementalDetokenizer:
+    """Decodes a window of recent tokens each step and emits only the new, complete text."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True,
+                 stop_words: list[str] | None = None):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-6:])  # some prompt context, so the first token's leading space decodes right
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # all output text decoded so far (stop word excluded once found)
+        self.emitted = 0  # characters of self.text already handed out
+        self.stop_words = stop_words or []
+        self.stopped = False
+
+    def add(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            self._check_stop()
+
+    def _check_stop(self) -> None:
+        longest = max((len(w) for w in self.stop_words), default=0)
+        start = max(0, self.emitted - longest)
+        for w in self.stop_words:
+            i = self.text.find(w, start)
+            if i != -1:
+                self.text = self.text[:i]
+                self.stopped = True
+                return
+
+    def _holdback(self) -> int:
+        """Length of the text's tail that could still grow into a stop word."""
+        for n in range(min(len(self.text), max((len(w) for w in self.stop_words), default=0)), 0, -1):
+            tail = self.text[-n:]
+            if any(w.startswith(tail) for w in self.stop_words):
+                return n
+        return 0
+
+    def take(self, final: bool = False) -> str:
+        """New text that is safe to show; on `final`, everything that is left."""
+        if final and not self.stopped and self.read_offset < len(self.ids):
+            prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+            full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+            self.text += full[len(prefix):]
+            self.read_offset = len(self.ids)
+            self._check_stop()
+        end = len(self.text) if (final or self.stopped) else len(self.text) - self._holdback()
+        end = max(end, self.emitted)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out

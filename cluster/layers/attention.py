@@ -1,0 +1,38 @@
+"""Attention over the paged KV cache: store this step's K/V into their slots, then attend over the cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cluster import kernels
+
+
+@dataclass
+class AttnMetadata:
+    """What every layer's attention needs about the step; built once per step by the model runner."""
+
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32, cached tokens after this step
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    max_context_len: int
+    decode_only: bool  # every sequence has exactly one new token
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        kernels.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
+                                                  meta.context_lens, self.scale, meta.max_context_len)
+        return kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                       meta.cu_seqlens_q, self.scale)

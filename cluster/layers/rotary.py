@@ -1,0 +1,27 @@
+"""Rotary embedding from a stored inverse-frequency vector, so every rope scaling (Llama 3, linear, YaRN...) is
+computed once at conversion time by transformers and the engine only needs the resulting frequencies."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cluster import kernels
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, attention_scaling: float = 1.0):
+        super().__init__()
+        self.max_positions = max_positions
+        self.attention_scaling = attention_scaling
+        self.inv_freq = nn.Parameter(torch.empty(head_dim // 2), requires_grad=False)
+        self.cos_sin: torch.Tensor | None = None
+
+    def build_cache(self, max_positions: int | None = None) -> None:
+        """Precompute [max_pos, head_dim] = [cos | sin] in fp32 on the weights' device (after loading)."""
+        inv = self.inv_freq.float()
+        t = torch.arange(max_positions or self.max_positions, dtype=torch.float32, device=inv.device)
+        freqs = torch.outer(t, inv)
+        self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return kernels.apply_rotary(q, k, positions, self.cos_sin)

@@ -1,0 +1,48 @@
+"""The engine's own model description, written next to converted weights; independent of transformers' classes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    architecture: str  # "llama" (Llama 2/3, Mistral, Qwen2, InternLM2 are all converted to it)
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    rope_attention_scaling: float = 1.0  # multiplies cos/sin (YaRN-style scalings); inv_freq is stored in the weights
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    dtype: str = "float32"
+    tp: int = 1
+    source: str = ""  # where the checkpoint came from
+    hf_model_type: str = ""
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check_tp(self, tp: int) -> None:
+        """Fail early, naming the sizes that work, when heads don't split over `tp` ranks."""
+        valid = [n for n in range(1, self.num_heads + 1)
+                 if self.num_heads % n == 0 and (self.num_kv_heads % n == 0 or n % self.num_kv_heads == 0)
+                 and self.intermediate_size % n == 0]
+        if tp not in valid:
+            raise ValueError(f"tp={tp} does not divide this model ({self.num_heads} heads, {self.num_kv_heads} KV heads, "
+                             f"FFN {self.intermediate_size}); valid tp sizes: {valid}")

@@ -1,0 +1,104 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, InternLM2 after conversion) built from tensor-parallel layers.
+
+Parameter names are the engine format's names (see cluster/convert/hf.py); each rank builds its own slice."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cluster import kernels
+from cluster.layers.attention import AttnMetadata, PagedAttention
+from cluster.layers.embedding import LMHead, VocabEmbedding
+from cluster.layers.linear import ColumnLinear, RowLinear
+from cluster.layers.norm import RMSNorm
+from cluster.layers.rotary import Rotary
+from cluster.models.config import ModelConfig
+
+
+def shard_sizes(cfg: ModelConfig, tp: int) -> dict[str, int]:
+    """Per-rank sizes; KV heads fewer than ranks are replicated (each rank keeps the head its q heads use)."""
+    return {
+        "heads": cfg.num_heads // tp,
+        "kv_heads": max(1, cfg.num_kv_heads // tp),
+        "ffn": cfg.intermediate_size // tp,
+        "vocab": -(-cfg.vocab_size // tp),
+    }
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int):
+        super().__init__()
+        s = shard_sizes(cfg, tp)
+        self.q_size = s["heads"] * cfg.head_dim
+        self.kv_size = s["kv_heads"] * cfg.head_dim
+        self.qkv_proj = ColumnLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = RowLinear(self.q_size, cfg.hidden_size)
+        self.attn = PagedAttention(s["heads"], s["kv_heads"], cfg.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata, rotary: Rotary) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        a = self.attn
+        q = q.view(-1, a.num_heads, a.head_dim)
+        k = k.view(-1, a.num_kv_heads, a.head_dim)
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        q, k = rotary(positions, q, k)
+        o = a(q, k, v, meta)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int):
+        super().__init__()
+        ffn = shard_sizes(cfg, tp)["ffn"]
+        self.gate_up_proj = ColumnLinear(cfg.hidden_size, 2 * ffn)
+        self.down_proj = RowLinear(ffn, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg, tp)
+
+    def forward(self, positions, x, residual, meta, rotary):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta, rotary)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: int = 1):
+        super().__init__()
+        self.cfg = cfg
+        s = shard_sizes(cfg, tp)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_attention_scaling)
+        self.embed_tokens = VocabEmbedding(s["vocab"], cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = LMHead(s["vocab"], cfg.hidden_size, cfg.vocab_size,
+                              tied=self.embed_tokens if cfg.tie_word_embeddings else None)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta, self.rotary)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
