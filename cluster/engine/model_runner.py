@@ -20,6 +20,7 @@ from cluster.models.registry import build_model
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
+CPU_KV_BUDGET = 4 * GiB  # on the CPU, cache_max_entry_count is a share of at most this much
 
 
 @dataclass
@@ -119,7 +120,7 @@ class ModelRunner:
             self.free_memory_for_cache = max(0, free - peak_extra)
             num = int(self.free_memory_for_cache * ec.cache_max_entry_count) // self.block_bytes
         else:
-            avail = _mem_available()
+            avail = min(_mem_available(), CPU_KV_BUDGET)  # host RAM is shared with everything else here
             num = int(avail * ec.cache_max_entry_count) // self.block_bytes
             num = min(num, ec.max_batch_size * (need_one + 1))  # more than every sequence can use is waste here
         if num < need_one:

@@ -100,6 +100,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     k = k_cache[bt].view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[bt].view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)
     mask = torch.arange(nblocks * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    pad = ~mask[:, None, :, None]  # never-written slots may hold NaN, which a mask (added as -inf) would not hide
+    k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     qb = q.view(B, hkv, group, d)
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return o.reshape(B, hq, d)

@@ -1,0 +1,145 @@
+"""The Python API: `pipeline(model)(prompts)`, streaming, and multi-turn sessions."""
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+from cluster.config import EngineConfig, GenerationConfig
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.engine import LLMEngine, Response, _accumulate
+from cluster.engine.tokenizer import Prompt
+
+Prompts = Union[Prompt, list[Prompt]]
+
+
+def _is_single(prompts: Prompts) -> bool:
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts):
+        return True  # one conversation
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return True  # one prompt as token ids
+    return False
+
+
+@dataclass
+class Session:
+    """A conversation: its history is re-sent each turn; the prefix cache makes the old turns nearly free."""
+
+    messages: list[dict] = field(default_factory=list)
+    last: Response | None = None
+
+    @property
+    def response(self) -> Response | None:
+        return self.last
+
+
+class Pipeline:
+    def __init__(self, model: str | None = None, engine_config: EngineConfig | None = None,
+                 gen_config: GenerationConfig | None = None, do_preprocess: bool = True):
+        self.engine = AsyncEngine(LLMEngine(model, engine_config))
+        self.do_preprocess = do_preprocess
+        self.gen_config = gen_config or GenerationConfig()
+        self.tokenizer = self.engine.tokenizer
+
+    def _gens(self, n: int, gen_config: GenerationConfig | list[GenerationConfig] | None) -> list[GenerationConfig]:
+        if isinstance(gen_config, list):
+            if len(gen_config) != n:
+                raise ValueError(f"got {len(gen_config)} generation configs for {n} prompts")
+            return gen_config
+        return [gen_config or self.gen_config] * n
+
+    def _preprocess(self, prompt: Prompt) -> Prompt:
+        """Like LMDeploy: a plain string is a user turn, wrapped in the model's chat template when it has one."""
+        if self.do_preprocess and isinstance(prompt, str) and self.tokenizer.hf.chat_template:
+            return [{"role": "user", "content": prompt}]
+        return prompt
+
+    def _submit_all(self, prompts: list[Prompt], gens: list[GenerationConfig]) -> tuple[list[str], queue.Queue]:
+        """Validate everything first, so a bad prompt fails the call before any request starts."""
+        prompts = [self._preprocess(p) for p in prompts]
+        for p, g in zip(prompts, gens):
+            self.engine.validate(len(self.tokenizer.prompt_ids(p)), g)
+        sink: queue.Queue = queue.Queue()
+        rids = []
+        for p, g in zip(prompts, gens):
+            rid, _ = self.engine.submit(p, g, None, None, sink)
+            rids.append(rid)
+        return rids, sink
+
+    def stream_infer(self, prompts: Prompts, gen_config: GenerationConfig | list[GenerationConfig] | None = None
+                     ) -> Iterator[Response]:
+        """Yield Response chunks (new text and tokens; `index` says which prompt) as they are generated."""
+        plist = [prompts] if _is_single(prompts) else list(prompts)
+        rids, sink = self._submit_all(plist, self._gens(len(plist), gen_config))
+        index = {rid: i for i, rid in enumerate(rids)}
+        pending = set(rids)
+        try:
+            while pending:
+                item = sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    pending.discard(item.request_id)
+                yield Response(item.text, item.token_ids, item.input_token_len, item.generate_token_len,
+                               item.finish_reason, item.logprobs, index[item.request_id], item.cached_token_len)
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
+
+    def __call__(self, prompts: Prompts, gen_config: GenerationConfig | list[GenerationConfig] | None = None
+                 ) -> Response | list[Response]:
+        single = _is_single(prompts)
+        plist = [prompts] if single else list(prompts)
+        results = [Response("", [], 0, 0, None, None, i) for i in range(len(plist))]
+        for chunk in self.stream_infer(plist, gen_config):
+            _accumulate(results[chunk.index], chunk)
+        return results[0] if single else results
+
+    infer = __call__
+
+    def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
+             stream: bool = False):
+        """One turn of a conversation; returns the session (or, with stream=True, an iterator of text pieces)."""
+        session = session or Session()
+        session.messages.append({"role": "user", "content": prompt})
+
+        def run() -> Iterator[str]:
+            result = Response("", [], 0, 0, None)
+            try:
+                for chunk in self.stream_infer(session.messages, gen_config):
+                    _accumulate(result, chunk)
+                    yield chunk.text
+            finally:
+                session.messages.append({"role": "assistant", "content": result.text})
+                session.last = result
+
+        if stream:
+            return run()
+        for _ in run():
+            pass
+        return session
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def pipeline(model: str | None = None, engine_config: EngineConfig | None = None,
+             gen_config: GenerationConfig | None = None, do_preprocess: bool = True, **engine_kwargs) -> Pipeline:
+    """Build a pipeline; with no model, the embedded SmolLM2-135M-Instruct. Extra kwargs go to EngineConfig.
+
+    do_preprocess: plain-string prompts get the model's chat template (False sends them raw)."""
+    if engine_kwargs:
+        engine_config = (engine_config or EngineConfig()).model_copy(update=engine_kwargs)
+        engine_config = EngineConfig.model_validate(engine_config.model_dump())
+    return Pipeline(model, engine_config, gen_config, do_preprocess)
+
+
+__all__ = ["pipeline", "Pipeline", "Session", "Response"]

@@ -1,0 +1,200 @@
+"""The engine's step loop on a background thread, with thread-safe request submission and per-request streams.
+
+Used by the pipeline's streaming API, the chat CLI and the serving worker. Requests go in through a queue the loop
+drains between steps, so no caller ever touches the scheduler while a step runs."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import traceback
+from typing import AsyncIterator, Iterator
+
+from cluster.config import EngineConfig, GenerationConfig
+from cluster.engine.engine import LLMEngine, RequestOutput
+from cluster.engine.errors import EngineDeadError, EngineOverloadedError
+from cluster.engine.tokenizer import Prompt
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+_DONE = object()
+
+
+class _Stream:
+    """Where one request's outputs land; readable from a thread (get) or an event loop (aget)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, sink: queue.Queue | None = None):
+        self.loop = loop
+        self.q: queue.Queue | None = None if loop else (sink if sink is not None else queue.Queue())
+        self.aq: asyncio.Queue | None = asyncio.Queue() if loop else None
+
+    def put(self, item) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.aq.put_nowait, item)
+        else:
+            self.q.put(item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 4096):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model(cls, model: str | None = None, engine_config: EngineConfig | None = None) -> "AsyncEngine":
+        return cls(LLMEngine(model, engine_config))
+
+    # -- facts -----------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def session_len(self) -> int:
+        return self.engine.session_len
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        src = self.engine.model_config.source
+        return Path(src).stem if src else "default"
+
+    def validate(self, prompt_token_len: int, gen_config: GenerationConfig) -> None:
+        self.engine.validate(prompt_token_len, gen_config)
+
+    def stats(self) -> dict:
+        s = self.engine.stats_dict()
+        s["num_waiting"] += self._inbox.qsize()
+        return s
+
+    def check_health(self) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"engine step loop died: {self._error!r}")
+
+    # -- requests --------------------------------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, gen_config: GenerationConfig | None, request_id: str | None,
+               loop: asyncio.AbstractEventLoop | None, sink: queue.Queue | None = None) -> tuple[str, _Stream]:
+        """Queue a request for the loop; its outputs go to an asyncio queue (loop given) or a thread queue."""
+        self.check_health()
+        waiting = self.stats()["num_waiting"]
+        if waiting >= self.max_waiting:
+            raise EngineOverloadedError(waiting, self.max_waiting)
+        gen = gen_config or GenerationConfig()
+        ids = self.engine.tokenizer.prompt_ids(prompt)
+        self.engine.validate(len(ids), gen)
+        rid = request_id or f"req-{next(_ids)}"
+        stream = _Stream(loop, sink)
+        with self._lock:
+            if rid in self._streams:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._streams[rid] = stream
+        self._inbox.put(("add", rid, ids, gen))
+        self._wake.set()
+        return rid, stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None, None))
+        self._wake.set()
+
+    async def generate(self, prompt: Prompt, gen_config: GenerationConfig | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        rid, stream = self.submit(prompt, gen_config, request_id, asyncio.get_running_loop())
+        finished = False
+        try:
+            while True:
+                item = await stream.aq.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def stream(self, prompt: Prompt, gen_config: GenerationConfig | None = None,
+               request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Blocking iterator of outputs; closing it early (or Ctrl-C) aborts the request."""
+        rid, stream = self.submit(prompt, gen_config, request_id, None)
+        finished = False
+        try:
+            while True:
+                item = stream.q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, rid, ids, gen = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                try:
+                    self.engine.add_request(ids, gen, rid)
+                except Exception as e:  # noqa: BLE001 - handed to the caller's stream
+                    self._close(rid, e)
+            elif op == "abort":
+                if self.engine.abort(rid):
+                    self._close(rid, None, abort=True)
+                else:
+                    with self._lock:
+                        self._streams.pop(rid, None)
+
+    def _close(self, rid: str, error: BaseException | None, abort: bool = False) -> None:
+        with self._lock:
+            stream = self._streams.pop(rid, None)
+        if stream is None:
+            return
+        if error is not None:
+            stream.put(error)
+        elif abort:
+            stream.put(RequestOutput(rid, "", [], None, "abort", 0, 0))
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.1)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    with self._lock:
+                        stream = self._streams.get(out.request_id)
+                        if out.finish_reason is not None:
+                            self._streams.pop(out.request_id, None)
+                    if stream is not None:
+                        stream.put(out)
+        except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
+            self._error = e
+            log.error("engine loop died: %s", traceback.format_exc())
+            with self._lock:
+                streams, self._streams = list(self._streams.values()), {}
+            for s in streams:
+                s.put(EngineDeadError(f"engine failed: {e!r}"))

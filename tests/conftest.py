@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random-weight checkpoints in real HF format (saved by transformers itself), so the loading
+and conversion code is the real one, checked against transformers on the same weights."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.08)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded SmolLM2 converted to the engine format (cached across runs in ~/.cache/cluster)."""
+    from cluster.convert.cache import ensure_converted
+
+    return ensure_converted(None, 1, "float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(default_model_dir: Path) -> Path:
+    return default_model_dir
+
+
+def _save(model, tokenizer_dir: Path, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(out)
+    return out
+
+
+def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
+    """Returns (checkpoint dir, the transformers model to compare with)."""
+    import transformers as tf
+
+    torch.manual_seed({"llama": 0, "llama3": 1, "mistral": 2, "qwen2": 3, "internlm2": 0, "gqa1": 4}[kind])
+    if kind in ("llama", "internlm2"):
+        cfg = tf.LlamaConfig(**TINY)
+    elif kind == "gqa1":
+        cfg = tf.LlamaConfig(**{**TINY, "num_key_value_heads": 1})
+    elif kind == "llama3":
+        cfg = tf.LlamaConfig(**TINY, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(**TINY, sliding_window=None)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(**TINY, tie_word_embeddings=True)
+    else:
+        raise ValueError(kind)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    if kind == "qwen2":  # make the qkv bias matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    _save(model, tokenizer_dir, out)
+    if kind == "internlm2":
+        _repack_internlm2(out, cfg)
+    return out, model
+
+
+def _repack_internlm2(path: Path, cfg) -> None:
+    """Rewrite a Llama checkpoint in InternLM2's layout: packed wqkv per KV group, w1/w3/w2, its own names."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "model.safetensors"))
+    heads, kv, d, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.hidden_size
+    group = heads // kv
+    out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q = sd[p + "self_attn.q_proj.weight"].view(kv, group, d, h)
+        k = sd[p + "self_attn.k_proj.weight"].view(kv, 1, d, h)
+        v = sd[p + "self_attn.v_proj.weight"].view(kv, 1, d, h)
+        out[p + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, h).contiguous()
+        out[p + "attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[p + "feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        out[p + "feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+        out[p + "feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        out[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    (path / "model.safetensors").unlink()
+    save_file(out, str(path / "model.safetensors"))
+    config = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": cfg.vocab_size,
+              "hidden_size": h, "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "rms_norm_eps": cfg.rms_norm_eps,
+              "rope_theta": 10000.0, "max_position_embeddings": cfg.max_position_embeddings, "bias": False,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir):
+    """kind -> (checkpoint dir, transformers model); built lazily, once per session."""
+    cache: dict = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = build_tiny(kind, tokenizer_dir, tmp_path_factory.mktemp(kind))
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("converted"))
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers `generate`, greedy, not stopping at EOS (so EOS logits stay untouched, as with ignore_eos)."""
+    import copy
+
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id = []  # None would fall back to the model default
+    gc.do_sample = False
+    gc.max_new_tokens = n
+    gc.pad_token_id = 0
+    out = model.generate(torch.tensor([ids]), generation_config=gc)
+    return out[0, len(ids):].tolist()
