@@ -45,6 +45,7 @@ def _mask_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
             logits[i, list(s.stop_ids)] = float("-inf")
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     logits = logits.float()
     logits = _apply_penalties(logits, seqs)
