@@ -225,26 +225,21 @@ def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int
 
 def _vocab_rows(x: torch.Tensor, cfg: ModelConfig, rank: int, tp: int) -> torch.Tensor:
     per = -(-cfg.vocab_size // tp)
-    padded = torch.zeros(per * tp, x.shape[1], dtype=x.dtype)
+    if per * tp == x.shape[0]:
+        return _rows(x, rank, tp)
+    padded = torch.zeros(per * tp, x.shape[1], dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x
     return padded[rank * per:(rank + 1) * per]
 
 
-def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress: bool = True) -> ModelConfig:
-    """Write config.json, rank{r}.safetensors for every rank, and the tokenizer into `out_dir`."""
-    from safetensors.torch import save_file
+def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig, tp: int,
+                 progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Every rank's engine tensors from a checkpoint reader (each layer read once for all ranks)."""
     from tqdm import tqdm
 
-    hf = read_hf_config(src)
-    cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")))
-    _add_generation_eos(src, cfg)
-    torch_dtype = getattr(torch, dtype)
-    get = _tensor_reader(src)
     internlm = cfg.hf_model_type in ("internlm2", "internlm")
     embed = get("model.tok_embeddings.weight" if internlm else "model.embed_tokens.weight")
-    head = None
-    if not cfg.tie_word_embeddings:
-        head = get("output.weight" if internlm else "lm_head.weight")
+    head = None if cfg.tie_word_embeddings else get("output.weight" if internlm else "lm_head.weight")
     inv_freq, cfg.rope_attention_scaling = _rope_inv_freq(hf)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for r in range(tp):
@@ -252,12 +247,24 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         if head is not None:
             shards[r]["lm_head.weight"] = _vocab_rows(head, cfg, r, tp)
         shards[r]["norm.weight"] = get("model.norm.weight")
-        shards[r]["rotary.inv_freq"] = inv_freq
-    for i in tqdm(range(cfg.num_layers), desc=f"converting {Path(cfg.source).name} (tp={tp}, {dtype})",
+        shards[r]["rotary.inv_freq"] = inv_freq.to(embed.device)
+    for i in tqdm(range(cfg.num_layers), desc=f"converting {Path(cfg.source).name} (tp={tp}, {cfg.dtype})",
                   disable=not progress, unit="layer"):
         t = _hf_layer_tensors(get, hf, cfg, i)
         for r in range(tp):
             shards[r].update(shard_layer(t, cfg, r, tp, i))
+    return shards
+
+
+def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress: bool = True) -> ModelConfig:
+    """Write config.json, rank{r}.safetensors for every rank, and the tokenizer into `out_dir`."""
+    from safetensors.torch import save_file
+
+    hf = read_hf_config(src)
+    cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")))
+    _add_generation_eos(src, cfg)
+    torch_dtype = getattr(torch, dtype)
+    shards = build_shards(_tensor_reader(src), hf, cfg, tp, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     for r, shard in enumerate(shards):
         save_file({k: (v if k == "rotary.inv_freq" else v.to(torch_dtype)).contiguous() for k, v in shard.items()},

@@ -117,7 +117,7 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, gen_config: GenerationConfig | None = None,
                     request_id: str | None = None) -> str:
         gen = gen_config or GenerationConfig()
-        ids = self.tokenizer.prompt_ids(prompt)
+        ids = self._prompt_ids(prompt)
         self.validate(len(ids), gen)
         rid = request_id or f"req-{next(_ids)}"
         if rid in self.seqs:
@@ -126,11 +126,19 @@ class LLMEngine:
         seq.stop_ids = frozenset(gen.stop_token_ids) | (frozenset() if gen.ignore_eos else frozenset(self.eos_ids))
         if gen.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(gen.seed)
-        seq.detok = IncrementalDetokenizer(self.tokenizer, ids, gen.skip_special_tokens, gen.stop_words)
+        if self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, gen.skip_special_tokens, gen.stop_words)
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         self.stats.tokens_in += len(ids)
         return rid
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.prompt_ids(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)  # a tokenizer-less engine (random-weight benchmarks) takes token ids only
+        raise ValueError("this engine has no tokenizer: pass prompts as token ids")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks; False if it is unknown or already done."""
@@ -169,11 +177,12 @@ class LLMEngine:
             seq.logprobs.append(lp)
         gen = seq.gen
         reason = None
-        if token in seq.stop_ids and seq.num_output_tokens > gen.min_new_tokens - 1:
+        if token in seq.stop_ids and seq.num_output_tokens >= gen.min_new_tokens:
             reason = "stop"
         else:
-            seq.detok.add(token)
-            if seq.detok.stopped:
+            if seq.detok is not None:
+                seq.detok.add(token)
+            if seq.detok is not None and seq.detok.stopped:
                 reason = "stop"
             elif seq.num_output_tokens >= gen.max_new_tokens or len(seq) >= self.session_len:
                 reason = "length"
@@ -181,7 +190,7 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.request_id, None)
             self.stats.finished += 1
-        text = seq.detok.take(final=reason is not None)
+        text = seq.detok.take(final=reason is not None) if seq.detok is not None else ""
         return RequestOutput(seq.request_id, text, [token], [lp] if lp is not None else None, reason,
                              seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt_tokens)
 
