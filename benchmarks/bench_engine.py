@@ -1,0 +1,281 @@
+"""GPU benchmark: our engine against transformers `generate` on the same random bf16 weights of a real shape.
+
+Runs in one process without Ray (the GPU machine has none): checks the engine against transformers on a tiny
+fp32 model first (Triton kernels, CUDA graphs, chunked prefill, prefix cache), measures the copy bandwidth and
+matmul rate, then the cases of issue 3 and a concurrency sweep; prints a table last and writes JSON (+ PNG).
+
+    python benchmarks/bench_engine.py [--shape llama3-8b] [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
+    "llama3-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       intermediate_size=28672, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=512, vocab_size=1024),
+}
+
+
+def hardware_ceilings() -> dict:
+    """Measured, not datasheet: device-to-device copy (bytes read + written) and a large bf16 matmul."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    y = torch.empty_like(x)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    for _ in range(3):
+        y.copy_(x)
+    ev[0].record()
+    for _ in range(10):
+        y.copy_(x)
+    ev[1].record()
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 10 / (ev[0].elapsed_time(ev[1]) / 1e3)
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    ev[0].record()
+    for _ in range(10):
+        a @ b
+    ev[1].record()
+    torch.cuda.synchronize()
+    flops = 2 * 8192 ** 3 * 10 / (ev[0].elapsed_time(ev[1]) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": bw, "bf16_flops_per_s": flops}
+
+
+def random_hf_model(shape: str, dtype: torch.dtype, max_pos: int):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_pos, initializer_range=0.02,
+                         tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def engine_from_hf(hf_model, dtype: str, **engine_kw):
+    """Our engine on the same weights: the converter's mapping applied to the in-memory state dict."""
+    from cluster.config import EngineConfig
+    from cluster.convert.hf import build_shards, engine_config
+    from cluster.engine.engine import LLMEngine
+    from cluster.engine.model_runner import ModelRunner
+
+    hf = hf_model.config.to_dict()
+    cfg = engine_config(hf, dtype, 1, "random")
+    weights = build_shards(hf_model.state_dict().__getitem__, hf, cfg, 1)[0]
+    weights = {k: (v if k == "rotary.inv_freq" else v.contiguous()) for k, v in weights.items()}
+    ec = EngineConfig(**engine_kw)
+    session_len = ec.session_len or cfg.max_position_embeddings
+    runner = ModelRunner(cfg, weights, ec, torch.device("cuda"), session_len)
+    return LLMEngine(runner=runner, tokenizer=None, engine_config=ec)
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    gc_ = copy.deepcopy(model.generation_config)
+    gc_.do_sample, gc_.max_new_tokens, gc_.eos_token_id, gc_.pad_token_id = False, new_tokens, [], 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc_)
+    torch.cuda.synchronize()
+    return [row[width:].tolist() for row in out.cpu()]
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def rand_prompts(n: int, length: int | tuple[int, int], vocab: int, rng: random.Random) -> list[list[int]]:
+    lens = [length if isinstance(length, int) else rng.randint(*length) for _ in range(n)]
+    return [[rng.randrange(1, vocab) for _ in range(L)] for L in lens]
+
+
+def check_tiny(results: dict) -> None:
+    """Token-exact against transformers on a tiny fp32 model through the GPU path (kernels + graphs)."""
+    from cluster.config import GenerationConfig
+
+    torch.manual_seed(0)
+    hf_model = random_hf_model("tiny", torch.float32, 1024)
+    with torch.no_grad():  # peakier logits: fewer near-ties
+        for p in hf_model.parameters():
+            p.mul_(4.0) if p.dim() == 2 else None
+    eng = engine_from_hf(hf_model, "float32", max_prefill_token_num=64, session_len=1024, max_batch_size=32)
+    rng = random.Random(0)
+    prompts = rand_prompts(6, (5, 300), 1024, rng)
+    prompts.append(prompts[0][:200] + prompts[1][:50])  # shares a 200-token prefix with prompt 0: cache hit
+    gen = GenerationConfig(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    ours = [r.token_ids for r in eng.generate(prompts, gen)]
+    ref = [hf_generate(hf_model, [p], 32)[0] for p in prompts]
+    same = sum(a == b for a, b in zip(ours, ref))
+    hit = eng.stats_dict()["prefix_cache_hit_tokens"]
+    results["tiny_fp32_parity"] = {"identical": same, "of": len(prompts), "prefix_hit_tokens": hit,
+                                   "graphs": sorted(eng.runner.graphs)}
+    print(f"tiny fp32 parity: {same}/{len(prompts)} identical, prefix hit tokens {hit}", flush=True)
+    del eng, hf_model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--quick", action="store_true", help="smaller cases (a smoke run)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--cache-max-entry-count", type=float, default=0.9)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from cluster.config import GenerationConfig
+
+    results: dict = {"shape": args.shape, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    check_tiny(results)
+    ceil = hardware_ceilings()
+    results["ceilings"] = ceil
+    bw, mm = ceil["copy_bytes_per_s"], ceil["bf16_flops_per_s"]
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s", flush=True)
+
+    rng = random.Random(1)
+    torch.manual_seed(1)
+    hf_model = random_hf_model(args.shape, torch.bfloat16, 8192)
+    cfgd = SHAPES[args.shape]
+    vocab = cfgd["vocab_size"]
+    q = args.quick
+    new1, p1 = (64, 128) if q else (256, 128)
+    n64, p64, new64 = (64, 512, 64) if q else (64, 512, 256)
+    off_n = 64 if q else 512
+    off_rng = (100, 300) if q else (100, 1024)
+    rows = []
+
+    hf_res = {}
+    if not args.skip_hf:
+        prompts1 = rand_prompts(1, p1, vocab, rng)
+        hf_generate(hf_model, prompts1, 4)
+        t, _ = timed(lambda: hf_generate(hf_model, prompts1, new1))
+        hf_res["decode-1"] = new1 / t
+        prompts64 = rand_prompts(n64, p64, vocab, rng)
+        t, _ = timed(lambda: hf_generate(hf_model, prompts64, new64))
+        hf_res["decode-64"] = n64 * new64 / t
+        off_slice = rand_prompts(64, off_rng, vocab, rng)
+        outs = [rng.randint(*off_rng) for _ in off_slice]
+        t, _ = timed(lambda: hf_generate(hf_model, off_slice, max(outs)))
+        hf_res["offline"] = sum(outs) / t  # useful tokens: each request's own length
+        print("transformers:", {k: round(v, 1) for k, v in hf_res.items()}, flush=True)
+    results["transformers"] = hf_res
+
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
+    free_before = torch.cuda.mem_get_info()[0]
+    eng = engine_from_hf(hf_model, "bfloat16", session_len=4096, max_batch_size=256, max_prefill_token_num=8192,
+                         cache_max_entry_count=args.cache_max_entry_count)
+    del hf_model
+    gc.collect()
+    torch.cuda.empty_cache()
+    runner = eng.runner
+    kv_bytes = runner.num_blocks * runner.block_bytes
+    allowed = runner.free_memory_for_cache * args.cache_max_entry_count
+    results["kv_cache"] = {"blocks": runner.num_blocks, "bytes": kv_bytes, "allowed_bytes": allowed,
+                           "ratio": kv_bytes / allowed, "free_before_engine": free_before}
+    print(f"KV cache {kv_bytes / 2**30:.1f} GiB = {kv_bytes / allowed:.3f} of cache_max_entry_count x free", flush=True)
+    kv_per_token = runner.block_bytes / runner.block_size
+
+    def step_floor(batch: int, ctx: float) -> float:
+        return (weight_bytes + batch * ctx * kv_per_token) / bw
+
+    def run(prompts, new_tokens):
+        gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        return timed(lambda: eng.generate(prompts, gen))
+
+    run(rand_prompts(2, 64, vocab, rng), 8)  # warm-up
+    ours = {}
+    t, _ = run(rand_prompts(1, p1, vocab, rng), new1)
+    ours["decode-1"] = new1 / t
+    fl1 = 1 / step_floor(1, p1 + new1 / 2)
+    rows.append(("decode-1", ours["decode-1"], hf_res.get("decode-1"), fl1))
+    t, _ = run(rand_prompts(n64, p64, vocab, rng), new64)
+    ours["decode-64"] = n64 * new64 / t
+    fl64 = n64 / step_floor(n64, p64 + new64 / 2)
+    rows.append(("decode-64", ours["decode-64"], hf_res.get("decode-64"), fl64))
+    off_prompts = rand_prompts(off_n, off_rng, vocab, rng)
+    off_outs = [rng.randint(*off_rng) for _ in off_prompts]
+    gens = [GenerationConfig(max_new_tokens=o, temperature=0.0, ignore_eos=True) for o in off_outs]
+    t, _ = timed(lambda: eng.generate(off_prompts, gens))
+    ours["offline"] = sum(off_outs) / t
+    ours["offline_seconds"] = t
+    rows.append(("offline", ours["offline"], hf_res.get("offline"), None))
+    pre = rand_prompts(16, 2048 if not q else 1024, vocab, rng)
+    t, _ = run(pre, 1)
+    toks = sum(len(p) for p in pre)
+    L, H = cfgd["num_hidden_layers"], cfgd["hidden_size"]
+    D = H // cfgd["num_attention_heads"]
+    layer_params = weight_bytes / 2 - vocab * H  # bf16: 2 bytes a parameter; lm_head runs for 16 rows only
+    attn_flops = 16 * L * 2 * 2 * (len(pre[0]) ** 2 / 2) * cfgd["num_attention_heads"] * D
+    flops = 2 * layer_params * toks + attn_flops
+    ours["prefill_tok_s"] = toks / t
+    ours["prefill_tflops"] = flops / t / 1e12
+    rows.append(("prefill", ours["prefill_tok_s"], None, mm / (flops / toks)))
+
+    sweep = {}
+    for c in ([1, 8, 32] if q else [1, 8, 32, 64, 128]):
+        t, _ = run(rand_prompts(c, 512, vocab, rng), 128 if not q else 32)
+        sweep[c] = {"ours": c * (128 if not q else 32) / t, "floor": c / step_floor(c, 512 + 64)}
+    results["ours"], results["sweep"], results["stats"] = ours, sweep, eng.stats_dict()
+    (out / "bench_engine.json").write_text(json.dumps(results, indent=2, default=str))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = sorted(sweep)
+        plt.figure(figsize=(6, 4))
+        plt.plot(xs, [sweep[c]["ours"] for c in xs], "o-", label="cluster (ours)")
+        plt.plot(xs, [sweep[c]["floor"] for c in xs], "k--", label="bandwidth floor")
+        hx = [c for c in (1, 64) if f"decode-{c}" in hf_res]
+        plt.plot(hx, [hf_res[f"decode-{c}"] for c in hx], "s-", label="transformers generate")
+        plt.xscale("log", base=2)
+        plt.yscale("log")
+        plt.xlabel("concurrent requests")
+        plt.ylabel("output tokens/s")
+        plt.title(f"{args.shape}, bf16, {results['device']}")
+        plt.legend()
+        plt.grid(alpha=0.3)
+        plt.tight_layout()
+        plt.savefig(out / "throughput_vs_concurrency.png", dpi=120)
+    except Exception as e:  # noqa: BLE001 - the plot is a nicety
+        print("no plot:", e)
+
+    print(f"\n{'case':<10} {'ours':>10} {'transformers':>13} {'ratio':>7} {'floor':>10} {'of floor':>9}")
+    for case, o, h, fl in rows:
+        ratio = f"{o / h:7.1f}" if h else "      -"
+        hs = f"{h:13.1f}" if h else "            -"
+        fls = f"{fl:10.1f}" if fl else "         -"
+        frac = f"{o / fl:9.2f}" if fl else "        -"
+        print(f"{case:<10} {o:10.1f} {hs} {ratio} {fls} {frac}")
+    print(f"prefill {ours['prefill_tflops']:.0f} TFLOP/s = {ours['prefill_tflops'] * 1e12 / mm:.2f} of matmul rate; "
+          f"offline {off_n} requests in {ours['offline_seconds']:.1f} s; KV cache {results['kv_cache']['ratio']:.3f} of allowed")
+    print("sweep:", {c: (round(v["ours"]), round(v["floor"])) for c, v in sweep.items()})
+
+
+if __name__ == "__main__":
+    main()
