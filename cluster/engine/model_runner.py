@@ -20,7 +20,7 @@ from cluster.models.registry import build_model
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
-CPU_KV_BUDGET = 4 * GiB  # on the CPU, cache_max_entry_count is a share of at most this much
+CPU_KV_BUDGET = 2 * GiB  # on the CPU, cache_max_entry_count is a share of at most this much
 
 
 @dataclass
@@ -97,7 +97,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, self.cfg.num_layers, num_blocks, self.block_size, self.kv_heads_per_rank, self.cfg.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # zero-filled: padded decode reads slots past a context, which must be finite (see reference.py)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 

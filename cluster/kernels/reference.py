@@ -90,7 +90,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None) -> torch.Tensor:
-    """One query per sequence ([B, Hq, D]) over its cache, batched with padding: one SDPA call for the batch."""
+    """One query per sequence ([B, Hq, D]) over its cache, batched with padding: one SDPA call for the batch.
+
+    Slots past a sequence's context are masked; they must hold finite values (the engine zero-fills the cache),
+    since a mask is added as -inf and NaN + -inf is still NaN."""
     B, hq, d = q.shape
     nb, bs, hkv, _ = k_cache.shape
     group = hq // hkv
@@ -100,8 +103,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     k = k_cache[bt].view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
     v = v_cache[bt].view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)
     mask = torch.arange(nblocks * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
-    pad = ~mask[:, None, :, None]  # never-written slots may hold NaN, which a mask (added as -inf) would not hide
-    k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     qb = q.view(B, hkv, group, d)
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return o.reshape(B, hq, d)
