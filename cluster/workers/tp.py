@@ -1,0 +1,525 @@
+"""Tensor parallelism: one model replica over N ranks (one process per GPU, or per CPU share), each rank holding
+1/N of the weights (its converted shard, rank{r}.safetensors) and 1/N of the paged KV cache (its KV heads).
+
+Rank 0 runs the engine (scheduler, sampler, detokenizer); each step it sends the step's plan (a StepInput) to the
+other ranks with two torch.distributed broadcasts on a CPU (gloo) group -- a fixed-size int64 header, then one
+int64 tensor with every index tensor packed -- so no step costs a Ray call. Every rank then runs the same forward
+pass; the model's row-parallel all-reduces and the LM head's all-gather run on the replica's default process group
+(NCCL on GPUs, gloo on CPUs). Logits come back on rank 0 only.
+
+Contract for the Ray path (cluster/workers/worker.py, group.py: one actor per rank, STRICT_PACK placement group)
+------------------------------------------------------------------------------------------------------------
+Every rank gets the same model_dir (converted with --tp N; `ensure_converted(model, N, dtype)` is safe to call from
+all of them: a file lock makes one convert and the others wait), engine_cfg (EngineConfig with tp == N), session_len
+and init_method. Pick init_method on rank 0's node before starting any rank: `f"tcp://{ip}:{free_port()}"`.
+
+  all:      cfg = ModelConfig.load(model_dir / "config.json"); session_len = LLMEngine._session_len(cfg, engine_cfg)
+  rank 0:   runner = TPExecutor.from_initialized(model_dir, cfg, engine_cfg, session_len, init_method=init_method)
+            engine = LLMEngine(runner=runner, tokenizer=Tokenizer(model_dir))
+  rank r>0: run_follower(model_dir, engine_cfg, session_len, rank=r, world_size=N, init_method=init_method)
+
+All N calls must be in flight at the same time (they rendezvous through a TCPStore that rank 0 hosts at
+init_method, then agree on the KV cache size). run_follower blocks until rank 0 closes the executor (it returns
+normally) or the group breaks (it raises): run it on a thread of the actor, or as a method of a threaded actor
+(max_concurrency >= 2), and keep its ObjectRef: when it fails or the actor dies, call `runner.abort(reason)` on
+rank 0 (this also unblocks a rank 0 stuck in an NCCL collective), then tear the replica down. `runner.close()` on
+rank 0 ends every follower's run_follower.
+
+If the caller has already run `torch.distributed.init_process_group` itself (world = exactly the replica's N ranks,
+this process's rank as above, backend nccl on GPUs / gloo on CPUs), pass init_method=None on every rank.
+
+Device: `device=None` picks cuda:(local_rank % visible GPUs) when CUDA is available and engine_cfg.device is not
+'cpu' (local_rank defaults to rank; an actor that sees one GPU gets cuda:0), else the CPU.
+Timeouts: a collective inside a step waits at most CLUSTER_TP_TIMEOUT seconds (default 300); idle followers wait
+for the next step without limit; the rendezvous waits at most CLUSTER_TP_START_TIMEOUT seconds (default 300).
+
+The plain (no Ray) case: `TPExecutor(model_dir, cfg, engine_cfg, session_len)` spawns ranks 1..N-1 as local daemon
+processes (torch.multiprocessing, spawn) and watches them: a dead follower makes the next step raise
+EngineDeadError naming the rank and its exit code. Only one tensor-parallel group can live in a process (it owns
+the default torch.distributed group): close() the executor before building another.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+from cluster.config import EngineConfig
+from cluster.engine.errors import EngineDeadError
+from cluster.engine.model_runner import ModelRunner, StepInput, load_shard
+from cluster.layers import parallel
+from cluster.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+HEADER_LEN = 8  # [cmd, T tokens, B seqs, W block-table width, N sampled rows, max_context_len, decode_only, spare]
+CMD_SHUTDOWN, CMD_STEP = 0, 1
+IDLE_TIMEOUT = timedelta(days=36500)  # a follower waits for rank 0's next step as long as the engine idles
+
+
+def step_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("CLUSTER_TP_TIMEOUT", 300)))
+
+
+def start_timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("CLUSTER_TP_START_TIMEOUT", 300)))
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free right now on this node (for init_method; the caller binds it soon after)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rank_device(engine_cfg: EngineConfig, local_rank: int) -> torch.device:
+    want = (engine_cfg.device or "").split(":")[0]
+    if want == "cpu" or (not want and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+
+
+# -- the step plan on the wire ---------------------------------------------------------------------------------------
+_INT32_FIELDS = ("block_tables", "context_lens", "cu_seqlens_q")
+
+
+def pack_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header int64[HEADER_LEN], payload int64[...]): every index tensor of the step, flattened into one."""
+    t, (b, w), n = step.input_ids.numel(), step.block_tables.shape, step.logit_indices.numel()
+    header = torch.tensor([CMD_STEP, t, b, w, n, step.max_context_len, int(step.decode_only), 0], dtype=torch.long)
+    parts = [step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
+             step.cu_seqlens_q, step.logit_indices]
+    payload = torch.cat([p.reshape(-1).to("cpu", torch.long) for p in parts])
+    return header, payload
+
+
+def payload_len(header: torch.Tensor) -> int:
+    _, t, b, w, n = header[:5].tolist()
+    return 3 * t + b * w + b + (b + 1) + n
+
+
+def unpack_step(header: torch.Tensor, payload: torch.Tensor) -> StepInput:
+    _, t, b, w, n, max_ctx, decode_only, _ = header.tolist()
+    sizes = [t, t, t, b * w, b, b + 1, n]
+    ids, pos, slots, tables, ctx, cu, rows = payload.split(sizes)
+    return StepInput(input_ids=ids, positions=pos, slot_mapping=slots,
+                     block_tables=tables.view(b, w).to(torch.int32), context_lens=ctx.to(torch.int32),
+                     cu_seqlens_q=cu.to(torch.int32), logit_indices=rows, max_context_len=max_ctx,
+                     decode_only=bool(decode_only))
+
+
+# -- process groups ---------------------------------------------------------------------------------------------------
+@dataclass
+class TPGroups:
+    rank: int
+    size: int
+    device: torch.device
+    backend: str  # of the model's collectives: nccl on GPUs, gloo on CPUs
+    model_group: object  # the default group: all-reduces / all-gathers inside the model
+    cpu_group: object  # gloo: step plans, the KV-size agreement, shutdown
+    owned: bool  # this module initialized torch.distributed (so close() destroys it)
+
+
+def _join_store(init_method: str, rank: int, world_size: int, store=None, alive=None) -> dist.Store:
+    """Rendezvous: every rank checks in on rank 0's TCPStore; rank 0 waits for all of them, calling alive() so a
+    follower that dies before checking in fails the start at once instead of after the timeout."""
+    timeout = start_timeout()
+    if store is None:
+        url = urlparse(init_method)
+        if url.scheme != "tcp" or not url.port:
+            raise ValueError(f"init_method must be tcp://HOST:PORT, got {init_method!r}")
+        store = dist.TCPStore(url.hostname, url.port, world_size, rank == 0, timeout, wait_for_workers=False)
+    store.add("cluster_tp/joined", 1)
+    if rank == 0:
+        deadline = time.monotonic() + timeout.total_seconds()
+        while store.add("cluster_tp/joined", 0) < world_size:
+            if alive is not None:
+                alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel start: only {store.add('cluster_tp/joined', 0)} of {world_size} "
+                                   f"ranks joined in {timeout.total_seconds():.0f} s")
+            time.sleep(0.05)
+    return store
+
+
+def init_groups(rank: int, world_size: int, device: torch.device, init_method: str | None,
+                store=None, alive=None) -> TPGroups:
+    """Join (or reuse, when init_method and store are None) the replica's process group and add the gloo CPU group.
+    Collective: every rank of the replica calls it at the same time."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owned = init_method is not None or store is not None
+    if owned:
+        if dist.is_initialized():
+            raise RuntimeError("torch.distributed is already initialized in this process: another tensor-parallel "
+                               "engine is still open (close it first), or pass init_method=None to reuse the group")
+        store = _join_store(init_method, rank, world_size, store, alive)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=step_timeout(),
+                                device_id=device if backend == "nccl" else None)
+    else:
+        if not dist.is_initialized():
+            raise RuntimeError("init_method=None needs torch.distributed initialized by the caller")
+        if dist.get_world_size() != world_size or dist.get_rank() != rank:
+            raise RuntimeError(f"the initialized process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
+                               f"this tensor-parallel rank is {rank} of {world_size}")
+    # rank 0 sends plans (a collective there waits at most the step timeout); followers wait for them while idle
+    cpu_group = dist.new_group(backend="gloo", timeout=step_timeout() if rank == 0 else IDLE_TIMEOUT)
+    return TPGroups(rank, world_size, device, backend, dist.group.WORLD, cpu_group, owned)
+
+
+def _cpu_share(world_size: int) -> int:
+    """Intra-op threads per rank when all ranks share this host's CPUs (more only oversubscribes the cores)."""
+    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+               // world_size)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    if not n:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
+def tp_scope(groups: TPGroups):
+    """Make the model's parallel layers use this replica's group for the duration (and restore what was there, so
+    a tp=1 engine in the same process is unaffected)."""
+    saved = parallel.tp()
+    parallel.set_tp(groups.rank, groups.size, groups.model_group)
+    try:
+        yield
+    finally:
+        parallel.set_tp(saved.rank, saved.size, saved.group)
+
+
+def build_runner(model_dir: Path, cfg: ModelConfig, engine_cfg: EngineConfig, session_len: int,
+                 groups: TPGroups) -> ModelRunner:
+    """Load this rank's shard, size the KV cache, then agree on the smallest block count over the ranks (every
+    rank indexes its cache with rank 0's block tables) before capturing CUDA graphs."""
+    cfg.check_tp(groups.size)
+    use_graphs = engine_cfg.cuda_graph and groups.device.type == "cuda" and os.environ.get("CLUSTER_KERNELS") != "reference"
+    with tp_scope(groups):
+        weights = load_shard(Path(model_dir), groups.rank, groups.device)
+        runner = ModelRunner(cfg, weights, engine_cfg.model_copy(update={"cuda_graph": False}), groups.device,
+                             session_len, groups.rank, groups.size)
+        del weights
+        n = torch.tensor([runner.num_blocks], dtype=torch.long)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=groups.cpu_group)
+        agreed = int(n.item())
+        if agreed != runner.num_blocks:
+            log.info("rank %d: KV cache %d -> %d blocks (the smallest over the ranks)", groups.rank,
+                     runner.num_blocks, agreed)
+            del runner.kv_cache
+            if groups.device.type == "cuda":
+                torch.cuda.empty_cache()
+            runner.num_blocks = agreed
+            runner._allocate_kv_cache(agreed)
+        runner.engine_cfg = engine_cfg
+        if use_graphs:
+            runner._capture_graphs()  # all ranks capture the same batch sizes in the same order
+    return runner
+
+
+# -- ranks 1..N-1 -----------------------------------------------------------------------------------------------------
+def follower_loop(runner: ModelRunner, groups: TPGroups) -> int:
+    """Receive a plan, run it, repeat, until rank 0 sends shutdown. Returns the number of steps run."""
+    header = torch.empty(HEADER_LEN, dtype=torch.long)
+    steps = 0
+    with tp_scope(groups):
+        while True:
+            dist.broadcast(header, 0, group=groups.cpu_group)
+            if int(header[0]) == CMD_SHUTDOWN:
+                return steps
+            payload = torch.empty(payload_len(header), dtype=torch.long)
+            dist.broadcast(payload, 0, group=groups.cpu_group)
+            runner.execute(unpack_step(header, payload))  # logits are rank 0's business
+            steps += 1
+
+
+def run_follower(model_dir: str | Path, engine_cfg: EngineConfig, session_len: int, rank: int, world_size: int,
+                 init_method: str | None, device: torch.device | str | None = None,
+                 local_rank: int | None = None) -> int:
+    """Tensor-parallel rank `rank` > 0 of a replica: join the group, load the shard, serve steps until shutdown.
+    Blocks; returns the number of steps run after a clean shutdown, raises if the group breaks."""
+    if rank <= 0 or rank >= world_size:
+        raise ValueError(f"run_follower is for ranks 1..{world_size - 1}, got {rank}")
+    dev = torch.device(device) if device is not None else rank_device(engine_cfg, rank if local_rank is None else local_rank)
+    groups = init_groups(rank, world_size, dev, init_method)
+    try:
+        cfg = ModelConfig.load(Path(model_dir) / "config.json")
+        runner = build_runner(Path(model_dir), cfg, engine_cfg, session_len, groups)
+        return follower_loop(runner, groups)
+    finally:
+        if groups.owned:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def _follower_process(rank: int, world_size: int, init_method: str, model_dir: str, engine_cfg: EngineConfig,
+                      session_len: int, errors, parent_pid: int) -> None:
+    """Entry point of a spawned local follower (the plain, no-Ray case)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
+    if (engine_cfg.device or "").startswith("cpu") or not torch.cuda.is_available():
+        torch.set_num_threads(_cpu_share(world_size))
+
+    def orphan_watch() -> None:  # rank 0 vanished without a word: nothing left to serve
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=orphan_watch, daemon=True, name="orphan-watch").start()
+    try:
+        run_follower(model_dir, engine_cfg, session_len, rank, world_size, init_method)
+    except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it to the engine's callers
+        msg = f"{type(e).__name__}: {e}"
+        log.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
+        with contextlib.suppress(Exception):
+            errors.put((rank, msg))
+        os._exit(1)
+
+
+# -- rank 0 -----------------------------------------------------------------------------------------------------------
+class TPExecutor:
+    """Rank 0 of a tensor-parallel replica, shaped like a ModelRunner for the engine: cfg, session_len, num_blocks,
+    device, prepare(plan, bm) -> StepInput, execute(step) -> logits [N, vocab] fp32."""
+
+    def __init__(self, model_dir: str | Path, cfg: ModelConfig, engine_cfg: EngineConfig, session_len: int, *,
+                 _groups: TPGroups | None = None, _procs: list | None = None, _errors=None):
+        self.cfg, self.engine_cfg, self.session_len = cfg, engine_cfg, session_len
+        self.tp_size = engine_cfg.tp
+        self.tp_rank = 0
+        self._procs: list = _procs or []
+        self._errors = _errors
+        self._dead: str | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._cpu_threads = None  # set in the plain CPU case: each local rank gets its share of the cores
+        if _groups is None:  # the plain case: spawn the followers here
+            cfg.check_tp(self.tp_size)
+            _groups = self._spawn_and_join(Path(model_dir), engine_cfg, session_len)
+        self.groups = _groups
+        if self._procs and self.groups.device.type == "cpu":
+            self._cpu_threads = _cpu_share(self.tp_size)
+        try:
+            with _threads(self._cpu_threads):
+                self.runner = build_runner(Path(model_dir), cfg, engine_cfg, session_len, self.groups)
+        except BaseException as e:
+            err = self._follower_failure(wait=1.0)
+            self.close(graceful=False)  # followers may be inside a start-up collective: no shutdown message
+            if err:
+                raise EngineDeadError(f"tensor-parallel start failed: {err}") from e
+            raise
+        self.device = self.runner.device
+        self.num_blocks = self.runner.num_blocks
+        self.block_size = self.runner.block_size
+        self._ref = weakref.ref(self)
+        atexit.register(_close_at_exit, self._ref)
+        if self._procs and self.groups.backend == "nccl":
+            threading.Thread(target=self._watch, daemon=True, name="tp-watchdog").start()
+
+    @classmethod
+    def from_initialized(cls, model_dir: str | Path, cfg: ModelConfig, engine_cfg: EngineConfig, session_len: int,
+                         init_method: str | None = None, device: torch.device | str | None = None,
+                         local_rank: int = 0) -> "TPExecutor":
+        """Rank 0 whose followers run run_follower elsewhere (Ray actors): joins through init_method, or reuses the
+        caller's torch.distributed group when init_method is None. See the module docstring."""
+        cfg.check_tp(engine_cfg.tp)
+        dev = torch.device(device) if device is not None else rank_device(engine_cfg, local_rank)
+        groups = init_groups(0, engine_cfg.tp, dev, init_method)
+        return cls(model_dir, cfg, engine_cfg, session_len, _groups=groups)
+
+    def _spawn_and_join(self, model_dir: Path, ec: EngineConfig, session_len: int) -> TPGroups:
+        import torch.multiprocessing as mp
+
+        device = rank_device(ec, 0)
+        if device.type == "cuda" and torch.cuda.device_count() < self.tp_size:
+            raise ValueError(f"tp={self.tp_size} needs {self.tp_size} GPUs, {torch.cuda.device_count()} visible "
+                             "(CUDA_VISIBLE_DEVICES picks which)")
+        store = dist.TCPStore("127.0.0.1", 0, self.tp_size, True, start_timeout(), wait_for_workers=False)
+        init_method = f"tcp://127.0.0.1:{store.port}"
+        ctx = mp.get_context("spawn")
+        self._errors = ctx.SimpleQueue()
+        with _main_not_reimported():
+            for r in range(1, self.tp_size):
+                p = ctx.Process(target=_follower_process, name=f"tp-rank{r}", daemon=True,
+                                args=(r, self.tp_size, init_method, str(model_dir), ec, session_len, self._errors,
+                                      os.getpid()))
+                p.start()
+                self._procs.append(p)
+        try:
+            return init_groups(0, self.tp_size, device, None, store=store, alive=self._raise_if_follower_died)
+        except BaseException as e:
+            err = self._follower_failure()
+            self._stop_procs(graceful=False)
+            if dist.is_initialized():
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
+            if err:
+                raise EngineDeadError(f"tensor-parallel start failed: {err}") from e
+            raise
+
+    # -- health ----------------------------------------------------------------------------------------------------
+    @property
+    def follower_pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def _follower_failure(self, wait: float = 0.0) -> str | None:
+        """What went wrong with a local follower, if one has died: its own error message, else its exit code."""
+        deadline = time.monotonic() + wait
+        while True:
+            dead = [(r, p) for r, p in enumerate(self._procs, start=1) if not p.is_alive()]
+            if dead or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if not dead:
+            return None
+        reported = {}
+        with contextlib.suppress(Exception):
+            while self._errors is not None and not self._errors.empty():
+                r, msg = self._errors.get()
+                reported[r] = msg
+        r, p = dead[0]
+        if r in reported:
+            return f"tensor-parallel rank {r} failed: {reported[r]}"
+        code = p.exitcode
+        how = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return f"tensor-parallel rank {r} (pid {p.pid}) died ({how})"
+
+    def _raise_if_follower_died(self) -> None:
+        err = self._follower_failure()
+        if err:
+            raise EngineDeadError(err)
+
+    def _watch(self) -> None:
+        """NCCL does not notice a dead peer: abort the communicator so a rank 0 blocked in a collective wakes up."""
+        while not self._closed and self._dead is None:
+            err = self._follower_failure()
+            if err:
+                self.abort(err)
+                return
+            time.sleep(0.5)
+
+    def abort(self, reason: str) -> None:
+        """Mark the replica dead (every later step raises EngineDeadError with `reason`) and break its NCCL
+        collectives. Safe from any thread; the Ray worker calls it when a follower actor fails."""
+        if self._dead is None:
+            self._dead = reason
+            log.error("tensor-parallel replica is dead: %s", reason)
+        if self.groups.backend == "nccl":
+            with contextlib.suppress(Exception):
+                self.groups.model_group._get_backend(self.device).abort()
+
+    def _fail(self, e: BaseException) -> EngineDeadError:
+        reason = self._dead or self._follower_failure(wait=2.0) or f"tensor-parallel step failed on rank 0: {e!r}"
+        self.abort(reason)
+        return EngineDeadError(reason)
+
+    # -- the ModelRunner interface -----------------------------------------------------------------------------------
+    def prepare(self, plan, bm) -> StepInput:
+        return self.runner.prepare(plan, bm)
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if self._closed:
+            raise EngineDeadError("tensor-parallel executor is closed")
+        err = self._follower_failure()
+        if err:
+            raise self._fail(RuntimeError(err))
+        header, payload = pack_step(step)
+        try:
+            with self._lock, tp_scope(self.groups), _threads(self._cpu_threads):
+                dist.broadcast(header, 0, group=self.groups.cpu_group)
+                dist.broadcast(payload, 0, group=self.groups.cpu_group)
+                logits = self.runner.execute(step)
+                if self.groups.backend == "nccl":
+                    # wait here, not in the sampler: if a peer died, abort() has broken the collective and these
+                    # logits are garbage -- the step must fail rather than hand out a token
+                    torch.cuda.current_stream(self.device).synchronize()
+                    if self._dead is not None:
+                        raise EngineDeadError(self._dead)
+                return logits
+        except Exception as e:  # a step that failed part-way leaves the ranks out of step: the replica is done
+            raise self._fail(e) from e
+
+    # -- shutdown ----------------------------------------------------------------------------------------------------
+    def close(self, graceful: bool = True) -> None:
+        """Stop the followers (a shutdown message, then a kill for any that linger) and free the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        graceful = graceful and self._dead is None and getattr(self, "groups", None) is not None
+        if graceful and self._lock.acquire(timeout=10):  # not while a step hangs
+            try:
+                header = torch.zeros(HEADER_LEN, dtype=torch.long)
+                header[0] = CMD_SHUTDOWN
+                dist.broadcast(header, 0, group=self.groups.cpu_group)
+            except Exception:  # noqa: BLE001 - a broken group: the followers get killed below
+                graceful = False
+            finally:
+                self._lock.release()
+        self._stop_procs(graceful)
+        if getattr(self, "groups", None) is not None and self.groups.owned:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        self.runner = None
+
+    def _stop_procs(self, graceful: bool = True) -> None:
+        if graceful:
+            for p in self._procs:
+                p.join(timeout=5)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    shutdown = close
+
+
+@contextlib.contextmanager
+def _main_not_reimported():
+    """A spawned child normally re-imports the parent's __main__ (so an unguarded script would start over in every
+    follower); the followers need nothing from it, so hide it while they start: `pipeline(..., tp=2)` then works
+    from any script, notebook or `python -c` without an `if __name__ == "__main__":` guard."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__spec__", "__file__") if main is not None and hasattr(main, k)}
+    try:
+        for k in saved:
+            if k == "__spec__":
+                main.__spec__ = None
+            else:
+                delattr(main, k)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    ex = ref()
+    if ex is not None:
+        ex.close()
