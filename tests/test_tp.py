@@ -25,7 +25,7 @@ PROMPTS = ["Hello there, how are you doing today?", "The capital of France is"]
 
 
 def _ec(cache: str | None, tp: int, **kw) -> EngineConfig:
-    return EngineConfig(cache_dir=cache, device="cpu", dtype="float32", tp=tp, session_len=256, **kw)
+    return EngineConfig(cache_dir=cache, device="cpu", dtype="float32", tp=tp, session_len=256, max_batch_size=8, **kw)
 
 
 @contextlib.contextmanager
@@ -101,11 +101,12 @@ def test_smollm2_tp3_matches_tp1(default_model_dir):
     """The embedded SmolLM2 (9 heads, 3 KV heads) over 3 ranks: one KV head per rank."""
     gen = GenerationConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    tp1 = LLMEngine(str(default_model_dir), EngineConfig(device="cpu", dtype="float32", session_len=256))
+    small = dict(device="cpu", dtype="float32", session_len=256, max_batch_size=4)  # KV caches of a few MB
+    tp1 = LLMEngine(str(default_model_dir), EngineConfig(**small))
     ids = tp1.tokenizer.prompt_ids(msgs)
     want = tp1.generate([ids], gen)[0]
     del tp1
-    with tp_pipeline(None, EngineConfig(device="cpu", dtype="float32", tp=3, session_len=256)) as pipe:
+    with tp_pipeline(None, EngineConfig(tp=3, **small)) as pipe:
         got = pipe([ids], gen)[0]
     assert got.token_ids == want.token_ids
     assert "Paris" in got.text
@@ -113,16 +114,18 @@ def test_smollm2_tp3_matches_tp1(default_model_dir):
 
 def test_ray_path_entry_points(tiny_models, engine_cache):
     """What the Ray worker does, with plain processes: rank 1 runs run_follower, rank 0 builds its executor with
-    from_initialized on the same init_method; close() on rank 0 ends run_follower cleanly."""
+    from_initialized on the same init_method; close() on rank 0 ends run_follower cleanly. Rank 1 is given room
+    for fewer KV blocks: both ranks must settle on the smaller cache."""
     import torch.multiprocessing as mp
 
     path, hf_model = tiny_models("llama")
-    ec = _ec(engine_cache, 2)
+    ec = _ec(engine_cache, 2, num_blocks=64)
     model_dir = ensure_converted(str(path), 2, "float32", engine_cache, progress=False)
     init_method = f"tcp://127.0.0.1:{tpmod.free_port()}"
     ctx = mp.get_context("spawn")
     with tpmod._main_not_reimported():
-        follower = ctx.Process(target=tpmod.run_follower, args=(str(model_dir), ec, 256, 1, 2, init_method),
+        follower = ctx.Process(target=tpmod.run_follower,
+                               args=(str(model_dir), ec.model_copy(update={"num_blocks": 40}), 256, 1, 2, init_method),
                                daemon=True)
         follower.start()
     from cluster.engine.tokenizer import Tokenizer
@@ -131,6 +134,7 @@ def test_ray_path_entry_points(tiny_models, engine_cache):
     runner = tpmod.TPExecutor.from_initialized(model_dir, ModelConfig.load(model_dir / "config.json"), ec, 256,
                                                init_method=init_method)
     try:
+        assert runner.num_blocks == 40 and runner.runner.kv_cache.shape[2] == 40
         engine = LLMEngine(runner=runner, tokenizer=Tokenizer(model_dir))
         ids = engine.tokenizer.encode(PROMPTS[1])
         got = engine.generate([ids], GREEDY)[0].token_ids

@@ -95,9 +95,6 @@ def rank_device(engine_cfg: EngineConfig, local_rank: int) -> torch.device:
 
 
 # -- the step plan on the wire ---------------------------------------------------------------------------------------
-_INT32_FIELDS = ("block_tables", "context_lens", "cu_seqlens_q")
-
-
 def pack_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
     """(header int64[HEADER_LEN], payload int64[...]): every index tensor of the step, flattened into one."""
     t, (b, w), n = step.input_ids.numel(), step.block_tables.shape, step.logit_indices.numel()
@@ -231,6 +228,8 @@ def build_runner(model_dir: Path, cfg: ModelConfig, engine_cfg: EngineConfig, se
         if agreed != runner.num_blocks:
             log.info("rank %d: KV cache %d -> %d blocks (the smallest over the ranks)", groups.rank,
                      runner.num_blocks, agreed)
+            for attn in runner.model.attention_layers():  # drop the views too, or the old cache stays allocated
+                attn.k_cache = attn.v_cache = torch.empty(0)
             del runner.kv_cache
             if groups.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -306,12 +305,12 @@ class TPExecutor:
     device, prepare(plan, bm) -> StepInput, execute(step) -> logits [N, vocab] fp32."""
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, engine_cfg: EngineConfig, session_len: int, *,
-                 _groups: TPGroups | None = None, _procs: list | None = None, _errors=None):
+                 _groups: TPGroups | None = None):
         self.cfg, self.engine_cfg, self.session_len = cfg, engine_cfg, session_len
         self.tp_size = engine_cfg.tp
         self.tp_rank = 0
-        self._procs: list = _procs or []
-        self._errors = _errors
+        self._procs: list = []  # local followers (the plain case)
+        self._errors = None  # where they report a failure: (rank, message)
         self._dead: str | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -437,6 +436,13 @@ class TPExecutor:
         return EngineDeadError(reason)
 
     # -- the ModelRunner interface -----------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        """Anything else a ModelRunner has (graphs, block_bytes, kv_cache, model...) is rank 0's runner's (per rank)."""
+        runner = self.__dict__.get("runner")
+        if runner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(runner, name)
+
     def prepare(self, plan, bm) -> StepInput:
         return self.runner.prepare(plan, bm)
 
