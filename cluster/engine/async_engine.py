@@ -146,6 +146,9 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        close = getattr(self.engine.runner, "close", None)  # tensor-parallel ranks in other processes
+        if close is not None:
+            close()
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _drain_inbox(self) -> None:
