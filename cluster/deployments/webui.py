@@ -1,0 +1,178 @@
+"""A minimal web chat: one static HTML+JS page that talks to the OpenAI API (streamed chat completions).
+
+The router serves it at `/` of the API itself. `cluster webui URL` serves it from a tiny stdlib HTTP server that
+also forwards `/v1/*` to URL (streaming), so the page and the API share an origin and no CORS is needed.
+"""
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import socketserver
+import sys
+from urllib.parse import urlsplit
+
+_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>cluster chat</title>
+<style>
+ body{font-family:system-ui,sans-serif;margin:0;display:flex;flex-direction:column;height:100vh;background:#f6f7f9}
+ header{padding:8px 12px;background:#1f2937;color:#fff;display:flex;gap:8px;align-items:center;flex-wrap:wrap}
+ header input,header select{padding:4px}
+ #log{flex:1;overflow:auto;padding:12px}
+ .msg{max-width:800px;margin:8px auto;padding:8px 12px;border-radius:8px;white-space:pre-wrap;line-height:1.4}
+ .user{background:#dbeafe}.assistant{background:#fff;border:1px solid #e5e7eb}.error{background:#fee2e2}
+ form{display:flex;gap:8px;padding:12px;max-width:800px;width:100%;margin:0 auto;box-sizing:border-box}
+ textarea{flex:1;padding:8px;font:inherit;resize:vertical;min-height:44px}
+ button{padding:8px 14px}
+ .stats{font-size:12px;color:#6b7280}
+</style></head><body>
+<header><b>cluster</b>
+ <label>model <select id="model"></select></label>
+ <label>temperature <input id="temp" type="number" step="0.1" min="0" max="2" value="0.7" style="width:4em"></label>
+ <label>max tokens <input id="maxtok" type="number" min="1" value="512" style="width:5em"></label>
+ <label>API key <input id="key" type="password" placeholder="(none)" style="width:10em"></label>
+ <label>system <input id="system" placeholder="system prompt" style="width:14em"></label>
+ <button id="clear" type="button">new chat</button>
+</header>
+<div id="log"></div>
+<form id="f"><textarea id="in" placeholder="Say something (Enter sends, Shift+Enter for a new line)"></textarea>
+<button id="send">Send</button><button id="stop" type="button" disabled>Stop</button></form>
+<script>
+const API = "__API_BASE__";
+const $ = id => document.getElementById(id);
+let history = [], ctrl = null;
+$("key").value = localStorage.getItem("cluster_key") || "";
+$("key").onchange = () => { localStorage.setItem("cluster_key", $("key").value); loadModels(); };
+function headers(){ const h = {"Content-Type":"application/json"}; if ($("key").value) h["Authorization"] = "Bearer " + $("key").value; return h; }
+function add(cls, text){ const d = document.createElement("div"); d.className = "msg " + cls; d.textContent = text; $("log").appendChild(d); $("log").scrollTop = 1e9; return d; }
+async function loadModels(){
+  try { const r = await fetch(API + "/v1/models", {headers: headers()}); const j = await r.json();
+        if (!r.ok) throw new Error(j.error ? j.error.message : r.status);
+        $("model").innerHTML = ""; for (const m of j.data){ const o = document.createElement("option"); o.textContent = m.id; $("model").appendChild(o); }
+  } catch(e){ add("error", "cannot list models: " + e.message); }
+}
+$("clear").onclick = () => { history = []; $("log").innerHTML = ""; };
+$("stop").onclick = () => { if (ctrl) ctrl.abort(); };
+$("in").addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey){ e.preventDefault(); $("f").requestSubmit(); } });
+$("f").onsubmit = async e => {
+  e.preventDefault(); const text = $("in").value.trim(); if (!text || ctrl) return;
+  $("in").value = ""; add("user", text); history.push({role:"user", content:text});
+  const out = add("assistant", ""); const stats = document.createElement("div"); stats.className = "stats";
+  const msgs = ($("system").value ? [{role:"system", content:$("system").value}] : []).concat(history);
+  ctrl = new AbortController(); $("stop").disabled = false; $("send").disabled = true;
+  const t0 = performance.now(); let t1 = null, answer = "", usage = null;
+  try {
+    const r = await fetch(API + "/v1/chat/completions", {method:"POST", headers: headers(), signal: ctrl.signal,
+      body: JSON.stringify({model: $("model").value, messages: msgs, stream: true, stream_options: {include_usage: true},
+                            temperature: parseFloat($("temp").value), max_tokens: parseInt($("maxtok").value)})});
+    if (!r.ok){ const j = await r.json().catch(() => ({})); throw new Error(j.error ? j.error.message : ("HTTP " + r.status)); }
+    const reader = r.body.getReader(), dec = new TextDecoder(); let buf = "";
+    for (;;){
+      const {value, done} = await reader.read(); if (done) break;
+      buf += dec.decode(value, {stream: true}); let i;
+      while ((i = buf.indexOf("\n\n")) >= 0){
+        const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
+        if (!line.startsWith("data:")) continue; const data = line.slice(5).trim(); if (data === "[DONE]") continue;
+        const j = JSON.parse(data); if (j.error) throw new Error(j.error.message);
+        if (j.usage) usage = j.usage;
+        for (const c of j.choices || []){ const d = c.delta && c.delta.content; if (d){ if (t1 === null) t1 = performance.now(); answer += d; out.textContent = answer; $("log").scrollTop = 1e9; } }
+      }
+    }
+  } catch(err){ if (err.name !== "AbortError") add("error", err.message); }
+  history.push({role:"assistant", content: answer});
+  if (usage){ const secs = (performance.now() - t0) / 1000; stats.textContent = `${usage.completion_tokens} tokens, ${secs.toFixed(2)} s` + (t1 ? `, first token after ${((t1 - t0)/1000).toFixed(2)} s` : ""); out.appendChild(stats); }
+  ctrl = null; $("stop").disabled = true; $("send").disabled = false; $("in").focus();
+};
+loadModels();
+</script></body></html>
+"""
+
+
+def page(api_base: str = "") -> str:
+    return _PAGE.replace("__API_BASE__", json.dumps(api_base)[1:-1])
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    upstream: str = ""  # scheme://host:port of the API
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # quiet
+        pass
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path in ("/", "/index.html"):
+            self._send(200, page("").encode(), "text/html; charset=utf-8")
+        elif self.path.startswith("/v1/"):
+            self._proxy()
+        else:
+            self._send(404, b'{"error":{"message":"not found","type":"not_found_error","param":null,"code":null}}',
+                       "application/json")
+
+    def do_POST(self):
+        if self.path.startswith("/v1/"):
+            self._proxy()
+        else:
+            self._send(404, b"{}", "application/json")
+
+    def _proxy(self) -> None:
+        u = urlsplit(self.upstream)
+        conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type", "accept")}
+        try:
+            conn = conn_cls(u.hostname, u.port, timeout=600)
+            conn.request(self.command, (u.path.rstrip("/") + self.path), body=body, headers=headers)
+            resp = conn.getresponse()
+        except OSError as e:
+            msg = json.dumps({"error": {"message": f"API at {self.upstream} unreachable: {e}", "type": "server_error",
+                                        "param": None, "code": None}}).encode()
+            self._send(502, msg, "application/json")
+            return
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() in ("content-type", "retry-after", "cache-control"):
+                self.send_header(k, v)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            while True:
+                chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(1024)
+                if not chunk:
+                    break
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser left (Stop): closing upstream aborts the request there
+        finally:
+            conn.close()
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def make_server(api_url: str, host: str = "127.0.0.1", port: int = 7860) -> http.server.HTTPServer:
+    handler = type("Handler", (_Handler,), {"upstream": api_url.rstrip("/")})
+    return _Server((host, port), handler)
+
+
+def serve_webui(api_url: str, host: str = "127.0.0.1", port: int = 7860) -> None:
+    srv = make_server(api_url, host, port)
+    print(f"web chat on http://{host}:{srv.server_address[1]}/ (API: {api_url}); Ctrl-C to stop", file=sys.stderr)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()

@@ -1,0 +1,311 @@
+"""The OpenAI HTTP protocol: request models (validated by pydantic), error bodies, and the mapping from an OpenAI
+request to engine work.
+
+No torch, no Ray: the router process imports this and nothing heavier.
+
+What travels from the router to an engine replica is a plain dict, a *job*:
+
+    {"request_id": str, "work": int,                       # work: estimated tokens, for replica choice
+     "choices": [{"index": i, "prompt": str | list[int] | list[message], "gen": GenerationConfig fields}],
+     "logprobs": bool}                                       # convert per-token logprobs for the response
+
+`gen["max_new_tokens"]` may be None: the worker fills in what is left of the session after the prompt.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_N = 16  # choices per request (n x prompts); more is "n too large"
+MAX_STOP = 16
+
+
+# -- errors -----------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error the client gets as an OpenAI error body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    @classmethod
+    def from_dict(cls, err: dict) -> "APIError":
+        """An error as an engine replica reports it (see `error_dict`)."""
+        kind = err.get("kind", "internal")
+        msg = err.get("message", "internal error")
+        if kind == "prompt_too_long":
+            p, m, s = err["prompt_tokens"], err["max_tokens"], err["session_len"]
+            return cls(400, f"This model's maximum context length is {s} tokens. However, you requested {p + m} "
+                            f"tokens ({p} in the prompt, {m} for the completion, max_tokens). Please reduce the "
+                            "length of the prompt or max_tokens.", param=err.get("param") or "messages",
+                       code="context_length_exceeded")
+        if kind == "bad_request":
+            return cls(400, msg, param=err.get("param"))
+        if kind == "overloaded":
+            return cls(503, msg, type="server_overloaded", code="overloaded", retry_after=err.get("retry_after", 1))
+        if kind in ("engine_dead", "unavailable"):
+            return cls(503, msg, type="server_error", code="engine_unavailable", retry_after=err.get("retry_after", 5))
+        return cls(500, msg, type="server_error", code="internal_error")
+
+
+def error_dict(kind: str, message: str, **extra) -> dict:
+    return {"kind": kind, "message": message, **extra}
+
+
+def validation_error(e: ValidationError) -> APIError:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body",))
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return APIError(400, f"{loc}: {msg}{shown}" if loc else msg, param=loc or None, code="invalid_value")
+
+
+# -- requests ---------------------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Sampling parameters shared by chat and completions (OpenAI names, plus vLLM's top_k/min_p/repetition_penalty)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate; default: the rest of the session")
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=-1, description="-1 or 0 disables")
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    best_of: Optional[int] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return v
+        words = [v] if isinstance(v, str) else v
+        if len(words) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(words)}")
+        if any(not w for w in words):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (use n)")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def gen_dict(self, default_max_tokens: int | None, top_logprobs: int | None, index: int = 0) -> dict:
+        """GenerationConfig fields for one choice; the worker builds the GenerationConfig (and validates it)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        g: dict[str, Any] = {
+            "max_new_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            "min_new_tokens": self.min_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": 0 if self.top_k is None or self.top_k < 0 else self.top_k,
+            "min_p": self.min_p or 0.0,
+            "repetition_penalty": self.repetition_penalty or 1.0,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "stop_words": stop,
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": self.ignore_eos,
+            "logprobs": top_logprobs,
+        }
+        if self.seed is not None:
+            g["seed"] = self.seed + index  # n choices with one seed: reproducible, yet different from each other
+        return g
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[dict]]] = None
+    name: Optional[str] = None
+
+    def plain(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type")
+                if kind == "text":
+                    texts.append(str(part.get("text", "")))
+                else:
+                    raise ValueError(f"content parts of type {kind!r} are not supported by this model (text only)")
+            content = "".join(texts)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    response_format: Optional[dict] = None
+    tools: Optional[list] = None
+
+    @model_validator(mode="after")
+    def _chat(self):
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        return self
+
+    def plain_messages(self) -> list[dict]:
+        try:
+            return [m.plain() for m in self.messages]
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _completion(self):
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if len(self.prompts()) * self.n > MAX_N:
+            raise ValueError(f"n x number of prompts must be at most {MAX_N}, got {len(self.prompts()) * self.n}")
+        return self
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("prompt is empty")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+def parse(model_cls: type[BaseModel], raw: bytes) -> Any:
+    """Body bytes -> validated request, or APIError 400 (never a 500 for the caller's mistake)."""
+    try:
+        data = json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+# -- jobs ---------------------------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _estimate_tokens(prompt) -> int:
+    if isinstance(prompt, str):
+        return len(prompt) // 4 + 1
+    if prompt and isinstance(prompt[0], dict):
+        return sum(len(str(m.get("content", ""))) for m in prompt) // 4 + 8
+    return len(prompt)
+
+
+def make_job(request_id: str, prompts: list, req: _Sampling, default_max_tokens: int | None,
+             top_logprobs: int | None, want_logprobs: bool) -> dict:
+    choices = []
+    for pi, prompt in enumerate(prompts):
+        for j in range(req.n):
+            idx = pi * req.n + j
+            choices.append({"index": idx, "prompt": prompt, "gen": req.gen_dict(default_max_tokens, top_logprobs, j)})
+    work = sum(_estimate_tokens(c["prompt"]) + (c["gen"]["max_new_tokens"] or 256) for c in choices)
+    return {"request_id": request_id, "choices": choices, "logprobs": want_logprobs, "work": work}
+
+
+# -- responses ----------------------------------------------------------------------------------------------------------
+def now() -> int:
+    return int(time.time())
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """Worker logprob entries -> OpenAI chat `logprobs` object."""
+    if entries is None:
+        return None
+    content = []
+    for e in entries:
+        content.append({"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8")),
+                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                                         for t, lp in e["top"]]})
+    return {"content": content}
+
+
+def completion_logprobs(entries: list[dict] | None, offset: int) -> dict | None:
+    """Worker logprob entries -> legacy completions `logprobs` object (text_offset counted from `offset`)."""
+    if entries is None:
+        return None
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+        tokens.append(e["token"])
+        lps.append(e["logprob"])
+        tops.append({t: lp for t, lp in e["top"]})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def sse(obj: dict | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n".encode()

@@ -1,0 +1,327 @@
+"""One rank of a model replica, as a Ray actor (`RankWorker`), and the request host of rank 0 (`RankZeroHost`).
+
+Rank 0 runs the engine's step loop on a thread of its own process (cluster.engine.async_engine.AsyncEngine); ranks
+1..N-1 run the tensor-parallel follower loop (cluster.workers.tp.run_follower) and get each step's plan from rank 0
+over torch.distributed, never through Ray. Ray carries only requests in and tokens out, batched:
+
+    add_requests([...])  many requests in one call (the deployment coalesces concurrent arrivals)
+    abort([...])         many aborts in one call
+    poll(timeout)        every new output of every request since the last poll, in one reply; waits up to
+                         `timeout` when there is none yet (a long poll), so an idle replica costs ~nothing
+
+All outputs of a request that piled up between two polls are merged into one delta (text and tokens
+concatenated), so the size of a reply is bounded by the number of requests, not tokens.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _error_for(e: BaseException, param: str | None) -> dict:
+    from pydantic import ValidationError
+
+    from cluster.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+    from cluster.protocol import error_dict, validation_error
+
+    if isinstance(e, PromptTooLongError):
+        return error_dict("prompt_too_long", str(e), prompt_tokens=e.prompt_tokens, max_tokens=e.max_new_tokens,
+                          session_len=e.session_len, param=param)
+    if isinstance(e, EngineOverloadedError):
+        return error_dict("overloaded", str(e), retry_after=1)
+    if isinstance(e, EngineDeadError):
+        return error_dict("engine_dead", str(e), retry_after=5)
+    if isinstance(e, ValidationError):
+        return error_dict("bad_request", validation_error(e).message)
+    if isinstance(e, (ValueError, TypeError)):
+        return error_dict("bad_request", str(e) or type(e).__name__, param=param)
+    if type(e).__name__ in ("TemplateError", "TemplateSyntaxError", "UndefinedError"):  # jinja chat templates
+        return error_dict("bad_request", f"chat template: {e}", param="messages")
+    return error_dict("internal", f"{type(e).__name__}: {e}")
+
+
+class _Sink:
+    """Where the engine thread puts one request's outputs: tagged with the request id into the host's inbox."""
+
+    __slots__ = ("rid", "host")
+
+    def __init__(self, rid: str, host: "RankZeroHost"):
+        self.rid, self.host = rid, host
+
+    def put(self, item) -> None:
+        self.host._deliver(self.rid, item)
+
+
+class RankZeroHost:
+    """Requests in, batched outputs out, around an AsyncEngine-like object. No Ray here: the Ray actor and the
+    in-process (test, no-Ray) paths share it. Call it from one asyncio loop; the engine's thread only appends."""
+
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop | None = None):
+        self.engine = engine
+        self.loop = loop or asyncio.get_event_loop()
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, Any]] = []
+        self._signaled = False
+        self._event = asyncio.Event()
+        self._want_lp: set[str] = set()
+        self._tok_cache: dict[int, str] = {}
+
+    # -- the engine thread side ----------------------------------------------------------------------------------
+    def _deliver(self, rid: str, item) -> None:
+        with self._lock:
+            self._inbox.append((rid, item))
+            if self._signaled:
+                return
+            self._signaled = True
+        self.loop.call_soon_threadsafe(self._event.set)
+
+    # -- calls ---------------------------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        return {"model_name": self.engine.model_name, "session_len": self.engine.session_len}
+
+    def add_requests(self, items: list[dict]) -> list[dict]:
+        """items: {"rid", "prompt", "gen" (GenerationConfig fields; max_new_tokens None = rest of the session),
+        "logprobs": bool, "param"}. Returns per item {"ok": True, "prompt_tokens": n} or {"ok": False, "error": {..}}."""
+        from cluster.config import GenerationConfig
+
+        results = []
+        for it in items:
+            rid = it["rid"]
+            try:
+                ids = self.engine.tokenizer.prompt_ids(it["prompt"])
+                gen = dict(it["gen"])
+                if gen.get("max_new_tokens") is None:
+                    gen["max_new_tokens"] = max(1, self.engine.session_len - len(ids))
+                g = GenerationConfig(**gen)
+                if it.get("logprobs"):
+                    self._want_lp.add(rid)
+                self.engine.submit(ids, g, rid, None, _Sink(rid, self))
+                results.append({"ok": True, "prompt_tokens": len(ids)})
+            except Exception as e:  # noqa: BLE001 - each request gets its own error
+                self._want_lp.discard(rid)
+                results.append({"ok": False, "error": _error_for(e, it.get("param"))})
+        return results
+
+    def abort(self, rids: list[str]) -> None:
+        for rid in rids:
+            self._want_lp.discard(rid)
+            self.engine.abort(rid)
+
+    async def poll(self, timeout: float = 1.0) -> dict:
+        if not self._inbox:
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        with self._lock:
+            items, self._inbox = self._inbox, []
+            self._signaled = False
+        outputs: dict[str, dict] = {}
+        errors: dict[str, dict] = {}
+        for rid, item in items:
+            if isinstance(item, BaseException):
+                errors[rid] = _error_for(item, None)
+                outputs.pop(rid, None)
+                self._want_lp.discard(rid)
+                continue
+            acc = outputs.get(rid)
+            if acc is None:
+                acc = outputs[rid] = {"text": "", "token_ids": [], "logprobs": None, "finish_reason": None,
+                                      "prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
+            acc["text"] += item.text
+            acc["token_ids"] += item.token_ids
+            if rid in self._want_lp and item.logprobs:
+                acc["logprobs"] = (acc["logprobs"] or []) + [self._lp_entry(e) for e in item.logprobs]
+            acc["finish_reason"] = item.finish_reason
+            acc["prompt_tokens"] = item.input_token_len or acc["prompt_tokens"]
+            acc["completion_tokens"] = max(acc["completion_tokens"], item.generate_token_len)
+            acc["cached_tokens"] = getattr(item, "cached_token_len", 0)
+            if item.finish_reason is not None:
+                self._want_lp.discard(rid)
+        dead = self.health()
+        return {"outputs": outputs, "errors": errors, "stats": self.stats(), "dead": None if dead["ok"] else dead["error"]}
+
+    def _token_text(self, tid: int) -> str:
+        s = self._tok_cache.get(tid)
+        if s is None:
+            s = self._tok_cache[tid] = self.engine.tokenizer.decode([tid], skip_special_tokens=False)
+        return s
+
+    def _lp_entry(self, e: dict) -> dict:
+        top = sorted(e.get("top_logprobs", {}).items(), key=lambda kv: -kv[1])
+        return {"token": self._token_text(e["token_id"]), "token_id": e["token_id"], "logprob": e["logprob"],
+                "top": [[self._token_text(t), lp] for t, lp in top]}
+
+    def stats(self) -> dict:
+        try:
+            s = dict(self.engine.stats())
+        except Exception as e:  # noqa: BLE001
+            s = {"error": repr(e)}
+        return s
+
+    def health(self) -> dict:
+        try:
+            self.engine.check_health()
+            return {"ok": True, "error": None}
+        except Exception as e:  # noqa: BLE001
+            return {"ok": False, "error": str(e) or type(e).__name__}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+# -- building engines ------------------------------------------------------------------------------------------------
+def _resolve(model: str | None, ec):
+    """(model_dir, ModelConfig, session_len): the same answer on every rank (conversion is file-locked)."""
+    from cluster.convert.cache import ensure_converted, resolve_dtype
+    from cluster.engine.engine import LLMEngine
+    from cluster.engine.model_runner import default_device
+    from cluster.models.config import ModelConfig
+
+    device = default_device(ec)
+    dtype = resolve_dtype(model, ec.dtype, device.type)
+    model_dir = ensure_converted(model, ec.tp, dtype, ec.cache_dir, progress=False)
+    cfg = ModelConfig.load(model_dir / "config.json")
+    return model_dir, cfg, LLMEngine._session_len(cfg, ec)
+
+
+def build_engine(model: str | None, engine_config: dict, init_method: str | None = None, max_waiting: int = 4096):
+    """Rank 0's AsyncEngine. TP=1: a plain engine in this process; TP=N: rank 0 of a group whose followers call
+    run_follower with the same init_method (see cluster/workers/tp.py)."""
+    from cluster.config import EngineConfig
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.engine.engine import LLMEngine
+
+    ec = EngineConfig(**engine_config)
+    if ec.tp == 1:
+        engine = LLMEngine(model, ec)
+    else:
+        from cluster.engine.tokenizer import Tokenizer
+        from cluster.workers.tp import TPExecutor
+
+        model_dir, cfg, session_len = _resolve(model, ec)
+        runner = TPExecutor.from_initialized(model_dir, cfg, ec, session_len, init_method=init_method)
+        engine = LLMEngine(None, ec, runner=runner, tokenizer=Tokenizer(model_dir))
+    return AsyncEngine(engine, max_waiting=max_waiting)
+
+
+class RankWorker:
+    """The Ray actor of one rank (created by cluster.workers.group with `ray.remote(RankWorker)`; async methods,
+    so poll's long wait never blocks add/abort/health)."""
+
+    def __init__(self, rank: int, world_size: int, model: str | None, engine_config: dict,
+                 max_waiting: int = 4096, num_threads: int | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.model, self.engine_config, self.max_waiting = model, engine_config, max_waiting
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
+        self.host: RankZeroHost | None = None
+        self.state = "created"
+        self.error: str | None = None
+        self.started = time.time()
+
+    def address(self) -> str:
+        """init_method for the group's rendezvous: this node's IP and a port free on it (rank 0 hosts the store)."""
+        import ray
+
+        from cluster.workers.tp import free_port
+
+        ip = ray.util.get_node_ip_address()
+        port = free_port()
+        os.environ.update(MASTER_ADDR=ip, MASTER_PORT=str(port))
+        return f"tcp://{ip}:{port}"
+
+    def _dist_env(self, init_method: str | None) -> None:
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if init_method:
+            host, _, port = init_method[len("tcp://"):].rpartition(":")
+            os.environ.update(MASTER_ADDR=host, MASTER_PORT=port)
+
+    async def start(self, init_method: str | None = None) -> dict:
+        """Rank 0: build the engine (weights, KV cache, step loop); returns {model_name, session_len}."""
+        assert self.rank == 0, "start() is rank 0's; other ranks call run_follower()"
+        self._dist_env(init_method)
+        self.state = "loading"
+        try:
+            engine = await asyncio.to_thread(build_engine, self.model, self.engine_config, init_method,
+                                             self.max_waiting)
+        except BaseException as e:
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("rank 0 failed to start: %s", traceback.format_exc())
+            raise
+        self.host = RankZeroHost(engine, asyncio.get_running_loop())
+        self.state = "ready"
+        return self.host.info()
+
+    async def run_follower(self, init_method: str) -> int:
+        """Ranks > 0: join rank 0's group and run its steps until it closes (returns) or the group breaks (raises).
+        The caller keeps this call's ObjectRef: its completion means this rank is gone."""
+        from cluster.config import EngineConfig
+        from cluster.workers.tp import run_follower
+
+        self._dist_env(init_method)
+        ec = EngineConfig(**self.engine_config)
+        self.state = "loading"
+        model_dir, _, session_len = await asyncio.to_thread(_resolve, self.model, ec)
+        self.state = "ready"
+        try:
+            return await asyncio.to_thread(run_follower, model_dir, ec, session_len, self.rank, self.world_size,
+                                           init_method)
+        except BaseException as e:
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            raise
+
+    def abort_group(self, reason: str) -> None:
+        """Rank 0: a follower is gone; fail every step from now on (and break a collective that waits on it)."""
+        if self.host is not None:
+            runner = getattr(self.host.engine.engine, "runner", None)
+            if hasattr(runner, "abort"):
+                runner.abort(reason)
+
+    # -- rank 0's request interface (batched) --------------------------------------------------------------------
+    def add_requests(self, items: list[dict]) -> list[dict]:
+        if self.host is None:
+            from cluster.protocol import error_dict
+
+            return [{"ok": False, "error": error_dict("unavailable", f"engine is {self.state}")}] * len(items)
+        return self.host.add_requests(items)
+
+    def abort(self, rids: list[str]) -> None:
+        if self.host is not None:
+            self.host.abort(rids)
+
+    async def poll(self, timeout: float = 1.0) -> dict:
+        if self.host is None:
+            await asyncio.sleep(timeout)
+            return {"outputs": {}, "errors": {}, "stats": {}, "dead": None}
+        return await self.host.poll(timeout)
+
+    def stats(self) -> dict:
+        s = self.host.stats() if self.host is not None else {}
+        s.update(self.health())
+        return s
+
+    def health(self) -> dict:
+        if self.host is None:
+            return {"ok": False, "state": self.state, "error": self.error or f"engine is {self.state}"}
+        h = self.host.health()
+        h["state"] = "ready" if h["ok"] else "dead"
+        return h
+
+    def info(self) -> dict:
+        return self.host.info() if self.host is not None else {}
+
+    def shutdown(self) -> None:
+        if self.host is not None:
+            self.host.shutdown()

@@ -1,0 +1,312 @@
+"""Reliability of the real thing: `cluster serve` (a local Ray cluster, Ray Serve, two engine replicas of the
+embedded SmolLM2 on the CPU) driven over HTTP with the openai SDK and httpx.
+
+One server for the whole module; the tests run in file order and the last one stops it with SIGTERM.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("openai")
+try:
+    import cluster.engine.async_engine  # noqa: F401  (the real engine)
+except ImportError:  # pragma: no cover
+    pytest.skip("engine not importable", allow_module_level=True)
+
+import openai  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "test-key-123"
+SESSION_LEN = 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+        self.ray_address: str | None = None
+        self.model: str | None = None
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def sdk(self, **kw) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
+
+    def metrics(self) -> dict[str, list[float]]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        out: dict[str, list[float]] = {}
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)$", line)
+            if m:
+                out.setdefault(m.group(1), []).append(float(m.group(3)))
+        return out
+
+    def kv_idle(self) -> bool:
+        m = self.metrics()
+        return (sum(m.get("cluster_num_requests_running", [1])) == 0
+                and sum(m.get("cluster_num_requests_waiting", [1])) == 0
+                and m.get("cluster_kv_cache_blocks_free") == m.get("cluster_kv_cache_blocks_total"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("CLUSTER_API_KEY", None)
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--num-cpus", "4", "--replicas", "2",
+           "--cpus-per-worker", "1", "--session-len", str(SESSION_LEN), "--api-key", KEY, "--shutdown-timeout", "60"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    srv = Server(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.time() + 300
+        while "serving on" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"cluster serve did not start (rc={proc.poll()}):\n{srv.tail()}")
+            time.sleep(0.5)
+        srv.ray_address = re.search(r"^ray: (\S+)", log.read_text(), re.M).group(1)
+        r = httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        srv.model = r.json()["data"][0]["id"]
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+
+
+def test_api_basics(server):
+    assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
+    h = httpx.get(server.url + "/health", timeout=30)
+    assert h.status_code == 200, h.text
+    assert h.json()["models"][server.model]["replicas"] == 2
+    m = server.metrics()
+    assert len(m["cluster_kv_cache_blocks_total"]) == 2  # one series per engine replica
+
+    async def go():
+        sdk = server.sdk()
+        r = await sdk.chat.completions.create(model=server.model, messages=[
+            {"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0)
+        assert "Paris" in r.choices[0].message.content
+        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+        # seeded sampling: the same seed gives the same text; n choices differ from each other
+        a = await sdk.completions.create(model=server.model, prompt="The weather today", max_tokens=10, seed=7,
+                                         temperature=1.0)
+        b = await sdk.completions.create(model=server.model, prompt="The weather today", max_tokens=10, seed=7,
+                                         temperature=1.0)
+        assert a.choices[0].text == b.choices[0].text
+        r = await sdk.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=6, n=2, logprobs=True, top_logprobs=3, seed=1)
+        assert sorted(c.index for c in r.choices) == [0, 1]
+        for c in r.choices:
+            assert len(c.logprobs.content) in range(1, 7) and len(c.logprobs.content[0].top_logprobs) == 3
+        assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+        with pytest.raises(openai.BadRequestError) as ei:
+            await sdk.completions.create(model=server.model, prompt="hello " * 1000, max_tokens=100)
+        msg = str(ei.value)
+        m = re.search(r"context length is (\d+) tokens.*\((\d+) in the prompt, (\d+) for the completion", msg)
+        assert m and int(m.group(1)) == SESSION_LEN and int(m.group(2)) >= 1000 and int(m.group(3)) == 100, msg
+        with pytest.raises(openai.BadRequestError):
+            await sdk.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
+                                              temperature=5)
+        with pytest.raises(openai.NotFoundError):
+            await sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+    asyncio.run(go())
+
+
+def test_client_disconnect_frees_kv_blocks(server):
+    body = {"model": server.model, "prompt": "Tell me a very long story. " * 20, "max_tokens": 800,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        with c.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            n = 0
+            for line in r.iter_lines():
+                n += line.startswith("data: {")
+                if n >= 3:
+                    break
+            m = server.metrics()
+            assert sum(m["cluster_num_requests_running"]) == 1
+            assert m["cluster_kv_cache_blocks_free"] != m["cluster_kv_cache_blocks_total"]
+        t0 = time.perf_counter()  # the response is closed: the connection is gone
+    while not server.kv_idle():
+        assert time.perf_counter() - t0 < 5, server.metrics()
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    print(f"KV blocks back in the pool {elapsed:.2f}s after the client disconnected")
+    assert elapsed < 1.5
+
+
+def test_200_concurrent_streams(server):
+    async def one(sdk, i):
+        stream = await sdk.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=8,
+            stream=True, stream_options={"include_usage": True}, logprobs=True, temperature=0.7, seed=i)
+        tokens, usage, finish, text = 0, None, None, ""
+        async for ch in stream:
+            for c in ch.choices:
+                if c.logprobs and c.logprobs.content:
+                    tokens += len(c.logprobs.content)
+                text += c.delta.content or ""
+                finish = c.finish_reason or finish
+            usage = ch.usage or usage
+        return tokens, usage, finish, text
+
+    async def go():
+        sdk = server.sdk(http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=300), timeout=300))
+        return await asyncio.gather(*[one(sdk, i) for i in range(200)])
+
+    t0 = time.perf_counter()
+    results = asyncio.run(go())
+    wall = time.perf_counter() - t0
+    total = 0
+    for tokens, usage, finish, text in results:
+        assert usage is not None and finish in ("stop", "length")
+        assert tokens == usage.completion_tokens, (tokens, usage)
+        assert 1 <= tokens <= 8 and (finish == "stop" or tokens == 8)
+        total += tokens
+    print(f"200 concurrent streams: {total} tokens in {wall:.1f}s")
+    deadline = time.time() + 5
+    while not server.kv_idle():
+        assert time.time() < deadline, server.metrics()
+        time.sleep(0.1)
+    m = server.metrics()
+    assert all(v > 0 for v in m["cluster_engine_generation_tokens_total"])  # both replicas got work
+
+
+def _ray(server, code: str) -> dict:
+    """Run `code` as a second Ray driver (a fresh process: Ray reads its auth settings at import) and return the
+    JSON it prints; `cluster serve` started the cluster with token auth (~/.ray/auth_token)."""
+    prog = ("import json, ray\n"
+            f"ray.init(address={server.ray_address!r}, logging_level='ERROR', log_to_driver=False)\n"
+            "rank0 = [a for a in ray.util.list_named_actors(all_namespaces=True) if a['name'].startswith('cluster-rank0|')]\n"
+            + code)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_killed_worker_fails_requests_then_recovers(server):
+    names = _ray(server, "print(json.dumps(rank0))")
+    assert len(names) == 2, names
+    victim = names[0]
+    replica = victim["name"].split("|")[3]
+
+    async def one(sdk, started: asyncio.Event):
+        try:
+            stream = await sdk.completions.create(model=server.model, prompt="Once upon a time", max_tokens=400,
+                                                  stream=True, extra_body={"ignore_eos": True})
+            async for _ in stream:
+                started.set()
+            return "ok", time.time()
+        except openai.APIError as e:
+            return f"error: {e}", time.time()
+
+    async def go():
+        sdk = server.sdk()
+        evs = [asyncio.Event() for _ in range(6)]
+        tasks = [asyncio.create_task(one(sdk, e)) for e in evs]
+        await asyncio.wait_for(asyncio.gather(*[e.wait() for e in evs]), 60)
+        killed = await asyncio.to_thread(_ray, server, (
+            f"actor = ray.get_actor({victim['name']!r}, namespace={victim['namespace']!r})\n"
+            "import time; t = time.time(); ray.kill(actor, no_restart=True)\n"
+            "print(json.dumps({'t': t}))"))
+        t_kill = killed["t"]
+        done = await asyncio.wait_for(asyncio.gather(*tasks), 120)  # no hang
+        return t_kill, done
+
+    t_kill, done = asyncio.run(go())
+    failed = [(r, t - t_kill) for r, t in done if r != "ok"]
+    assert failed, done  # some were on the killed replica
+    assert all(dt < 10 for _, dt in failed), failed
+    assert all("engine" in r or "unavailable" in r for r, _ in failed), failed
+    print(f"{len(failed)} of {len(done)} streams failed, at most {max(dt for _, dt in failed):.2f}s after the kill")
+
+    t0 = t_kill
+    while True:  # the replica rebuilds its worker group
+        h = httpx.get(server.url + "/health", timeout=30)
+        if h.status_code == 200:
+            break
+        assert time.time() - t0 < 120, h.text
+        time.sleep(0.5)
+    print(f"healthy again {time.time() - t0:.1f}s after the kill")
+    names = _ray(server, "print(json.dumps([a['name'] for a in rank0]))")
+    assert any(n.split("|")[3] == replica and n.endswith("|2") for n in names), names
+
+    async def after():
+        sdk = server.sdk()
+        rs = await asyncio.gather(*[sdk.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4) for _ in range(6)])
+        return [r.usage.completion_tokens for r in rs]
+
+    assert all(n >= 1 for n in asyncio.run(after()))
+
+
+def test_sigterm_drains_then_exits(server):
+    body = {"model": server.model, "prompt": "Write a poem about the sea.", "max_tokens": 150, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120, headers=headers) as c:
+            first = asyncio.Event()
+
+            async def inflight():
+                usage, done = None, False
+                async with c.stream("POST", server.url + "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            first.set()
+                            usage = json.loads(line[6:]).get("usage") or usage
+                        done = done or line == "data: [DONE]"
+                return usage, done
+
+            task = asyncio.create_task(inflight())
+            await asyncio.wait_for(first.wait(), 60)
+            server.proc.send_signal(signal.SIGTERM)
+            refused = None
+            for _ in range(100):
+                try:
+                    r = await c.post(server.url + "/v1/chat/completions", json={
+                        "model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+                except httpx.TransportError:
+                    refused = "connection refused"
+                    break
+                if r.status_code == 503:
+                    refused = r.json()["error"]["message"]
+                    assert "retry-after" in r.headers
+                    break
+                await asyncio.sleep(0.1)
+            return refused, await task
+
+    refused, (usage, done) = asyncio.run(go())
+    assert refused, "new requests were never refused"
+    assert done and usage["completion_tokens"] == 150  # the request in flight finished
+    assert server.proc.wait(120) == 0
+    assert "stopped" in server.tail()
