@@ -1,9 +1,64 @@
-"""Kernel entry points: Triton on CUDA tensors, the plain-torch reference elsewhere (CPU)."""
-from cluster.kernels.reference import (  # noqa: F401
-    apply_rotary,
-    paged_attention,
-    paged_decode_attention,
-    rms_norm,
-    silu_and_mul,
-    store_kvcache,
-)
+"""Kernel entry points: Triton on CUDA tensors, the plain-torch reference elsewhere (CPU).
+
+`CLUSTER_KERNELS=reference` forces the reference everywhere (read at each call, so tests can flip it). Triton is
+imported only when a CUDA tensor first arrives, so `import cluster.kernels` works on machines without it.
+"""
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from cluster.kernels import reference
+
+__all__ = ["apply_rotary", "paged_attention", "paged_decode_attention", "rms_norm", "silu_and_mul", "store_kvcache"]
+
+_modules: dict[str, ModuleType | None] = {}
+
+
+def _triton(name: str, t: torch.Tensor) -> ModuleType | None:
+    """The Triton module `cluster.kernels.<name>` if `t` lives on CUDA and Triton works here, else None."""
+    if not t.is_cuda or os.environ.get("CLUSTER_KERNELS") == "reference":
+        return None
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"cluster.kernels.{name}")
+        except ImportError:  # no triton on this machine: the reference still runs on CUDA
+            _modules[name] = None
+    return _modules[name]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm in fp32; with `residual`, returns (norm(x + residual), x + residual)."""
+    return (_triton("norm", x) or reference).rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2N] = [gate | up] -> silu(gate) * up."""
+    return (_triton("activation", x) or reference).silu_and_mul(x)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+    """Neox rotary on q [T, Hq, D] and k [T, Hkv, D]; the Triton path rotates in place and returns q, k."""
+    return (_triton("rotary", q) or reference).apply_rotary(q, k, positions, cos_sin)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write K/V [T, Hkv, D] into their cache slots (slot -1 skips)."""
+    return (_triton("kvcache", k) or reference).store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached context (prefill, chunk, decode alike)."""
+    return (_triton("attention", q) or reference).paged_attention(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float,
+                           max_context_len: int | None = None) -> torch.Tensor:
+    """One query per sequence over its cache; the Triton path is CUDA-graph capturable."""
+    return (_triton("attention", q) or reference).paged_decode_attention(
+        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)

@@ -1,0 +1,390 @@
+#!/usr/bin/env python3
+"""Check every Triton kernel against the reference at real sizes (Llama-3-8B: Hq=32, Hkv=8, D=128, bf16), then time it.
+
+Run on the GPU machine from the repository root:  python3 benchmarks/gpu_kernels.py [--sweep]
+Only `cluster.kernels` is imported (no pydantic, Ray, transformers needed). Each check draws fresh random inputs,
+poisons the kernel's outputs with NaN and compares by ||out - ref|| / ||ref|| against the fp32 reference. Timings are
+`triton.testing.do_bench` medians (L2 flushed before each call); decode is also timed as replays of a CUDA graph holding
+one call per layer over distinct caches (as the engine's decode graph does). Figures are against 3.0 TB/s and
+800 TFLOP/s (bf16 dense), the H100 ceilings measured on this workplace's machine. --sweep also times launch configs.
+Writes $OUT/kernels.json when OUT is set.
+"""
+import json
+import os
+import sys
+import time
+import traceback
+import types
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if "cluster" not in sys.modules:  # import cluster.kernels without cluster/__init__.py (it pulls in pydantic)
+    _pkg = types.ModuleType("cluster")
+    _pkg.__path__ = [str(ROOT / "cluster")]
+    sys.modules["cluster"] = _pkg
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from cluster.kernels import activation, attention, kvcache, norm, reference, rotary  # noqa: E402
+
+PEAK_BW, PEAK_FLOPS = 3.0e12, 800e12
+TOL = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+HQ, HKV, D, HIDDEN, FFN = 32, 8, 128, 4096, 14336
+DEV = torch.device("cuda")
+ROWS: list[dict] = []
+SWEEPS: list[dict] = []
+T0 = time.time()
+
+
+@contextmanager
+def poisoned():
+    """Inside: every float tensor from torch.empty starts as NaN, so an output element never written shows up."""
+    real = torch.empty
+
+    def empty(*a, **k):
+        t = real(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def record(kernel: str, shape: str, err: float, dtype: torch.dtype, ms: float, nbytes: float = 0.0,
+           flops: float = 0.0, note: str = "") -> None:
+    ok = err == err and err < TOL[dtype]
+    row = dict(kernel=kernel, shape=shape, rel_err=err, ok=ok, ms=ms, gbps=nbytes / ms / 1e6 if nbytes else None,
+               tflops=flops / ms / 1e9 if flops else None, note=note)
+    row["frac"] = (row["gbps"] * 1e9 / PEAK_BW) if nbytes else (row["tflops"] * 1e12 / PEAK_FLOPS)
+    ROWS.append(row)
+    rate = f"{row['gbps']:8.0f} GB/s" if nbytes else f"{row['tflops']:8.1f} TF/s"
+    print(f"  {kernel:<22} {shape:<34} err={err:.2e} {'ok' if ok else 'FAIL'} {ms * 1e3:9.1f} us {rate} "
+          f"{row['frac']:6.1%} {note}", flush=True)
+
+
+def guarded(fn):
+    """Run one benchmark case; a failure is printed and recorded, the rest still run."""
+    def run(*a, **k):
+        try:
+            fn(*a, **k)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            ROWS.append(dict(kernel=fn.__name__, shape=str(a), ok=False, error=repr(e)[:300]))
+    return run
+
+
+# -- elementwise kernels ---------------------------------------------------------------------------------------------
+@guarded
+def bench_rms_norm(T: int, dtype=torch.bfloat16) -> None:
+    x, r = (torch.randn(T, HIDDEN, dtype=dtype, device=DEV) for _ in range(2))
+    w = torch.randn(HIDDEN, dtype=dtype, device=DEV)
+    with poisoned():
+        out, res = norm.rms_norm(x, w, 1e-5, r)
+    ro, rr = reference.rms_norm(x, w, 1e-5, r)
+    err = max(rel_err(out, ro), rel_err(res, rr))
+    record("rms_norm+residual", f"[{T},{HIDDEN}]", err, dtype, bench(lambda: norm.rms_norm(x, w, 1e-5, r)),
+           nbytes=4 * x.numel() * x.element_size())
+
+
+@guarded
+def bench_silu(T: int, dtype=torch.bfloat16) -> None:
+    x = torch.randn(T, 2 * FFN, dtype=dtype, device=DEV)
+    with poisoned():
+        out = activation.silu_and_mul(x)
+    record("silu_and_mul", f"[{T},{2 * FFN}]", rel_err(out, reference.silu_and_mul(x)), dtype,
+           bench(lambda: activation.silu_and_mul(x)), nbytes=1.5 * x.numel() * x.element_size())
+
+
+@guarded
+def bench_rotary(T: int, dtype=torch.bfloat16) -> None:
+    qkv = torch.randn(T, (HQ + 2 * HKV) * D, dtype=dtype, device=DEV)
+    q, k, _ = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+    q, k = q.view(T, HQ, D), k.view(T, HKV, D)
+    pos = torch.randint(0, 8192, (T,), device=DEV)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
+    freqs = torch.outer(torch.arange(8192, device=DEV).float(), inv)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), -1)
+    rq, rk = reference.apply_rotary(q, k, pos, cos_sin)
+    oq, ok = rotary.apply_rotary(q.clone(), k.clone(), pos, cos_sin)
+    err = max(rel_err(oq, rq), rel_err(ok, rk))
+    nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + T * D * 4
+    record("apply_rotary (inplace)", f"T={T} q[{HQ},{D}] k[{HKV},{D}]", err, dtype,
+           bench(lambda: rotary.apply_rotary(q, k, pos, cos_sin)), nbytes=nbytes)
+
+
+@guarded
+def bench_store_kvcache(T: int, page: int = 16, dtype=torch.bfloat16) -> None:
+    kvo = torch.randn(T, 2 * HKV * D, dtype=dtype, device=DEV)
+    k, v = (t.view(T, HKV, D) for t in kvo.split([HKV * D, HKV * D], dim=-1))
+    nblocks = 2 * T // page + 4
+    slots = torch.randperm(nblocks * page, device=DEV)[:T]
+    slots[::7] = -1
+    caches = [torch.full((nblocks, page, HKV, D), float("nan"), dtype=dtype, device=DEV) for _ in range(4)]
+    reference.store_kvcache(k, v, caches[0], caches[1], slots)
+    kvcache.store_kvcache(k, v, caches[2], caches[3], slots)
+    pairs = ((caches[0], caches[2]), (caches[1], caches[3]))
+    same = all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in pairs)
+    record("store_kvcache", f"T={T} [{HKV},{D}] page={page}", 0.0 if same else float("nan"), dtype,
+           bench(lambda: kvcache.store_kvcache(k, v, caches[2], caches[3], slots)),
+           nbytes=4 * k.numel() * k.element_size())
+
+
+# -- attention -------------------------------------------------------------------------------------------------------
+def make_cache(ctx_lens: list[int], q_lens: list[int], page: int, dtype: torch.dtype, copies: int = 1):
+    """Random caches with scattered pages (a fragmented pool) and this step's queries. Returns q, [(kc, vc)], tables,
+    context_lens, cu_seqlens_q."""
+    need = [-(-c // page) for c in ctx_lens]
+    nblocks = sum(need) + 8
+    width = max(need)
+    perm = torch.randperm(nblocks, device=DEV)[:sum(need)].to(torch.int32)
+    tables = torch.zeros(len(ctx_lens), width, dtype=torch.int32, device=DEV)
+    at = 0
+    for b, n in enumerate(need):
+        tables[b, :n] = perm[at:at + n]
+        at += n
+    caches = [(torch.randn(nblocks, page, HKV, D, dtype=dtype, device=DEV),
+               torch.randn(nblocks, page, HKV, D, dtype=dtype, device=DEV)) for _ in range(copies)]
+    q = torch.randn(sum(q_lens), HQ, D, dtype=dtype, device=DEV)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return q, caches, tables, torch.tensor(ctx_lens, dtype=torch.int32, device=DEV), cu
+
+
+def ref_attention(q, kc, vc, tables, ctx, cu, scale):
+    return reference.paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, cu, scale)
+
+
+def attn_flops(q_lens: list[int], ctx_lens: list[int]) -> float:
+    """QK^T and PV over the causally visible keys: 4 * Hq * D per (query, visible key)."""
+    pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(q_lens, ctx_lens))
+    return 4.0 * HQ * D * pairs
+
+
+@guarded
+def bench_prefill(name: str, q_lens: list[int], ctx_lens: list[int], page: int = 16, dtype=torch.bfloat16,
+                  timed: bool = True) -> None:
+    q, [(kc, vc)], tables, ctx, cu = make_cache(ctx_lens, q_lens, page, dtype)
+    scale = D ** -0.5
+    with poisoned():
+        out = attention.paged_attention(q, kc, vc, tables, ctx, cu, scale)
+    err = rel_err(out, ref_attention(q, kc, vc, tables, ctx, cu, scale))
+    ms = bench(lambda: attention.paged_attention(q, kc, vc, tables, ctx, cu, scale)) if timed else float("nan")
+    record("paged_attention", f"{name} page={page} {str(dtype)[6:]}", err, dtype, ms,
+           flops=attn_flops(q_lens, ctx_lens))
+
+
+def kv_bytes(ctx_lens: list[int], dtype: torch.dtype) -> float:
+    return 2.0 * sum(ctx_lens) * HKV * D * torch.tensor([], dtype=dtype).element_size()
+
+
+@guarded
+def bench_decode(B: int, ctx_len: int, page: int = 16, dtype=torch.bfloat16, graph: bool = True) -> None:
+    """Eager (do_bench) and CUDA-graph timings; the graph is captured at the table's full capacity and replayed after
+    the context lengths change in place, as the engine does."""
+    ctx_lens = [ctx_len] * B
+    nbytes = kv_bytes(ctx_lens, dtype)
+    copies = max(1, min(128, int(-(-200e6 // nbytes))))  # distinct caches (>> 50 MB L2) as one per layer
+    q, caches, tables, ctx, cu = make_cache(ctx_lens, [1] * B, page, dtype, copies)
+    kc, vc = caches[0]
+    scale = D ** -0.5
+    want = ref_attention(q, kc, vc, tables, ctx, cu, scale)
+    with poisoned():
+        out = attention.paged_decode_attention(q, kc, vc, tables, ctx, scale, ctx_len)
+    splits = attention.decode_num_splits(B, HKV, ctx_len, DEV)
+    shape = f"B={B} ctx={ctx_len} page={page}"
+    record("paged_decode", shape, rel_err(out, want), dtype,
+           bench(lambda: attention.paged_decode_attention(q, kc, vc, tables, ctx, scale, ctx_len)),
+           nbytes=nbytes, note=f"eager splits={splits}")
+    if not graph:
+        return
+    bound = tables.shape[1] * page
+    g, outs = capture(lambda kc_i, vc_i: attention.paged_decode_attention(q, kc_i, vc_i, tables, ctx, scale, bound),
+                      caches)
+    err = max(rel_err(o, ref_attention(q, kc_i, vc_i, tables, ctx, cu, scale)) for o, (kc_i, vc_i) in
+              zip(outs[:2], caches[:2]))
+    # new, shorter lengths written in place: the captured graph must follow them
+    ctx.copy_(torch.randint(1, ctx_len + 1, (B,), device=DEV, dtype=torch.int32))
+    outs[0].fill_(float("nan"))
+    g.replay()
+    err = max(err, rel_err(outs[0], ref_attention(q, kc, vc, tables, ctx, cu, scale)))
+    ctx.fill_(ctx_len)
+    ms = bench(g.replay) / len(caches)
+    record("paged_decode", shape, err, dtype, ms, nbytes=nbytes,
+           note=f"graph x{len(caches)} splits={attention.decode_num_splits(B, HKV, bound, DEV)}")
+
+
+def capture(call, caches) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]:
+    """One graph holding call(kc, vc) for every cache (like one decode step over the layers), replayed once with
+    its outputs NaN-poisoned first (outside the graph, so the fill is not part of what is timed)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside capture
+        for kc_i, vc_i in caches:
+            call(kc_i, vc_i)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [call(kc_i, vc_i) for kc_i, vc_i in caches]
+    for o in outs:
+        o.fill_(float("nan"))
+    g.replay()
+    return g, outs
+
+
+# -- sweeps and host overhead ------------------------------------------------------------------------------------------
+PREFILL_SWEEP = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, DECODE_ROWS=dr)
+                 for bm, bn, w, st, dr in [(128, 32, 4, 3, True), (128, 32, 4, 3, False), (128, 32, 4, 4, True),
+                                           (128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 32, 8, 3, True),
+                                           (64, 32, 4, 3, True), (64, 64, 4, 2, True), (64, 32, 4, 4, True)]]
+
+
+def sweep_prefill(name: str, q_lens: list[int], ctx_lens: list[int], page: int = 16) -> None:
+    q, [(kc, vc)], tables, ctx, cu = make_cache(ctx_lens, q_lens, page, torch.bfloat16)
+    want = ref_attention(q, kc, vc, tables, ctx, cu, 0.088)
+    base = attention.PREFILL_CONFIG, attention.MIXED_CONFIG
+    flops = attn_flops(q_lens, ctx_lens)
+    for cfg in PREFILL_SWEEP:
+        if time.time() - T0 > 330:
+            break
+        attention.PREFILL_CONFIG = attention.MIXED_CONFIG = cfg  # whichever the batch picks
+        try:
+            with poisoned():
+                err = rel_err(attention.paged_attention(q, kc, vc, tables, ctx, cu, 0.088), want)
+            ms = bench(lambda: attention.paged_attention(q, kc, vc, tables, ctx, cu, 0.088))
+        except Exception as e:  # noqa: BLE001 (e.g. out of shared memory)
+            err, ms = float("nan"), float("nan")
+            print("   ", cfg, repr(e)[:120])
+        SWEEPS.append(dict(kernel="prefill", case=name, cfg=cfg, err=err, ms=ms, tflops=flops / ms / 1e9))
+        print(f"   prefill {name} page={page} {cfg} err={err:.1e} {ms * 1e3:8.1f} us {flops / ms / 1e9:6.1f} TF/s",
+              flush=True)
+    attention.PREFILL_CONFIG, attention.MIXED_CONFIG = base
+
+
+def sweep_decode_graph(B: int, ctx_len: int, page: int = 16) -> None:
+    """Graph-replay time per call for each split count and a few tile configs: sizes the split heuristic."""
+    nbytes = kv_bytes([ctx_len] * B, torch.bfloat16)
+    copies = max(1, min(128, int(-(-200e6 // nbytes))))
+    q, caches, tables, ctx, cu = make_cache([ctx_len] * B, [1] * B, page, torch.bfloat16, copies)
+    want = ref_attention(q, *caches[0], tables, ctx, cu, 0.088)
+    base = attention.DECODE_CONFIG
+    options = [(n, {}) for n in (1, 2, 4, 8, 16, 32, 64)]
+    options += [(None, dict(BLOCK_N=bn, num_warps=w, num_stages=st))
+                for bn, w, st in [(32, 4, 3), (64, 4, 4), (64, 8, 3)]]
+    for splits, over in options:
+        if time.time() - T0 > 330:
+            break
+        attention.DECODE_CONFIG = {**base, **over}
+        try:
+            g, outs = capture(lambda kc_i, vc_i: attention.paged_decode_attention(
+                q, kc_i, vc_i, tables, ctx, 0.088, ctx_len, num_splits=splits), caches)
+            err, ms = rel_err(outs[0], want), bench(g.replay) / len(caches)
+        except Exception as e:  # noqa: BLE001
+            err, ms = float("nan"), float("nan")
+            print("   ", splits, over, repr(e)[:120])
+        used = splits or attention.decode_num_splits(B, HKV, ctx_len, DEV)
+        SWEEPS.append(dict(kernel="decode-graph", B=B, ctx=ctx_len, splits=used, cfg=over, err=err, ms=ms,
+                           gbps=nbytes / ms / 1e6))
+        print(f"   decode graph B={B} ctx={ctx_len} splits={used} {over} err={err:.1e} {ms * 1e3:6.1f} us "
+              f"{nbytes / ms / 1e6:6.0f} GB/s", flush=True)
+    attention.DECODE_CONFIG = base
+
+
+def host_overhead() -> None:
+    """CPU time per call of each wrapper on tiny inputs (the GPU idles): what eager (non-graph) steps pay per launch."""
+    T, page = 4, 16
+    x, r, w = torch.randn(T, HIDDEN, device=DEV), torch.randn(T, HIDDEN, device=DEV), torch.randn(HIDDEN, device=DEV)
+    gu = torch.randn(T, 2 * FFN, device=DEV)
+    qk = torch.randn(T, HQ + HKV, D, device=DEV)
+    pos = torch.arange(T, device=DEV)
+    cs = torch.randn(64, D, device=DEV)
+    q, [(kc, vc)], tables, ctx, cu = make_cache([64] * T, [1] * T, page, torch.float32)
+    slots = torch.arange(T, device=DEV)
+    calls = {
+        "rms_norm+residual": lambda: norm.rms_norm(x, w, 1e-5, r),
+        "silu_and_mul": lambda: activation.silu_and_mul(gu),
+        "apply_rotary": lambda: rotary.apply_rotary(qk[:, :HQ], qk[:, HQ:], pos, cs),
+        "store_kvcache": lambda: kvcache.store_kvcache(qk[:, HQ:], qk[:, HQ:], kc, vc, slots),
+        "paged_attention": lambda: attention.paged_attention(q, kc, vc, tables, ctx, cu, 0.1),
+        "paged_decode (2 launches)": lambda: attention.paged_decode_attention(q, kc, vc, tables, ctx, 0.1, 8192),
+    }
+    for name, fn in calls.items():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        us = (time.perf_counter() - t) / 200 * 1e6
+        torch.cuda.synchronize()
+        SWEEPS.append(dict(kernel="host-overhead", name=name, us=us))
+        print(f"   host overhead {name:<26} {us:6.1f} us/call", flush=True)
+
+
+def main() -> None:
+    sweep = "--sweep" in sys.argv
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name} SMs={props.multi_processor_count} torch {torch.__version__} triton {triton.__version__}")
+    print(f"prefill {attention.PREFILL_CONFIG} mixed {attention.MIXED_CONFIG} decode {attention.DECODE_CONFIG}",
+          flush=True)
+    torch.manual_seed(int(time.time()))
+    for T in (64, 4096):
+        bench_rms_norm(T)
+    bench_silu(4096)
+    bench_rotary(4096)
+    bench_store_kvcache(4096)
+    bench_store_kvcache(4096, page=128)
+    bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16)
+    bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16, page=64)
+    bench_prefill("4x512 chunk over 3584 cached", [512] * 4, [4096] * 4)
+    bench_prefill("2048 prefill + 63 decodes", [2048] + [1] * 63, [2048] + [2048] * 63)
+    bench_prefill("fp16 3x300 ragged", [300, 17, 1], [300, 800, 77], dtype=torch.float16, timed=False)
+    for B in (1, 64):
+        for c in (512, 2048, 8192):
+            bench_decode(B, c)
+    bench_decode(64, 2048, page=64)
+    bench_decode(64, 2048, page=256, graph=False)
+    bench_decode(8, 1000, dtype=torch.float16, graph=False)
+    bench_decode(3, 777, page=32, dtype=torch.float32, graph=False)
+    if sweep:
+        print("\nsweeps", flush=True)
+        host_overhead()
+        sweep_prefill("16x2048", [2048] * 16, [2048] * 16)
+        sweep_prefill("2048+63 decodes", [2048] + [1] * 63, [2048] * 64)
+        for B, c in ((1, 512), (1, 2048), (1, 8192), (8, 4096)):
+            sweep_decode_graph(B, c)
+
+    print(f"\n{'kernel':<22} {'shape':<42} {'rel_err':>8} {'ok':>4} {'ms':>9} {'GB/s':>7} {'TF/s':>6} {'frac':>6}"
+          "  note")
+    for r in ROWS:
+        if "error" in r:
+            print(f"{r['kernel']:<22} {r['shape'][:42]:<42} ERROR {r['error'][:80]}")
+            continue
+        gb = f"{r['gbps']:7.0f}" if r["gbps"] else f"{'':>7}"
+        tf = f"{r['tflops']:6.1f}" if r["tflops"] else f"{'':>6}"
+        print(f"{r['kernel']:<22} {r['shape'][:42]:<42} {r['rel_err']:8.1e} {'ok' if r['ok'] else 'FAIL':>4} "
+              f"{r['ms']:9.4f} {gb} {tf} {r['frac']:6.1%}  {r['note']}")
+    print(f"all ok: {all(r['ok'] for r in ROWS)}  ({time.time() - T0:.0f} s)")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(dict(
+            device=props.name, torch=torch.__version__, triton=triton.__version__,
+            prefill_config=attention.PREFILL_CONFIG, mixed_config=attention.MIXED_CONFIG,
+            decode_config=attention.DECODE_CONFIG,
+            rows=ROWS, sweeps=SWEEPS), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Triton attention over the paged KV cache (semantics and shapes: reference.py).
+
+* `paged_attention`: varlen causal attention for any mix of prefill, chunked prefill (cached prefix) and decode.
+  Programs are (query tile, kv head). A tile holds BLOCK_Q tokens x GROUP q heads of one kv head as its BLOCK_M
+  rows, so every K/V tile loaded serves the whole GQA group. Tiles are laid out without any host-side mapping:
+  sequence b owns programs [cu[b] // BLOCK_Q + b, ...), an upper bound that needs only cu_seqlens_q, and each
+  program finds its sequence by binary search (surplus programs exit at once). So there is no host sync.
+* `paged_decode_attention`: one query per sequence, flash-decoding. Programs are (seq, kv head, split); each split
+  covers an equal, BLOCK_N-aligned share of the sequence's *actual* context and writes a partial (output, log-sum-exp)
+  that a second kernel merges. The split count is a run-time argument (changing it does not recompile) chosen from
+  python ints only (batch, heads, an upper bound of the context), never from tensor values: the pair of launches can
+  be captured in a CUDA graph and replayed for any context up to that bound.
+
+Both gather K/V one BLOCK_N-key tile at a time: each key's page id comes from block_tables, so a tile may span several
+pages (block_size 16) or part of one (block_size 256). Softmax runs online in base 2 with fp32 accumulators.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Launch parameters; module-level so the benchmark can sweep them and the tests can shrink them. Defaults from the H100
+# sweeps of benchmarks/gpu_kernels.py (bf16, D=128, Hq/Hkv=32/8, block_size 16):
+# * prefill-heavy batches (>= MIXED_BELOW query tokens per sequence on average): 128x32 tiles, 4 warps, 3 stages
+#   (342 TF/s on 16x2048; 128x64/8 warps gave 298, 64x64/4 warps 315);
+# * decode-heavy mixed batches: 64x64 tiles, 2 stages (2048 prefill + 63 decodes at ctx 2048: 278 us against 339 us
+#   with the prefill tiles; the decode rows take the one-query path either way);
+# * decode: 64-key tiles, 4 warps, 3 stages (2.75-2.97 TB/s at batch 64); a split per 64+ keys, up to ~2 waves of
+#   programs (batch 1: 8 splits at ctx 512 took 7.2 us against 11.4 with 2; 32 at ctx 2048 took 10.7 us against 13.4).
+PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, DECODE_ROWS=True)
+MIXED_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DECODE_ROWS=True)
+MIXED_BELOW = 64
+DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, MIN_SPLIT_TOKENS=64, MAX_SPLITS=64)
+
+
+@triton.jit
+def _dot(a, b):
+    """fp16/bf16: plain tensor-core dot. fp32: three tf32 passes (about fp32 accurate) where one would err ~1e-3."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
+                 stride_cb, stride_cs, stride_ch,
+                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) with keys [start, start + BLOCK_N).
+
+    MASK: 0 = every key valid and visible (interior tiles), 1 = keys must be < ctx, 2 = also causal (key <= pos).
+    """
+    n = start + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    if MASK == 0:
+        page = tl.load(bt_row + n // PAGE).to(tl.int64)
+    else:
+        n_ok = n < ctx
+        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)  # unused table entries are arbitrary
+    off = page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch
+    ptrs = off[:, None] + d[None, :]
+    if MASK == 0:
+        k = tl.load(kc_ptr + ptrs)
+        v = tl.load(vc_ptr + ptrs)
+    else:  # masked loads: never-written slots past ctx may hold NaN
+        k = tl.load(kc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
+        v = tl.load(vc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
+    s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+    if MASK == 1:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    if MASK == 2:
+        s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+    # Each row sees at least one key of its first tile (key 0, or the first key of a split), so m_new is finite from
+    # then on and a row fully masked in a later tile gets p = 0 rather than NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
+                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Every row attends to all keys [lo, hi) (lo BLOCK_N-aligned): whole tiles unmasked, then the ragged last one."""
+    full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    for start in range(lo, full, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, hi, hi, kv_head, qk_scale,
+                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0)
+    for start in range(full, hi, BLOCK_N):  # at most one
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, hi, hi, kv_head, qk_scale,
+                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _find_seq(cu_ptr, pid, B, BLOCK_Q: tl.constexpr):
+    """The last sequence b whose first tile cu[b] // BLOCK_Q + b is <= pid (those starts strictly increase)."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = B - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(cu_ptr + mid) // BLOCK_Q + mid <= pid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def _query_tile(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
+                stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+                GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_Q query tokens x GROUP heads: unmasked tiles below the tile's first position, then causal ones."""
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * BLOCK_Q + rows // GROUP  # token index within this step's queries of the sequence
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    pos = ctx - q_len + tok  # absolute position: sees keys 0..pos
+    d = tl.arange(0, D)
+    q_off = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    first_pos = ctx - q_len + tile * BLOCK_Q
+    end = ctx - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the last key any row sees
+    interior = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below this are visible to every row: no mask
+    for start in range(0, interior, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
+                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0)
+    for start in range(interior, end, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
+                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 2)
+    out = acc / l_i[:, None]
+    o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _single_query(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, t, ctx, kv_head, qk_scale,
+                  stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+                  GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """A decode token in a mixed batch: its GQA group (padded to 16) as the rows, all ctx keys visible. A full
+    BLOCK_M query tile here would do BLOCK_M / GROUP times the tensor-core work for the same K/V bytes."""
+    g = tl.arange(0, GROUP_P)
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :], mask=g_ok[:, None],
+                other=0.0)
+    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, D], tl.float32)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, 0, ctx, kv_head, qk_scale,
+                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N)
+    out = acc / l_i[:, None]
+    o_off = t.to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, qk_scale, B,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DECODE_ROWS: tl.constexpr):
+    # Reversed: each sequence's last (longest) tiles are scheduled first, so the light ones fill the tail.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    b = _find_seq(cu_ptr, pid, B, BLOCK_Q)
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + b)
+    if tile * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    if DECODE_ROWS and q_len == 1:
+        _single_query(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, q_start, ctx, kv_head, qk_scale,
+                      stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+                      GROUP, GROUP_P, D, PAGE, BLOCK_N)
+    else:
+        _query_tile(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+                    GROUP, D, PAGE, BLOCK_M, BLOCK_Q, BLOCK_N)
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    hq, d = q.shape[1], q.shape[2]
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    assert hq % hkv == 0, "q heads must be a multiple of kv heads"
+    assert d >= 16 and d & (d - 1) == 0, "head_dim must be a power of two >= 16"
+    assert page & (page - 1) == 0, "block_size must be a power of two"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    return hq // hkv, hkv, d
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal varlen attention of q [T, Hq, D] (any token/head strides) over the paged cache -> [T, Hq, D]."""
+    group, hkv, d = _check(q, k_cache, v_cache)
+    T, B = q.shape[0], context_lens.shape[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0:
+        return out
+    cfg = PREFILL_CONFIG if T >= MIXED_BELOW * B else MIXED_CONFIG  # python ints only: no sync
+    if q.element_size() == 4:  # fp32 tiles are twice the bytes: the bf16 tile size would spill registers
+        cfg = {**cfg, "BLOCK_M": min(cfg["BLOCK_M"], 64)}
+    block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
+    block_q = block_m // group
+    grid = (T // block_q + B, hkv)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q, scale * LOG2E, B,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
+        BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], DECODE_ROWS=cfg["DECODE_ROWS"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr, qk_scale,
+                         stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
+                         NUM_SPLITS, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
+                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, ctx)
+
+    g = tl.arange(0, GROUP_P)  # the q heads of this kv head, padded to a tl.dot-able 16 rows
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None], other=0.0)
+    m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P], tl.float32)
+    acc = tl.zeros([GROUP_P, D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, kv_head, qk_scale,
+                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N)
+    if not SPLIT:  # a single split: final output, no reduce pass
+        out = acc / l_i[:, None]
+        o_off = b.to(tl.int64) * stride_ob + head * stride_oh
+        tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:  # partial result, normalised, with its log2-sum-exp2; an empty split (past ctx) gets weight 0
+        has = l_i > 0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        row = (b * (GROUP * tl.num_programs(1)) + head).to(tl.int64) * NUM_SPLITS + split  # [B, Hq, S] index
+        tl.store(mo_ptr + row[:, None] * D + d[None, :], out, mask=g_ok[:, None])
+        tl.store(mlse_ptr + row, lse, mask=g_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(mo_ptr, mlse_ptr, o_ptr, stride_ob, stride_oh, NUM_SPLITS,
+                          D: tl.constexpr, SPLITS_P: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_P)
+    d = tl.arange(0, D)
+    row = (b * tl.num_programs(1) + h).to(tl.int64) * NUM_SPLITS
+    lse = tl.load(mlse_ptr + row + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    live = lse > float("-inf")  # empty splits are neither read nor weighted
+    w = tl.exp2(lse - tl.max(lse, 0))
+    parts = tl.load(mo_ptr + (row + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+    out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode_num_splits(batch: int, kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Enough (seq, kv head, split) programs for ~2 waves over the SMs, but no split under MIN_SPLIT_TOKENS keys."""
+    cfg = DECODE_CONFIG
+    want = triton.cdiv(2 * _sm_count(device), batch * kv_heads)
+    return max(1, min(want, triton.cdiv(max_context_len, cfg["MIN_SPLIT_TOKENS"]), cfg["MAX_SPLITS"]))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
+                           *, num_splits: int | None = None) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D] -> [B, Hq, D]. CUDA-graph safe: no sync, value-independent grids.
+
+    max_context_len only sizes the split count (default: the block table's capacity, an upper bound that needs no
+    sync); each sequence's real length is read on the device, so a graph captured at the bound stays correct.
+    num_splits overrides the split count (tests, benchmarks).
+    """
+    group, hkv, d = _check(q, k_cache, v_cache)
+    B, hq = q.shape[0], q.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    cfg = DECODE_CONFIG
+    bound = max_context_len if max_context_len is not None else block_tables.shape[1] * k_cache.shape[1]
+    splits = num_splits or decode_num_splits(B, hkv, int(bound), q.device)
+    if splits > 1:
+        mid_o = torch.empty((B, hq, splits, d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((B, hq, splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out  # unused
+    _decode_split_kernel[(B, hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, mid_o, mid_lse, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1],
+        BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits > 1:
+        _decode_reduce_kernel[(B, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, D=d,
+                                       SPLITS_P=triton.next_power_of_2(splits), num_warps=4)
+    return out

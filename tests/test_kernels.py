@@ -1,0 +1,264 @@
+"""The Triton kernels, run on the CPU by Triton's interpreter, against the plain-torch references.
+
+Every case draws fresh random inputs, poisons the outputs with NaN (so an element the kernel never writes fails) and
+compares by ||out - ref|| / ||ref||. Sizes are tiny because the interpreter runs each program in Python; the launch
+configs are shrunk too, so the multi-tile, multi-page and split paths all run.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: @triton.jit reads it when the kernels are defined
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+
+def _load(name: str):
+    """The Triton module, (re)imported so that its kernels are interpreted ones even if imported before."""
+    mod = sys.modules.get(f"cluster.kernels.{name}")
+    return importlib.reload(mod) if mod is not None else importlib.import_module(f"cluster.kernels.{name}")
+
+
+from cluster import kernels  # noqa: E402
+from cluster.kernels import reference as ref  # noqa: E402
+
+attn, norm, act, rot, kv = (_load(n) for n in ("attention", "norm", "activation", "rotary", "kvcache"))
+
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Triton's interpreter (3.9 at least) keeps bf16 as raw uint16 bits and feeds them to np.matmul as integers.
+
+    Widen bf16 operands to fp32 first (exact: bf16 is the top half of an fp32), as the GPU's tensor cores do.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_bf16_fixed", False):
+        return
+    orig = builder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, *args):
+        return orig(self, widen(a), widen(b), d, *args)
+
+    create_dot._bf16_fixed = True
+    builder.create_dot = create_dot
+
+
+_patch_interpreter_bf16_dot()
+
+TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+_real_empty = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    t = _real_empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch, request):
+    """Every float tensor the kernels allocate (their outputs) starts as NaN; each test draws its own inputs."""
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def rel_err(out: torch.Tensor, expect: torch.Tensor) -> float:
+    assert out.shape == expect.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite output"
+    return ((out.double() - expect.double()).norm() / expect.double().norm()).item()
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# -- elementwise kernels -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, with_residual):
+    x, w = torch.randn(5, 96, dtype=dtype), torch.randn(96, dtype=dtype)
+    r = torch.randn(5, 96, dtype=dtype) if with_residual else None
+    got, want = norm.rms_norm(x, w, 1e-6, r), ref.rms_norm(x, w, 1e-6, r)
+    if with_residual:
+        assert rel_err(got[1], want[1]) < TOL[dtype]
+        got, want = got[0], want[0]
+    assert got.dtype == want.dtype and rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    x = torch.randn(2, 3, 2 * 80, dtype=dtype)
+    assert rel_err(act.silu_and_mul(x), ref.silu_and_mul(x)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_on_qkv_views(dtype):
+    T, hq, hkv, d = 6, 4, 2, 64
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=dtype)
+    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)  # strided views, as in the model
+    q, k = q.view(T, hq, d), k.view(T, hkv, d)
+    positions = torch.randint(0, 32, (T,))
+    cos_sin = torch.randn(32, d)
+    want_q, want_k = ref.apply_rotary(q, k, positions, cos_sin)
+    got_q, got_k = rot.apply_rotary(q, k, positions, cos_sin)
+    assert rel_err(got_q, want_q) < TOL[dtype] and rel_err(got_k, want_k) < TOL[dtype]
+
+
+def test_store_kvcache_skips_minus_one():
+    T, h, d = 7, 2, 64
+    kv_out = torch.randn(T, 2 * h * d)
+    k, v = kv_out.split([h * d, h * d], dim=-1)
+    k, v = k.view(T, h, d), v.view(T, h, d)
+    slots = torch.tensor([3, -1, 40, 17, -1, 95, 0])
+    caches = [torch.full((6, 16, h, d), float("nan")) for _ in range(4)]
+    ref.store_kvcache(k, v, caches[0], caches[1], slots)
+    kv.store_kvcache(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))
+    assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
+
+
+# -- attention -------------------------------------------------------------------------------------------------------
+def make_batch(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int, page: int, dtype: torch.dtype):
+    """A paged cache whose only finite entries are the sequences' contexts (pages scattered, spare table entries out
+    of range), plus this step's queries. Returns q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q."""
+    need = [-(-c // page) for c in ctx_lens]
+    width = max(need) + 1
+    perm = torch.randperm(sum(need) + 3).tolist()
+    k_cache = torch.full((sum(need) + 3, page, hkv, d), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    tables = torch.full((len(ctx_lens), width), 10**6, dtype=torch.int32)  # garbage past each sequence's pages
+    for b, (c, n) in enumerate(zip(ctx_lens, need)):
+        pages = [perm.pop() for _ in range(n)]
+        tables[b, :n] = torch.tensor(pages, dtype=torch.int32)
+        slots = torch.tensor([pages[i // page] * page + i % page for i in range(c)])
+        ref.store_kvcache(torch.randn(c, hkv, d, dtype=dtype), torch.randn(c, hkv, d, dtype=dtype),
+                          k_cache, v_cache, slots)
+    q = torch.randn(sum(q_lens), hq, d, dtype=dtype)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return q, k_cache, v_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32), cu
+
+
+def ref_attention(q, k_cache, v_cache, tables, ctx, cu, scale):
+    """The reference in fp32 on the same (rounded) inputs: the ground truth for every dtype."""
+    return ref.paged_attention(q.float(), k_cache.float(), v_cache.float(), tables, ctx, cu, scale)
+
+
+SMALL_PREFILL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, DECODE_ROWS=True)
+
+
+def use_prefill_config(monkeypatch, cfg: dict) -> None:
+    """The same launch config for prefill-heavy and decode-heavy batches."""
+    monkeypatch.setattr(attn, "PREFILL_CONFIG", cfg)
+    monkeypatch.setattr(attn, "MIXED_CONFIG", cfg)
+
+
+SMALL_DECODE = dict(BLOCK_N=16, num_warps=4, num_stages=1, MIN_SPLIT_TOKENS=16, MAX_SPLITS=8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 2)])
+@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("tiles", ["small", "small-no-decode-rows", "default"])
+def test_paged_attention_mixed_batch(dtype, hq, hkv, page, tiles, monkeypatch):
+    if tiles != "default":  # decode rows: the one-query path; without, decodes go through the query-tile path
+        use_prefill_config(monkeypatch, {**SMALL_PREFILL, "DECODE_ROWS": tiles == "small"})
+    # fresh prefill, decode, chunked prefill over a cached prefix, decode at a page boundary, a one-token prefill
+    # ... and a chunk whose first query sits right before a key-tile edge (position 30)
+    q_lens, ctx_lens = [21, 1, 13, 1, 1, 20], [21, 37, 50, 32, 1, 50]
+    q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, hq, hkv, 64, page, dtype)
+    out = attn.paged_attention(q, kc, vc, tables, ctx, cu, 0.125)
+    assert out.dtype == dtype
+    assert rel_err(out, ref_attention(q, kc, vc, tables, ctx, cu, 0.125)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens", [([130, 1], [150, 40]), ([1, 40, 1], [70, 60, 3])],
+                         ids=["prefill-heavy", "decode-heavy"])
+def test_paged_attention_default_configs(q_lens, ctx_lens):
+    """The shipped launch configs: the prefill one (>= MIXED_BELOW tokens per sequence) and the mixed one."""
+    q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, 4, 2, 64, 16, torch.bfloat16)
+    out = attn.paged_attention(q, kc, vc, tables, ctx, cu, 0.125)
+    assert rel_err(out, ref_attention(q, kc, vc, tables, ctx, cu, 0.125)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (6, 2), (8, 1)])
+def test_paged_attention_random_batches(hq, hkv, monkeypatch):
+    """Random lengths and cached prefixes: off-by-ones at tile and page edges show up here. GQA group 3 too."""
+    use_prefill_config(monkeypatch, SMALL_PREFILL)
+    for _ in range(3):
+        q_lens = torch.randint(0, 30, (5,)).tolist()
+        q_lens[0] = max(q_lens[0], 1)
+        ctx_lens = [max(1, q + int(torch.randint(0, 40, ()))) if q else int(torch.randint(1, 40, ())) for q in q_lens]
+        q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, hq, hkv, 32, 16, torch.float32)
+        out = attn.paged_attention(q, kc, vc, tables, ctx, cu, 0.3)
+        want = ref_attention(q, kc, vc, tables, ctx, cu, 0.3)
+        assert rel_err(out, want) < 1e-3, (q_lens, ctx_lens)
+
+
+def test_paged_attention_head_dim_128_strided_q(monkeypatch):
+    use_prefill_config(monkeypatch, SMALL_PREFILL)
+    q, kc, vc, tables, ctx, cu = make_batch([9, 1], [40, 17], 4, 1, 128, 16, torch.float32)
+    q_strided = torch.randn(q.shape[0], 6, 128)[:, 1:5]  # a head-sliced view, like q out of the qkv projection
+    q_strided.copy_(q)
+    out = attn.paged_attention(q_strided, kc, vc, tables, ctx, cu, 0.1)
+    assert rel_err(out, ref_attention(q, kc, vc, tables, ctx, cu, 0.1)) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 2)])
+@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("splits", [1, 3, None])
+def test_paged_decode_attention(dtype, hq, hkv, page, splits, monkeypatch):
+    monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
+    ctx_lens = [1, 45, 16, 70]
+    q, kc, vc, tables, ctx, cu = make_batch([1] * 4, ctx_lens, hq, hkv, 64, page, dtype)
+    want = ref_attention(q, kc, vc, tables, ctx, cu, 0.125)
+    # max_context_len as an upper bound (what a CUDA graph is captured with) must give the same answer
+    out = attn.paged_decode_attention(q, kc, vc, tables, ctx, 0.125, tables.shape[1] * page, num_splits=splits)
+    assert out.dtype == dtype and rel_err(out, want) < TOL[dtype]
+
+
+def test_decode_agrees_with_prefill_kernel(monkeypatch):
+    monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
+    q, kc, vc, tables, ctx, cu = make_batch([1, 1, 1], [33, 5, 64], 8, 2, 64, 16, torch.float32)
+    a = attn.paged_decode_attention(q, kc, vc, tables, ctx, 0.2)
+    b = attn.paged_attention(q, kc, vc, tables, ctx, cu, 0.2)
+    assert rel_err(a, b) < 1e-5
+
+
+def test_decode_num_splits_is_value_independent():
+    cpu = torch.device("cpu")
+    assert attn.decode_num_splits(1, 8, 8192, cpu) == attn.decode_num_splits(1, 8, 8192, cpu) > 1
+    assert attn.decode_num_splits(256, 8, 8192, cpu) == 1
+    assert attn.decode_num_splits(1, 8, 16, cpu) == 1
+
+
+# -- references and dispatch -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hq,hkv,page", [(4, 2, 16), (2, 2, 32), (6, 2, 16)])
+def test_reference_decode_equals_reference_attention(hq, hkv, page):
+    q, kc, vc, tables, ctx, cu = make_batch([1] * 5, [1, 16, 17, 40, 63], hq, hkv, 32, page, torch.float32)
+    kc, vc = kc.nan_to_num(0.0), vc.nan_to_num(0.0)  # the padded reference needs the engine's zero-filled cache
+    a = ref.paged_decode_attention(q, kc, vc, tables, ctx, 0.3)
+    b = ref.paged_attention(q, kc, vc, tables, ctx, cu, 0.3)
+    assert rel_err(a, b) < 1e-5
+
+
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    x = torch.randn(3, 8)
+    assert kernels._triton("norm", x) is None
+    monkeypatch.setenv("CLUSTER_KERNELS", "reference")
+    assert kernels._triton("norm", x) is None
+    assert torch.equal(kernels.rms_norm(x, torch.ones(8), 1e-6), ref.rms_norm(x, torch.ones(8), 1e-6))
