@@ -212,10 +212,12 @@ def main() -> None:
     ours["decode-1"] = new1 / t
     fl1 = 1 / step_floor(1, p1 + new1 / 2)
     rows.append(("decode-1", ours["decode-1"], hf_res.get("decode-1"), fl1))
+    print("ours decode-1", round(ours["decode-1"], 1), "floor", round(fl1, 1), flush=True)
     t, _ = run(rand_prompts(n64, p64, vocab, rng), new64)
     ours["decode-64"] = n64 * new64 / t
     fl64 = n64 / step_floor(n64, p64 + new64 / 2)
     rows.append(("decode-64", ours["decode-64"], hf_res.get("decode-64"), fl64))
+    print("ours decode-64", round(ours["decode-64"], 1), "floor", round(fl64, 1), flush=True)
     off_prompts = rand_prompts(off_n, off_rng, vocab, rng)
     off_outs = [rng.randint(*off_rng) for _ in off_prompts]
     gens = [GenerationConfig(max_new_tokens=o, temperature=0.0, ignore_eos=True) for o in off_outs]
@@ -223,6 +225,7 @@ def main() -> None:
     ours["offline"] = sum(off_outs) / t
     ours["offline_seconds"] = t
     rows.append(("offline", ours["offline"], hf_res.get("offline"), None))
+    print("ours offline", round(ours["offline"], 1), "tok/s in", round(t, 1), "s", flush=True)
     pre = rand_prompts(16, 2048 if not q else 1024, vocab, rng)
     t, _ = run(pre, 1)
     toks = sum(len(p) for p in pre)
@@ -239,6 +242,7 @@ def main() -> None:
     for c in ([1, 8, 32] if q else [1, 8, 32, 64, 128]):
         t, _ = run(rand_prompts(c, 512, vocab, rng), 128 if not q else 32)
         sweep[c] = {"ours": c * (128 if not q else 32) / t, "floor": c / step_floor(c, 512 + 64)}
+        print("sweep", c, round(sweep[c]["ours"], 1), flush=True)
     results["ours"], results["sweep"], results["stats"] = ours, sweep, eng.stats_dict()
     (out / "bench_engine.json").write_text(json.dumps(results, indent=2, default=str))
     try:
