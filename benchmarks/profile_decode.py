@@ -24,13 +24,14 @@ def main() -> None:
     hf = random_hf_model(args.shape, torch.bfloat16, 8192)
     eng = engine_from_hf(hf, "bfloat16", session_len=4096, max_batch_size=256, max_prefill_token_num=8192,
                          cache_max_entry_count=0.5)
+    vocab = hf.config.vocab_size
     del hf
     torch.cuda.empty_cache()
     rng = random.Random(0)
     runner = eng.runner
     for bsz in args.batch:
         gen = GenerationConfig(max_new_tokens=10_000, temperature=0.0, ignore_eos=True)
-        rids = [eng.add_request(p, gen) for p in rand_prompts(bsz, 512, hf.config.vocab_size, rng)]
+        rids = [eng.add_request(p, gen) for p in rand_prompts(bsz, 512, vocab, rng)]
         while any(s.num_uncomputed > 1 for s in eng.scheduler.running) or eng.scheduler.waiting:
             eng.step()
         for _ in range(5):

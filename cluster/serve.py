@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -153,7 +154,10 @@ def serve_main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_signal)
         print(f"ray: {ray.get_runtime_context().gcs_address}", flush=True)
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(a), name=args.app_name, route_prefix="/", blocking=False)
+        try:
+            serve.run(build_app(a), name=args.app_name, route_prefix="/", blocking=False)
+        except RuntimeError as e:
+            raise RuntimeError(_deploy_failure(args.app_name) or str(e)) from None
         print(f"serving on http://{args.host}:{args.port}/v1 (models: GET /v1/models); SIGTERM or Ctrl-C to stop",
               flush=True)
         while not stop.wait(0.5):
@@ -170,6 +174,24 @@ def serve_main(args: argparse.Namespace) -> int:
             ray.shutdown()
     print("stopped", flush=True)
     return 0
+
+
+def _deploy_failure(app_name: str) -> str | None:
+    """The replica's own error (e.g. "ValueError: tp=2 does not divide this model ...") rather than Serve's
+    "Failed to update the deployments"."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications[app_name]
+    except Exception:  # noqa: BLE001
+        return None
+    for name, dep in app.deployments.items():
+        msg = (dep.message or "").strip()
+        if "Error" in msg:
+            lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+            errs = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+            return f"deployment {name} failed: {(errs or lines)[-1]}"
+    return None
 
 
 def _drain(app_name: str, timeout: float) -> None:

@@ -124,7 +124,8 @@ class WorkerGroup:
             fut.result()
             reason = f"tensor-parallel rank {rank} exited"
         except Exception as e:  # noqa: BLE001
-            reason = f"tensor-parallel rank {rank} failed: {type(e).__name__}: {e}"
+            first = str(e).splitlines()[0] if str(e) else ""
+            reason = f"tensor-parallel rank {rank} failed: {type(e).__name__}: {first}"
         try:
             self.rank0.abort_group.remote(reason)
         except Exception:  # noqa: BLE001
