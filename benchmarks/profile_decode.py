@@ -30,7 +30,7 @@ def main() -> None:
     rng = random.Random(0)
     runner = eng.runner
     for bsz in args.batch:
-        gen = GenerationConfig(max_new_tokens=10_000, temperature=0.0, ignore_eos=True)
+        gen = GenerationConfig(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
         rids = [eng.add_request(p, gen) for p in rand_prompts(bsz, 512, vocab, rng)]
         while any(s.num_uncomputed > 1 for s in eng.scheduler.running) or eng.scheduler.waiting:
             eng.step()
