@@ -206,7 +206,10 @@ def main() -> None:
         gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         return timed(lambda: eng.generate(prompts, gen))
 
-    run(rand_prompts(2, 64, vocab, rng), 8)  # warm-up
+    run(rand_prompts(1, p1, vocab, rng), 16)  # warm-up: the eager step shapes each case meets
+    run(rand_prompts(32, 512, vocab, rng), 16)
+    gens_w = [GenerationConfig(max_new_tokens=o, temperature=0.0, ignore_eos=True) for o in (8, 40, 24, 16)]
+    eng.generate(rand_prompts(4, (100, 1000), vocab, rng), gens_w)
     ours = {}
     t, _ = run(rand_prompts(1, p1, vocab, rng), new1)
     ours["decode-1"] = new1 / t

@@ -82,6 +82,8 @@ class ModelRunner:
         self.num_blocks = self._plan_kv_cache()
         self._allocate_kv_cache(self.num_blocks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda":
+            self._compile_kernels()
         if device.type == "cuda" and engine_cfg.cuda_graph and os.environ.get("CLUSTER_KERNELS") != "reference":
             self._capture_graphs()
 
@@ -140,6 +142,13 @@ class ModelRunner:
         step = self._dummy_prefill(plan_lens)
         with torch.inference_mode():
             self.execute(step)
+
+    def _compile_kernels(self) -> None:
+        """JIT-compile the kernel variants of prefill-heavy and decode-heavy eager steps now, not mid-request."""
+        n = min(128, self.session_len - 1)
+        for lens in ([n], [n, n], [n // 4] + [1] * 7):
+            self.execute(self._dummy_prefill(lens))
+        torch.cuda.synchronize()
 
     def _dummy_prefill(self, lens: list[int]) -> StepInput:
         bs = self.block_size

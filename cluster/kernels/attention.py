@@ -164,7 +164,7 @@ def _single_query(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, t, ctx, kv_head, qk_scal
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "stride_bt"])  # batch and table width vary every step: no recompiles
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, qk_scale, B,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
@@ -225,7 +225,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "NUM_SPLITS"])
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr, qk_scale,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                          NUM_SPLITS, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
@@ -263,7 +263,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, 
         tl.store(mlse_ptr + row, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _decode_reduce_kernel(mo_ptr, mlse_ptr, o_ptr, stride_ob, stride_oh, NUM_SPLITS,
                           D: tl.constexpr, SPLITS_P: tl.constexpr):
     b = tl.program_id(0)
