@@ -168,42 +168,52 @@ class ModelRunner:
         ).to(self.device)
 
     # -- steps -------------------------------------------------------------------------------------------------
-    def prepare(self, plan: list[tuple[Sequence, int]], bm: BlockManager) -> StepInput:
-        """Flatten the schedule: each sequence's next n tokens, their slots, and which rows to sample."""
+    def prepare(self, plan: list[tuple[Sequence, int]], bm: BlockManager, to_device: bool = True) -> StepInput:
+        """Flatten the schedule: each sequence's next n tokens, their slots, and which rows to sample.
+
+        Built as two flat host buffers (one int64, one int32) so a step costs two pinned copies, not seven.
+        to_device=False keeps it on the host (tensor parallelism broadcasts it from there)."""
+        bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         cu = [0]
         ctx: list[int] = []
-        logit_rows: list[int] = []
-        bs = self.block_size
+        rows: list[int] = []
+        decode_only = True
         for seq, n in plan:
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            pos.extend(range(start, start + n))
+            end = start + n
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1:
+                ids.append(seq.token_ids[start])
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                decode_only = False
+                ids.extend(seq.token_ids[start:end])
+                pos.extend(range(start, end))
+                slots.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
             cu.append(cu[-1] + n)
-            ctx.append(start + n)
-            if start + n == len(seq):
-                logit_rows.append(cu[-1] - 1)
+            ctx.append(end)
+            if end == len(seq.token_ids):
+                rows.append(cu[-1] - 1)
         width = max(len(s.block_table) for s, _ in plan)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s, _ in plan]
-        step = StepInput(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(pos, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            context_lens=torch.tensor(ctx, dtype=torch.int32),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-            logit_indices=torch.tensor(logit_rows, dtype=torch.long),
-            max_context_len=max(ctx),
-            decode_only=all(n == 1 for _, n in plan),
+        tables: list[int] = []
+        for s, _ in plan:
+            tables.extend(s.block_table)
+            tables.extend([0] * (width - len(s.block_table)))
+        T, B = len(ids), len(plan)
+        big = torch.tensor(ids + pos + slots + rows, dtype=torch.long)
+        small = torch.tensor(tables + ctx + cu, dtype=torch.int32)
+        if self.device.type == "cuda" and to_device:
+            big = big.pin_memory().to(self.device, non_blocking=True)
+            small = small.pin_memory().to(self.device, non_blocking=True)
+        return StepInput(
+            input_ids=big[:T], positions=big[T:2 * T], slot_mapping=big[2 * T:3 * T], logit_indices=big[3 * T:],
+            block_tables=small[:B * width].view(B, width), context_lens=small[B * width:B * width + B],
+            cu_seqlens_q=small[B * width + B:], max_context_len=max(ctx), decode_only=decode_only,
         )
-        if self.device.type == "cuda":
-            step = StepInput(**{f.name: (getattr(step, f.name).pin_memory() if isinstance(getattr(step, f.name), torch.Tensor)
-                                         else getattr(step, f.name)) for f in fields(step)})
-        return step
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:

@@ -444,7 +444,7 @@ class TPExecutor:
         return getattr(runner, name)
 
     def prepare(self, plan, bm) -> StepInput:
-        return self.runner.prepare(plan, bm)
+        return self.runner.prepare(plan, bm, to_device=False)  # broadcast from the host, moved in execute
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self._dead is not None:
