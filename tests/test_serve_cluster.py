@@ -67,15 +67,14 @@ class Server:
                 and m.get("cluster_kv_cache_blocks_free") == m.get("cluster_kv_cache_blocks_total"))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def launch(log: Path, extra: list[str]):
+    """`cluster serve` in a subprocess (its own local Ray cluster); yields a Server, SIGTERMs it at the end."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("CLUSTER_API_KEY", None)
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--num-cpus", "4", "--replicas", "2",
-           "--cpus-per-worker", "1", "--session-len", str(SESSION_LEN), "--api-key", KEY, "--shutdown-timeout", "60"]
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), "--session-len", str(SESSION_LEN),
+           "--api-key", KEY, "--shutdown-timeout", "60", *extra]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     srv = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -97,6 +96,12 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from launch(tmp_path_factory.mktemp("serve") / "serve.log",
+                      ["--num-cpus", "4", "--replicas", "2", "--cpus-per-worker", "1"])
 
 
 def test_api_basics(server):
@@ -137,6 +142,27 @@ def test_api_basics(server):
             await sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
 
     asyncio.run(go())
+
+
+def test_requests_spread_over_replicas(server):
+    """Least pending work of two choices: a burst of equal requests splits evenly over the two replicas."""
+    body = {"model": server.model, "prompt": "Once upon a time", "max_tokens": 60, "ignore_eos": True}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            tasks = [asyncio.create_task(c.post(server.url + "/v1/completions", json=body)) for _ in range(8)]
+            running = []
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                running = server.metrics()["cluster_num_requests_running"]
+                if sum(running) == 8:
+                    break
+            rs = await asyncio.gather(*tasks)
+            assert all(r.status_code == 200 for r in rs)
+            return running
+
+    running = asyncio.run(go())
+    assert len(running) == 2 and sum(running) == 8 and max(running) - min(running) <= 2, running
 
 
 def test_client_disconnect_frees_kv_blocks(server):
@@ -220,7 +246,7 @@ def test_killed_worker_fails_requests_then_recovers(server):
 
     async def one(sdk, started: asyncio.Event):
         try:
-            stream = await sdk.completions.create(model=server.model, prompt="Once upon a time", max_tokens=400,
+            stream = await sdk.completions.create(model=server.model, prompt="Once upon a time", max_tokens=150,
                                                   stream=True, extra_body={"ignore_eos": True})
             async for _ in stream:
                 started.set()
@@ -238,24 +264,29 @@ def test_killed_worker_fails_requests_then_recovers(server):
             "import time; t = time.time(); ray.kill(actor, no_restart=True)\n"
             "print(json.dumps({'t': t}))"))
         t_kill = killed["t"]
+        health = asyncio.create_task(watch_health())
         done = await asyncio.wait_for(asyncio.gather(*tasks), 120)  # no hang
-        return t_kill, done
+        return t_kill, done, await asyncio.wait_for(health, 120)
 
-    t_kill, done = asyncio.run(go())
+    async def watch_health():
+        """/health fails while the replica rebuilds its workers, then passes again: (seen 503, time back)."""
+        seen_503 = False
+        async with httpx.AsyncClient(timeout=30) as c:
+            while True:
+                code = (await c.get(server.url + "/health")).status_code
+                seen_503 = seen_503 or code == 503
+                if code == 200 and seen_503:
+                    return seen_503, time.time()
+                await asyncio.sleep(0.2)
+
+    t_kill, done, (seen_503, t_back) = asyncio.run(go())
     failed = [(r, t - t_kill) for r, t in done if r != "ok"]
     assert failed, done  # some were on the killed replica
     assert all(dt < 10 for _, dt in failed), failed
     assert all("engine" in r or "unavailable" in r for r, _ in failed), failed
     print(f"{len(failed)} of {len(done)} streams failed, at most {max(dt for _, dt in failed):.2f}s after the kill")
-
-    t0 = t_kill
-    while True:  # the replica rebuilds its worker group
-        h = httpx.get(server.url + "/health", timeout=30)
-        if h.status_code == 200:
-            break
-        assert time.time() - t0 < 120, h.text
-        time.sleep(0.5)
-    print(f"healthy again {time.time() - t0:.1f}s after the kill")
+    assert seen_503
+    print(f"/health failed, then passed again {t_back - t_kill:.1f}s after the kill")
     names = _ray(server, "print(json.dumps([a['name'] for a in rank0]))")
     assert any(n.split("|")[3] == replica and n.endswith("|2") for n in names), names
 
