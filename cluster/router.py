@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections import defaultdict
 from typing import Any, AsyncIterator, Optional
 
@@ -128,7 +129,12 @@ class LocalBackend:
         return dict(self.core.info)
 
     def generate(self, job: dict) -> EventStream:
-        return EventStream(self.core.generate(job).__aiter__())
+        agen = self.core.generate(job)
+
+        def close():  # its `finally` aborts the request
+            asyncio.get_running_loop().create_task(agen.aclose())
+
+        return EventStream(agen, close)
 
     async def replicas(self) -> list[dict]:
         if self.core.conn is None:
@@ -289,34 +295,48 @@ class OpenAIServer:
 
     async def completion(self, raw: bytes, chat: bool) -> tuple[dict | None, AsyncIterator[bytes] | None]:
         """Returns (JSON body, None) or (None, SSE byte stream)."""
-        self._admit()
-        t0 = time.perf_counter()
         endpoint = "chat" if chat else "completions"
-        req = parse(ChatCompletionRequest if chat else CompletionRequest, raw)
-        backend = await self.backend_for(req.model)
-        if chat:
-            prompts = [req.plain_messages()]
-            top = (req.top_logprobs or 0) if req.logprobs else None
-            want_lp = bool(req.logprobs)
-            default_max = None  # the rest of the session, like vLLM
-            rid = new_id("chatcmpl")
-        else:
-            try:
-                prompts = req.prompts()
-            except ValueError as e:
-                raise APIError(400, str(e), param="prompt") from None
-            top = req.logprobs
-            want_lp = req.logprobs is not None
-            default_max = 16  # OpenAI's default for /v1/completions
-            rid = new_id("cmpl")
-        job = make_job(rid, prompts, req, default_max, top, want_lp)
-        job["param"] = "messages" if chat else "prompt"
-        events, first = await self._start(backend, job)
-        ctx = _Ctx(self, req, job, first, endpoint, t0, chat, prompts)
-        self.in_flight += 1
+        model = ""
+        self._admit()
+        self.in_flight += 1  # from here on, a drain waits for this request
         self.metrics.in_flight.inc()
+        ctx = None
+        try:
+            t0 = time.perf_counter()
+            req = parse(ChatCompletionRequest if chat else CompletionRequest, raw)
+            model = req.model
+            backend = await self.backend_for(req.model)
+            if chat:
+                prompts = [req.plain_messages()]
+                top = (req.top_logprobs or 0) if req.logprobs else None
+                want_lp = bool(req.logprobs)
+                default_max = None  # the rest of the session, like vLLM
+                rid = new_id("chatcmpl")
+            else:
+                try:
+                    prompts = req.prompts()
+                except ValueError as e:
+                    raise APIError(400, str(e), param="prompt") from None
+                top = req.logprobs
+                want_lp = req.logprobs is not None
+                default_max = 16  # OpenAI's default for /v1/completions
+                rid = new_id("cmpl")
+            job = make_job(rid, prompts, req, default_max, top, want_lp)
+            job["param"] = "messages" if chat else "prompt"
+            events, first = await self._start(backend, job)
+            ctx = _Ctx(self, req, job, first, endpoint, t0, chat, prompts)  # owns the in-flight count now
+        except APIError as e:
+            self.metrics.requests.labels(model, endpoint, str(e.status)).inc()
+            raise
+        finally:
+            if ctx is None:
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
         if req.stream:
-            return None, ctx.stream(events)
+            gen = ctx.stream(events)
+            # a client gone before the response started never runs the generator's `finally`: clean up on collection
+            weakref.finalize(gen, ctx.abandon, events)
+            return None, gen
         try:
             return await ctx.collect(events), None
         finally:
@@ -403,6 +423,12 @@ class _Ctx:
         self.completion_tokens[c["index"]] = max(self.completion_tokens[c["index"]], c["completion_tokens"])
         self.cached[c["index"]] = c.get("cached_tokens", 0)
 
+    def abandon(self, events: EventStream) -> None:
+        if not self._done:
+            events.close()
+            self.status = "cancelled"
+            self.done()
+
     def done(self) -> None:
         if self._done:
             return
@@ -474,6 +500,7 @@ class _Ctx:
     async def stream(self, events: EventStream) -> AsyncIterator[bytes]:
         inc = self.req.include_usage
         offsets = defaultdict(int)
+        finished: set[int] = set()
         try:
             if self.chat:
                 yield self._chunk([{"index": c["index"], "delta": {"role": "assistant", "content": ""},
@@ -506,8 +533,10 @@ class _Ctx:
                                     "logprobs": completion_logprobs(c.get("logprobs") or [], offsets[i])
                                     if self.job["logprobs"] else None, "finish_reason": c["finish_reason"]})
                         offsets[i] += len(c["text"])
+                finished.update(c["index"] for c in ev["choices"] if c["finish_reason"] is not None)
                 if out:
-                    yield self._chunk(out, with_usage_key=inc)
+                    last = len(finished) == self.n and not inc  # without include_usage: usage rides on the last
+                    yield self._chunk(out, usage=self.usage() if last else None, with_usage_key=inc)
             if inc:
                 yield self._chunk([], usage=self.usage())
             yield b"data: [DONE]\n\n"

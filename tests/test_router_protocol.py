@@ -199,6 +199,12 @@ async def test_completions_stream_stop_and_usage():
     assert finals == ["stop"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     assert chunks[-1]["usage"]["prompt_tokens"] == 2
+    # without include_usage the usage comes with the last choice chunk
+    body.pop("stream_options")
+    r = await c.post("/v1/completions", json=body)
+    chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    assert [ch.get("usage") for ch in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] == 3
     c.engine.shutdown()
 
 
@@ -414,4 +420,23 @@ async def test_webui_page():
     c = await make_client()
     r = await c.get("/")
     assert r.status_code == 200 and "/v1/chat/completions" in r.text
+    c.engine.shutdown()
+
+
+async def test_stream_never_started_is_cleaned_up():
+    """A streamed response whose body is never read (client gone before it started) still aborts its request."""
+    import gc
+
+    c = await make_client()
+    before = c.server.in_flight
+    body, stream = await c.server.completion(json.dumps(chat_body(max_tokens=50, stream=True)).encode(), chat=True)
+    assert body is None and c.server.in_flight == before + 1
+    del stream
+    gc.collect()
+    assert c.server.in_flight == before
+    for _ in range(50):
+        if c.engine.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert c.engine.aborted and not c.engine.reqs
     c.engine.shutdown()
