@@ -440,3 +440,29 @@ async def test_stream_never_started_is_cleaned_up():
         await asyncio.sleep(0.02)
     assert c.engine.aborted and not c.engine.reqs
     c.engine.shutdown()
+
+
+async def test_two_models_route_by_name():
+    async def core_for(engine):
+        host = RankZeroHost(engine, asyncio.get_running_loop())
+
+        async def connect():
+            return Connection(LocalWorkerClient(host), host.info(), lambda: None)
+
+        core = ReplicaCore(connect, restart=False, poll_timeout=0.2)
+        await core.start()
+        return core
+
+    a, b = FakeEngine(), FakeEngine()
+    b.session_len = 32
+    server = OpenAIServer([LocalBackend(await core_for(a), "alpha"), LocalBackend(await core_for(b), "beta")])
+    c = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(server)), base_url="http://test")
+    models = (await c.get("/v1/models")).json()["data"]
+    assert [(m["id"], m["max_model_len"]) for m in models] == [("alpha", 64), ("beta", 32)]
+    for name, eng in (("alpha", a), ("beta", b)):
+        r = await c.post("/v1/chat/completions", json=chat_body(model=name))
+        assert r.status_code == 200 and r.json()["model"] == name
+    assert_error(await c.post("/v1/chat/completions", json=chat_body(model="beta", max_tokens=31)), 400,
+                 contains="32")
+    a.shutdown()
+    b.shutdown()
