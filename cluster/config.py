@@ -26,6 +26,13 @@ class EngineConfig(BaseModel):
     seed: int = 0
     cache_dir: str | None = Field(None, description="where converted weights go; default ~/.cache/cluster")
 
+    @field_validator("quant_policy")
+    @classmethod
+    def _kv_quant_not_built(cls, v: int) -> int:
+        if v:
+            raise ValueError(f"quant_policy={v} (int{v} KV cache) is not implemented yet; use 0 (KV cache in the model dtype)")
+        return v
+
     @field_validator("block_size")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
