@@ -176,8 +176,14 @@ def test_client_disconnect_frees_kv_blocks(server):
                 n += line.startswith("data: {")
                 if n >= 3:
                     break
-            m = server.metrics()
-            assert sum(m["cluster_num_requests_running"]) == 1
+            # engine gauges are refreshed by the replicas' polls: give them a moment to show the running request
+            deadline = time.perf_counter() + 3
+            while True:
+                m = server.metrics()
+                if sum(m["cluster_num_requests_running"]) == 1 or time.perf_counter() > deadline:
+                    break
+                time.sleep(0.05)
+            assert sum(m["cluster_num_requests_running"]) == 1, m
             assert m["cluster_kv_cache_blocks_free"] != m["cluster_kv_cache_blocks_total"]
         t0 = time.perf_counter()  # the response is closed: the connection is gone
     while not server.kv_idle():
