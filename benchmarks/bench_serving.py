@@ -79,8 +79,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
             "tpot": (e2e - (ttft or e2e)) / (n - 1) if n > 1 else None}
 
 
-async def run_level(url: str, model: str, conc: int, num: int, args, rng: random.Random) -> dict:
-    prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(num)]
+async def run_level(url: str, model: str, conc: int, prompts: list[str], args) -> dict:
+    num = len(prompts)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=conc + 8, max_keepalive_connections=conc + 8)
     results: list[dict] = []
@@ -132,7 +132,9 @@ async def main_async(args) -> dict:
     levels = []
     for conc in args.concurrency:
         num = args.num_prompts or max(2 * conc, 16)
-        res = await run_level(url, model, conc, num, args, rng)
+        prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(num)]
+        res = await run_level(url, model, conc, prompts, args)
+        res["prompts"] = prompts
         levels.append(res)
         print(f"c={conc:>4}  {res['completed']:>4}/{num} ok  {res['request_throughput']:7.2f} req/s  "
               f"{res['output_token_throughput']:8.1f} tok/s  TTFT p50 {_fmt(res['ttft_p50_s'], 1e3, 0)} ms "
@@ -140,6 +142,26 @@ async def main_async(args) -> dict:
               f"p99 {_fmt(res['tpot_p99_s'], 1e3)} ms", file=sys.stderr, flush=True)
     return {"url": url, "model": model, "endpoint": "chat" if args.chat else "completions",
             "max_tokens": args.max_tokens, "prompt_tokens_approx": args.prompt_tokens, "levels": levels}
+
+
+def offline_baseline(result: dict, args) -> None:
+    """The engine's own throughput on the same prompts and lengths: what Ray and HTTP are measured against."""
+    from cluster.config import EngineConfig, GenerationConfig
+    from cluster.engine.engine import LLMEngine
+
+    model = None if args.offline_baseline == "default" else args.offline_baseline
+    engine = LLMEngine(model, EngineConfig(device="cpu") if not __import__("torch").cuda.is_available() else None)
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate(["Hello"], GenerationConfig(max_new_tokens=4))
+    for lv in result["levels"]:
+        engine.scheduler.max_batch_size = lv["concurrency"]
+        t0 = time.perf_counter()
+        outs = engine.generate(lv["prompts"], gen)
+        wall = time.perf_counter() - t0
+        lv["offline_output_token_throughput"] = sum(len(o.token_ids) for o in outs) / wall
+        lv["serving_over_offline"] = lv["output_token_throughput"] / lv["offline_output_token_throughput"]
+        print(f"c={lv['concurrency']:>4}  offline engine {lv['offline_output_token_throughput']:8.1f} tok/s  "
+              f"serving/offline {lv['serving_over_offline']:.2f}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -155,8 +177,15 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write JSON here (default: stdout)")
+    p.add_argument("--offline-baseline", nargs="?", const="default", default=None, metavar="MODEL",
+                   help="afterwards, run the same prompts through the engine in this process (no Ray, no HTTP; "
+                        "at most C sequences at once) and report serving / offline throughput per level")
     args = p.parse_args(argv)
     result = asyncio.run(main_async(args))
+    if args.offline_baseline:
+        offline_baseline(result, args)
+    for lv in result["levels"]:
+        lv.pop("prompts", None)
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
