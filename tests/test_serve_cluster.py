@@ -161,8 +161,15 @@ def test_requests_spread_over_replicas(server):
             assert all(r.status_code == 200 for r in rs)
             return running
 
-    running = asyncio.run(go())
-    assert len(running) == 2 and sum(running) == 8 and max(running) - min(running) <= 2, running
+    # Serve tells the router about new replicas by long poll: right after start-up (on a loaded 2-core machine)
+    # the router may still know only one, so a burst is retried (a router that never spreads still fails)
+    seen = []
+    for _ in range(3):
+        running = asyncio.run(go())
+        seen.append(running)
+        if len(running) == 2 and sum(running) == 8 and max(running) - min(running) <= 2:
+            break
+    assert len(running) == 2 and sum(running) == 8 and max(running) - min(running) <= 2, seen
 
 
 def test_client_disconnect_frees_kv_blocks(server):
