@@ -59,16 +59,16 @@ class BlockManager:
             prev = h
         return hits
 
-    def can_admit(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def plan_admission(self, seq: Sequence, num_new_tokens: int) -> list[int] | None:
+        """The sequence's cached prefix blocks if it fits with `num_new_tokens` more tokens, else None."""
         hits = self._lookup(seq)
         reusable_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         need = self.blocks_for(len(hits) * self.block_size + num_new_tokens) - len(hits)
-        return need + reusable_free <= self.num_free
+        return hits if need + reusable_free <= self.num_free else None
 
-    def admit(self, seq: Sequence) -> None:
+    def admit(self, seq: Sequence, hits: list[int]) -> None:
         """Give a waiting sequence its cached prefix blocks; the rest is computed (and allocated) chunk by chunk."""
         assert not seq.block_table
-        hits = self._lookup(seq)
         prev = None
         for bid in hits:
             block = self.blocks[bid]

@@ -53,13 +53,14 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            if not self.bm.can_admit(seq, min(len(seq), budget)):
+            hits = self.bm.plan_admission(seq, min(len(seq), budget))
+            if hits is None:
                 if not self.running and not plan:
                     raise MemoryError(f"a sequence of {len(seq)} tokens does not fit in the KV cache "
                                       f"({self.bm.num_blocks} blocks of {self.bm.block_size} tokens)")
                 break
             self.waiting.popleft()
-            self.bm.admit(seq)
+            self.bm.admit(seq, hits)
             n = min(seq.num_uncomputed, budget)
             self.bm.grow(seq, n)
             seq.status = Status.RUNNING
