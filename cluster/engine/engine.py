@@ -16,7 +16,7 @@ from cluster.engine.errors import PromptTooLongError
 from cluster.engine.model_runner import ModelRunner, default_device, load_shard
 from cluster.engine.sampler import sample
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.sequence import Sequence, Status
+from cluster.engine.sequence import Sequence
 from cluster.engine.tokenizer import IncrementalDetokenizer, Prompt, Tokenizer
 from cluster.models.config import ModelConfig
 
