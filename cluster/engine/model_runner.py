@@ -14,6 +14,7 @@ from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import OutOfMemoryError
 from cluster.engine.sequence import Sequence
 from cluster.layers.attention import AttnMetadata
+from cluster.layers.linear import pack_cpu_weights
 from cluster.models.config import ModelConfig
 from cluster.models.llama import shard_sizes
 from cluster.models.registry import build_model
@@ -77,6 +78,8 @@ class ModelRunner:
             self.model = build_model(cfg, tp_size)
         self.model.load_state_dict(weights, assign=True, strict=True)
         self.model.eval()
+        if device.type == "cpu":
+            pack_cpu_weights(self.model)
         self.dtype = self.model.embed_tokens.weight.dtype
         self.model.rotary.build_cache(max(session_len, 1) + 1)
         self.num_blocks = self._plan_kv_cache()

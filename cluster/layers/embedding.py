@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster.layers.linear import PackableLinear, matmul
 from cluster.layers.parallel import all_gather_last_dim, all_reduce, tp
 
 
@@ -25,7 +26,7 @@ class VocabEmbedding(nn.Module):
         return all_reduce(out)
 
 
-class LMHead(nn.Module):
+class LMHead(PackableLinear):
     """Logits over the full (unpadded) vocab on every rank; shares the embedding's weight when tied."""
 
     def __init__(self, vocab_per_rank: int, hidden: int, vocab_size: int, tied: VocabEmbedding | None = None):
@@ -34,6 +35,8 @@ class LMHead(nn.Module):
         self._tied = [tied] if tied is not None else []  # a list, so the shared weight is not a second parameter
         self.weight = None if tied is not None else nn.Parameter(torch.empty(vocab_per_rank, hidden), requires_grad=False)
 
+    def matmul_weight(self) -> torch.Tensor:
+        return self._tied[0].weight if self._tied else self.weight
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self._tied[0].weight if self._tied else self.weight
-        return all_gather_last_dim(F.linear(hidden, weight))[..., : self.vocab_size]
+        return all_gather_last_dim(matmul(hidden, self.matmul_weight(), None, self.packed))[..., : self.vocab_size]
