@@ -59,12 +59,12 @@ def hardware_ceilings() -> dict:
     return {"copy_bytes_per_s": bw, "bf16_flops_per_s": flops}
 
 
-def random_hf_model(shape: str, dtype: torch.dtype, max_pos: int):
+def random_hf_model(shape: str, dtype: torch.dtype, max_pos: int, device: str = "cuda"):
     import transformers as tf
 
     cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_pos, initializer_range=0.02,
                          tie_word_embeddings=False)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = tf.LlamaForCausalLM(cfg).to(dtype).eval()
     return model
 
