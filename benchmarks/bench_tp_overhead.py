@@ -142,7 +142,8 @@ def main() -> None:
 
         from cluster.workers.group import GroupSpec, WorkerGroup
 
-        ray.init(num_cpus=4, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False)
+        ray.init(num_cpus=4, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
+                 object_store_memory=1 << 30)
         spec = GroupSpec(str(out), tp_ec.model_dump(), use_gpu=args.device == "cuda", cpus_per_worker=2)
         t = time.perf_counter()
         group = asyncio.run(WorkerGroup.create(spec))
