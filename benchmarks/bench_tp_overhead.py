@@ -123,10 +123,15 @@ def main() -> None:
         gen = engine_or_fn.generate if hasattr(engine_or_fn, "generate") else engine_or_fn
         results[name] = decode_cases(gen, vocab, args.device, args.new_tokens)
 
-    runner = ModelRunner(cfg, load_shard(out, 0, dev), ec, dev, 4096)
-    run("plain", LLMEngine(runner=runner, tokenizer=Tokenizer(out), engine_config=ec))
-    del runner
-    gc.collect()
+    def plain(name: str) -> None:
+        runner = ModelRunner(cfg, load_shard(out, 0, dev), ec, dev, 4096)
+        run(name, LLMEngine(runner=runner, tokenizer=Tokenizer(out), engine_config=ec))
+        del runner
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+    plain("plain")
 
     tp_ec = ec.model_copy(update={"tp": 1})
     tpx = TPExecutor(out, cfg, tp_ec, 4096)
@@ -151,13 +156,17 @@ def main() -> None:
         run("Ray actor", ray_generate_fn(group.rank0))
         group.kill()
         ray.shutdown()
+        time.sleep(2)  # the actor's process lets go of its GPU memory
+    plain("plain, again")  # the same as the first column unless the machine drifted during the run
 
     names = list(results)
-    print(f"\n{'case':<10}" + "".join(f"{n:>12}" for n in names) + "".join(f"{'cost ' + n:>16}" for n in names[1:]))
+    print(f"\n{'tok/s':<10}" + "".join(f"{n:>14}" for n in names))
+    for case in results["plain"]:
+        print(f"{case:<10}" + "".join(f"{results[n][case]:14.1f}" for n in names))
+    print(f"{'cost':<10}" + "".join(f"{n:>14}" for n in names[1:]))
     for case in results["plain"]:
         base = results["plain"][case]
-        print(f"{case:<10}" + "".join(f"{results[n][case]:12.1f}" for n in names)
-              + "".join(f"{1 - results[n][case] / base:16.1%}" for n in names[1:]))
+        print(f"{case:<10}" + "".join(f"{1 - results[n][case] / base:14.1%}" for n in names[1:]))
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "device": args.device, "results": results},
                                               indent=2))

@@ -29,7 +29,7 @@ def _load(name: str):
 from cluster import kernels  # noqa: E402
 from cluster.kernels import reference as ref  # noqa: E402
 
-attn, norm, act, rot, kv = (_load(n) for n in ("attention", "norm", "activation", "rotary", "kvcache"))
+attn, norm, act, rot, kv, gemv = (_load(n) for n in ("attention", "norm", "activation", "rotary", "kvcache", "gemv"))
 
 
 
@@ -103,6 +103,17 @@ def test_rms_norm(dtype, with_residual):
 def test_silu_and_mul(dtype):
     x = torch.randn(2, 3, 2 * 80, dtype=dtype)
     assert rel_err(act.silu_and_mul(x), ref.silu_and_mul(x)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(37, 200), (8, 64), (130, 96)])  # rows and K not multiples of the blocks too
+def test_gemv(dtype, bias, n, k):
+    x, w = torch.randn(1, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    got = gemv.gemv(x, w, b)
+    assert got.dtype == dtype and rel_err(got, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

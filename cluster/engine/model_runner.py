@@ -149,7 +149,7 @@ class ModelRunner:
     def _compile_kernels(self) -> None:
         """JIT-compile the kernel variants of prefill-heavy and decode-heavy eager steps now, not mid-request."""
         n = min(128, self.session_len - 1)
-        for lens in ([n], [n, n], [n // 4] + [1] * 7):
+        for lens in ([n], [n, n], [n // 4] + [1] * 7, [1]):  # [1]: one row, the GEMV's autotuning
             self.execute(self._dummy_prefill(lens))
         torch.cuda.synchronize()
 

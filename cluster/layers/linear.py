@@ -3,9 +3,9 @@ need the per-rank shapes and the communication: column-parallel needs none, row-
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from cluster import kernels
 from cluster.layers.parallel import all_reduce
 
 # Rows the oneDNN weight layout is tuned for: decode batches are a few to a few dozen rows.
@@ -27,10 +27,10 @@ def cpu_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, through the packed weight when there is one."""
+    """x @ weight.T + bias: through the packed weight on the CPU, through cluster.kernels.linear elsewhere."""
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return kernels.linear(x, weight, bias)
 
 
 def pack_cpu_weights(model: nn.Module) -> None:
