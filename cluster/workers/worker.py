@@ -24,6 +24,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# The shortest gap between two poll replies while outputs keep coming (see RankZeroHost.poll).
+REPLY_INTERVAL_S = 0.02
+
 
 def _error_for(e: BaseException, param: str | None) -> dict:
     from pydantic import ValidationError
@@ -72,6 +75,7 @@ class RankZeroHost:
         self._event = asyncio.Event()
         self._want_lp: set[str] = set()
         self._tok_cache: dict[int, str] = {}
+        self._last_reply = 0.0
 
     # -- the engine thread side ----------------------------------------------------------------------------------
     def _deliver(self, rid: str, item) -> None:
@@ -121,9 +125,17 @@ class RankZeroHost:
                 await asyncio.wait_for(self._event.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
+        # While tokens stream, replies go out at most every REPLY_INTERVAL_S, carrying every step since the last:
+        # a reply per step costs the engine's thread the GIL once a step. After a quiet spell the first output
+        # goes out at once.
+        hold = self._last_reply + REPLY_INTERVAL_S - time.monotonic()
+        if hold > 0 and self._inbox:
+            await asyncio.sleep(hold)
         with self._lock:
             items, self._inbox = self._inbox, []
             self._signaled = False
+        if items:
+            self._last_reply = time.monotonic()
         outputs: dict[str, dict] = {}
         errors: dict[str, dict] = {}
         for rid, item in items:
