@@ -113,33 +113,33 @@ def test_api_basics(server):
     assert len(m["cluster_kv_cache_blocks_total"]) == 2  # one series per engine replica
 
     async def go():
-        sdk = server.sdk()
-        r = await sdk.chat.completions.create(model=server.model, messages=[
-            {"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0)
-        assert "Paris" in r.choices[0].message.content
-        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
-        # seeded sampling: the same seed gives the same text; n choices differ from each other
-        a = await sdk.completions.create(model=server.model, prompt="The weather today", max_tokens=10, seed=7,
-                                         temperature=1.0)
-        b = await sdk.completions.create(model=server.model, prompt="The weather today", max_tokens=10, seed=7,
-                                         temperature=1.0)
-        assert a.choices[0].text == b.choices[0].text
-        r = await sdk.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=6, n=2, logprobs=True, top_logprobs=3, seed=1)
-        assert sorted(c.index for c in r.choices) == [0, 1]
-        for c in r.choices:
-            assert len(c.logprobs.content) in range(1, 7) and len(c.logprobs.content[0].top_logprobs) == 3
-        assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
-        with pytest.raises(openai.BadRequestError) as ei:
-            await sdk.completions.create(model=server.model, prompt="hello " * 1000, max_tokens=100)
-        msg = str(ei.value)
-        m = re.search(r"context length is (\d+) tokens.*\((\d+) in the prompt, (\d+) for the completion", msg)
-        assert m and int(m.group(1)) == SESSION_LEN and int(m.group(2)) >= 1000 and int(m.group(3)) == 100, msg
-        with pytest.raises(openai.BadRequestError):
-            await sdk.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
-                                              temperature=5)
-        with pytest.raises(openai.NotFoundError):
-            await sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        async with server.sdk() as sdk:
+            r = await sdk.chat.completions.create(model=server.model, messages=[
+                {"role": "user", "content": "What is the capital of France?"}], max_tokens=12, temperature=0)
+            assert "Paris" in r.choices[0].message.content
+            assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 5
+            # seeded sampling: the same seed gives the same text; n choices differ from each other
+            a = await sdk.completions.create(model=server.model, prompt="The weather today", max_tokens=10, seed=7,
+                                             temperature=1.0)
+            b = await sdk.completions.create(model=server.model, prompt="The weather today", max_tokens=10, seed=7,
+                                             temperature=1.0)
+            assert a.choices[0].text == b.choices[0].text
+            r = await sdk.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=6, n=2, logprobs=True, top_logprobs=3, seed=1)
+            assert sorted(c.index for c in r.choices) == [0, 1]
+            for c in r.choices:
+                assert len(c.logprobs.content) in range(1, 7) and len(c.logprobs.content[0].top_logprobs) == 3
+            assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+            with pytest.raises(openai.BadRequestError) as ei:
+                await sdk.completions.create(model=server.model, prompt="hello " * 1000, max_tokens=100)
+            msg = str(ei.value)
+            m = re.search(r"context length is (\d+) tokens.*\((\d+) in the prompt, (\d+) for the completion", msg)
+            assert m and int(m.group(1)) == SESSION_LEN and int(m.group(2)) >= 1000 and int(m.group(3)) == 100, msg
+            with pytest.raises(openai.BadRequestError):
+                await sdk.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
+                                                  temperature=5)
+            with pytest.raises(openai.NotFoundError):
+                await sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
 
     asyncio.run(go())
 
@@ -217,8 +217,9 @@ def test_200_concurrent_streams(server):
         return tokens, usage, finish, text
 
     async def go():
-        sdk = server.sdk(http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=300), timeout=300))
-        return await asyncio.gather(*[one(sdk, i) for i in range(200)])
+        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=300), timeout=300)
+        async with server.sdk(http_client=http) as sdk:
+            return await asyncio.gather(*[one(sdk, i) for i in range(200)])
 
     t0 = time.perf_counter()
     results = asyncio.run(go())
@@ -268,18 +269,18 @@ def test_killed_worker_fails_requests_then_recovers(server):
             return f"error: {e}", time.time()
 
     async def go():
-        sdk = server.sdk()
-        evs = [asyncio.Event() for _ in range(6)]
-        tasks = [asyncio.create_task(one(sdk, e)) for e in evs]
-        await asyncio.wait_for(asyncio.gather(*[e.wait() for e in evs]), 60)
-        killed = await asyncio.to_thread(_ray, server, (
-            f"actor = ray.get_actor({victim['name']!r}, namespace={victim['namespace']!r})\n"
-            "import time; t = time.time(); ray.kill(actor, no_restart=True)\n"
-            "print(json.dumps({'t': t}))"))
-        t_kill = killed["t"]
-        health = asyncio.create_task(watch_health())
-        done = await asyncio.wait_for(asyncio.gather(*tasks), 120)  # no hang
-        return t_kill, done, await asyncio.wait_for(health, 120)
+        async with server.sdk() as sdk:
+            evs = [asyncio.Event() for _ in range(6)]
+            tasks = [asyncio.create_task(one(sdk, e)) for e in evs]
+            await asyncio.wait_for(asyncio.gather(*[e.wait() for e in evs]), 60)
+            killed = await asyncio.to_thread(_ray, server, (
+                f"actor = ray.get_actor({victim['name']!r}, namespace={victim['namespace']!r})\n"
+                "import time; t = time.time(); ray.kill(actor, no_restart=True)\n"
+                "print(json.dumps({'t': t}))"))
+            t_kill = killed["t"]
+            health = asyncio.create_task(watch_health())
+            done = await asyncio.wait_for(asyncio.gather(*tasks), 120)  # no hang
+            return t_kill, done, await asyncio.wait_for(health, 120)
 
     async def watch_health():
         """/health fails while the replica rebuilds its workers, then passes again: (seen 503, time back)."""
@@ -304,10 +305,10 @@ def test_killed_worker_fails_requests_then_recovers(server):
     assert any(n.split("|")[3] == replica and n.endswith("|2") for n in names), names
 
     async def after():
-        sdk = server.sdk()
-        rs = await asyncio.gather(*[sdk.chat.completions.create(
-            model=server.model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4) for _ in range(6)])
-        return [r.usage.completion_tokens for r in rs]
+        async with server.sdk() as sdk:
+            rs = await asyncio.gather(*[sdk.chat.completions.create(
+                model=server.model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4) for _ in range(6)])
+            return [r.usage.completion_tokens for r in rs]
 
     assert all(n >= 1 for n in asyncio.run(after()))
 
