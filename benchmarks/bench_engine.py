@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -249,26 +248,9 @@ def main() -> None:
     results["ours"], results["sweep"], results["stats"] = ours, sweep, eng.stats_dict()
     (out / "bench_engine.json").write_text(json.dumps(results, indent=2, default=str))
     try:
-        import matplotlib
+        from plot_throughput import plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        xs = sorted(sweep)
-        plt.figure(figsize=(6, 4))
-        plt.plot(xs, [sweep[c]["ours"] for c in xs], "o-", label="cluster (ours)")
-        plt.plot(xs, [sweep[c]["floor"] for c in xs], "k--", label="bandwidth floor")
-        hx = [c for c in (1, 64) if f"decode-{c}" in hf_res]
-        plt.plot(hx, [hf_res[f"decode-{c}"] for c in hx], "s-", label="transformers generate")
-        plt.xscale("log", base=2)
-        plt.yscale("log")
-        plt.xlabel("concurrent requests")
-        plt.ylabel("output tokens/s")
-        plt.title(f"{args.shape}, bf16, {results['device']}")
-        plt.legend()
-        plt.grid(alpha=0.3)
-        plt.tight_layout()
-        plt.savefig(out / "throughput_vs_concurrency.png", dpi=120)
+        plot(results, out / "throughput_vs_concurrency.png")
     except Exception as e:  # noqa: BLE001 - the plot is a nicety
         print("no plot:", e)
 
