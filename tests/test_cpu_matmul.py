@@ -30,3 +30,6 @@ def test_cpu_engine_packs_every_linear(tiny_models, engine_cache):
     linears = [m for m in engine.runner.model.modules() if isinstance(m, PackableLinear)]
     assert len(linears) == 2 * 4 + 1  # 2 layers x (qkv, o, gate_up, down), and the LM head
     assert all(m.packed is not None for m in linears)
+    # the plain copies are freed (the weights are not held twice); the tied head's is the embedding's, kept
+    assert all(m.weight.numel() == 0 for m in linears if m.weight is not None)
+    assert engine.runner.model.embed_tokens.weight.numel() > 0

@@ -34,10 +34,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def pack_cpu_weights(model: nn.Module) -> None:
-    """Give every linear layer of a CPU model its packed weight (the plain one stays for everything else)."""
+    """Give every linear layer of a CPU model its packed weight, and free the plain copy it replaces, so the
+    weights are not held twice (a tied LM head packs the embedding's weight, which the lookup still needs)."""
     for m in model.modules():
         if isinstance(m, PackableLinear):
             m.packed = cpu_pack(m.matmul_weight())
+            if m.packed is not None and isinstance(m.weight, nn.Parameter):
+                m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
 
 
 class PackableLinear(nn.Module):
