@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--ray", action="store_true", help="also through a Ray worker actor (needs ray)")
+    ap.add_argument("--ray-variants", action="store_true",
+                    help="with --ray: the actor again with a 0.2 ms GIL switch interval, then with 100 ms poll replies")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from safetensors.torch import save_file
@@ -154,19 +156,27 @@ def main() -> None:
         group = asyncio.run(WorkerGroup.create(spec))
         print(f"Ray worker group up in {time.perf_counter() - t:.0f} s", flush=True)
         run("Ray actor", ray_generate_fn(group.rank0))
+        if args.ray_variants:  # what the actor's cost is made of: GIL hand-offs, or poll replies
+            rank0 = group.rank0
+            ray.get(rank0.__ray_call__.remote(lambda w: __import__("sys").setswitchinterval(0.0002)))
+            run("Ray, GIL 0.2ms", ray_generate_fn(rank0))
+            ray.get(rank0.__ray_call__.remote(lambda w: __import__("sys").setswitchinterval(0.005)))
+            ray.get(rank0.__ray_call__.remote(
+                lambda w: setattr(__import__("cluster.workers.worker").workers.worker, "REPLY_INTERVAL_S", 0.1)))
+            run("Ray, poll 100ms", ray_generate_fn(rank0))
         group.kill()
         ray.shutdown()
         time.sleep(2)  # the actor's process lets go of its GPU memory
     plain("plain, again")  # the same as the first column unless the machine drifted during the run
 
     names = list(results)
-    print(f"\n{'tok/s':<10}" + "".join(f"{n:>14}" for n in names))
+    print(f"\n{'tok/s':<10}" + "".join(f"{n:>16}" for n in names))
     for case in results["plain"]:
-        print(f"{case:<10}" + "".join(f"{results[n][case]:14.1f}" for n in names))
-    print(f"{'cost':<10}" + "".join(f"{n:>14}" for n in names[1:]))
+        print(f"{case:<10}" + "".join(f"{results[n][case]:16.1f}" for n in names))
+    print(f"{'cost':<10}" + "".join(f"{n:>16}" for n in names[1:]))
     for case in results["plain"]:
         base = results["plain"][case]
-        print(f"{case:<10}" + "".join(f"{1 - results[n][case] / base:14.1%}" for n in names[1:]))
+        print(f"{case:<10}" + "".join(f"{1 - results[n][case] / base:16.1%}" for n in names[1:]))
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "device": args.device, "results": results},
                                               indent=2))

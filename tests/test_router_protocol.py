@@ -466,3 +466,20 @@ async def test_two_models_route_by_name():
                  contains="32")
     a.shutdown()
     b.shutdown()
+
+
+async def test_poll_coalesces_a_stream_but_not_its_finish(monkeypatch):
+    from cluster.workers import worker
+
+    monkeypatch.setattr(worker, "REPLY_INTERVAL_S", 0.5)
+    engine = FakeEngine(step_s=0.002)
+    host = RankZeroHost(engine, asyncio.get_running_loop())
+    host.add_requests([{"rid": "r", "prompt": [1, 2], "gen": {"max_new_tokens": 20}}])
+    t0 = time.monotonic()
+    first = (await host.poll(1.0))["outputs"]["r"]
+    assert first["finish_reason"] is None and len(first["token_ids"]) <= 3  # the first output goes at once
+    last = (await host.poll(1.0))["outputs"]["r"]
+    assert last["finish_reason"] == "length"
+    assert time.monotonic() - t0 < 0.3  # the finish was not held back for the reply interval
+    assert len(first["token_ids"]) + len(last["token_ids"]) == 20  # the rest came in one reply
+    engine.shutdown()

@@ -76,14 +76,17 @@ class RankZeroHost:
         self._want_lp: set[str] = set()
         self._tok_cache: dict[int, str] = {}
         self._last_reply = 0.0
+        self._urgent = False  # the inbox holds a finished request or an error: reply without holding
 
     # -- the engine thread side ----------------------------------------------------------------------------------
     def _deliver(self, rid: str, item) -> None:
+        urgent = isinstance(item, BaseException) or item.finish_reason is not None
         with self._lock:
             self._inbox.append((rid, item))
-            if self._signaled:
+            if self._signaled and (self._urgent or not urgent):
                 return
             self._signaled = True
+            self._urgent = self._urgent or urgent
         self.loop.call_soon_threadsafe(self._event.set)
 
     # -- calls ---------------------------------------------------------------------------------------------------------
@@ -126,14 +129,20 @@ class RankZeroHost:
             except asyncio.TimeoutError:
                 pass
         # While tokens stream, replies go out at most every REPLY_INTERVAL_S, carrying every step since the last:
-        # a reply per step costs the engine's thread the GIL once a step. After a quiet spell the first output
-        # goes out at once.
-        hold = self._last_reply + REPLY_INTERVAL_S - time.monotonic()
-        if hold > 0 and self._inbox:
-            await asyncio.sleep(hold)
+        # a reply per step costs the engine's thread the GIL once a step. The first output after a quiet spell,
+        # a finished request and an error go out at once.
+        while self._inbox and not self._urgent:
+            hold = self._last_reply + REPLY_INTERVAL_S - time.monotonic()
+            if hold <= 0:
+                break
+            self._event.clear()  # before yielding: a wake-up sent meanwhile runs after this, so none is lost
+            try:
+                await asyncio.wait_for(self._event.wait(), hold)
+            except asyncio.TimeoutError:
+                break
         with self._lock:
             items, self._inbox = self._inbox, []
-            self._signaled = False
+            self._signaled = self._urgent = False
         if items:
             self._last_reply = time.monotonic()
         outputs: dict[str, dict] = {}
