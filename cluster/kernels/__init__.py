@@ -11,7 +11,8 @@ import torch
 
 from cluster.kernels import reference
 
-__all__ = ["apply_rotary", "linear", "paged_attention", "paged_decode_attention", "rms_norm", "silu_and_mul", "store_kvcache"]
+__all__ = ["apply_rotary", "linear", "paged_attention", "paged_decode_attention", "rms_norm", "silu_and_mul",
+           "store_kvcache"]
 
 _modules: dict[str, ModuleType | None] = {}
 
