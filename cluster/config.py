@@ -23,6 +23,8 @@ class EngineConfig(BaseModel):
     quant_policy: Literal[0, 4, 8] = 0
     device: str | None = Field(None, description="'cuda' or 'cpu'; default: cuda when available")
     cuda_graph: bool = True
+    overlap_steps: bool | None = Field(None, description="launch the next decode step before reading this one's "
+                                       "tokens, so host work hides behind the GPU; default: on for one GPU")
     seed: int = 0
     cache_dir: str | None = Field(None, description="where converted weights go; default ~/.cache/cluster")
 

@@ -14,7 +14,7 @@ from cluster.convert.cache import ensure_converted, resolve_dtype
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import PromptTooLongError
 from cluster.engine.model_runner import ModelRunner, default_device, load_shard
-from cluster.engine.sampler import sample
+from cluster.engine.sampler import Drawn, draw, read_out
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.engine.tokenizer import IncrementalDetokenizer, Prompt, Tokenizer
@@ -56,10 +56,20 @@ class Response:
 
 
 @dataclass
+class Launched:
+    """A step on its way through the GPU: which sequences it samples, and their tokens once drawn."""
+
+    plan: list[tuple[Sequence, int]]
+    sampled: list[Sequence]
+    drawn: Drawn | None
+
+
+@dataclass
 class EngineStats:
     tokens_in: int = 0
     tokens_out: int = 0
     steps: int = 0
+    steps_ahead: int = 0  # decode steps launched before the previous step's tokens were read
     finished: int = 0
     aborted: int = 0
     started: float = field(default_factory=time.time)
@@ -89,6 +99,10 @@ class LLMEngine:
             cfg = runner.cfg
             self.session_len = runner.session_len
             self.model_dir = None
+        single = isinstance(runner, ModelRunner)  # tensor-parallel ranks get their input ids from the host
+        if ec.overlap_steps and not single:
+            raise ValueError("overlap_steps needs a single-rank engine (tp=1); leave it unset with --tp > 1")
+        self.overlap = ec.overlap_steps if ec.overlap_steps is not None else single and runner.device.type == "cuda"
         self.model_config = cfg
         self.runner = runner
         self.tokenizer = tokenizer
@@ -97,6 +111,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.eos_ids = set(cfg.eos_token_ids)
+        self._in_flight: Launched | None = None
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
 
@@ -150,25 +165,85 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work()  # a step in flight only holds running sequences
 
     # -- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step and return what it produced.
+
+        With overlap on, a decode step is launched before the previous step's tokens are read: its input ids are
+        those tokens, still on the device. The host then appends them and runs the stop checks while the GPU works,
+        and the call returns the previous step's outputs. Anything the step ahead cannot know (a request to admit, a
+        prefill chunk, penalties that need the latest token) ends the overlap: the step in flight is read out, and
+        the next call schedules afresh."""
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and all(seq.is_finished for seq in prev.sampled):
+            prev = None  # all aborted while in flight: nothing to read
+        if prev is not None:
+            ahead = self._plan_ahead(prev) if self.overlap else []
+            if ahead:
+                row_of = {seq: i for i, seq in enumerate(prev.sampled)}
+                rows = [row_of[seq] for seq, _ in ahead]
+                ids = prev.drawn.tokens
+                if rows != list(range(len(prev.sampled))):
+                    ids = ids[torch.tensor(rows, device=ids.device)]
+                self._in_flight = self._launch(ahead, ids)
+                self.stats.steps_ahead += 1
+            outputs = self._collect(prev)
+            if self._in_flight is not None:
+                self.scheduler.after_step(ahead)  # after the collect: K/V hashing needs the tokens just appended
+            return outputs
         plan = self.scheduler.schedule()
         if not plan:
             return []
-        step = self.runner.prepare(plan, self.bm)
-        logits = self.runner.execute(step)
-        sampled = [seq for seq, n in plan if seq.num_computed_tokens + n == len(seq)]
+        launched = self._launch(plan)
         self.scheduler.after_step(plan)
+        if self.overlap and launched.drawn is not None and self._plan_ahead(launched, dry_run=True):
+            self._in_flight = launched
+            return []
+        return self._collect(launched)
+
+    def _launch(self, plan: list[tuple[Sequence, int]], input_ids: torch.Tensor | None = None) -> Launched:
+        step = self.runner.prepare(plan, self.bm)
+        logits = self.runner.execute(step, input_ids) if input_ids is not None else self.runner.execute(step)
         self.stats.steps += 1
-        outputs = []
-        if not sampled:
-            return outputs
-        result = sample(logits, sampled)
-        for seq, token, lp in zip(sampled, result.tokens, result.logprobs):
-            outputs.append(self._append_token(seq, token, lp))
-        return outputs
+        sampled = [seq for seq, n in plan if seq.num_computed_tokens + n >= len(seq)]
+        return Launched(plan, sampled, draw(logits, sampled) if sampled else None)
+
+    def _collect(self, launched: Launched) -> list[RequestOutput]:
+        if launched.drawn is None:
+            return []
+        result = read_out(launched.drawn, launched.sampled)
+        return [self._append_token(seq, token, lp)
+                for seq, token, lp in zip(launched.sampled, result.tokens, result.logprobs)
+                if not seq.is_finished]  # aborted while its step was in flight
+
+    def _plan_ahead(self, prev: Launched, dry_run: bool = False) -> list[tuple[Sequence, int]]:
+        """The decode step that can run before `prev`'s tokens reach the host: every running sequence decodes one
+        token, fed from `prev` on the device. Sequences that `prev`'s token surely finishes (length) sit out.
+        Empty when the step cannot be known ahead; blocks are allocated unless `dry_run`."""
+        sched = self.scheduler
+        if prev.drawn is None or prev.drawn.logprobs is not None:
+            return []
+        if sched.waiting and len(sched.running) < sched.max_batch_size:
+            return []  # room to admit: schedule afresh (a full batch admits nobody, so it runs ahead)
+        sampled = set(prev.sampled)
+        ahead: list[tuple[Sequence, int]] = []
+        for seq in sched.running:
+            gen = seq.gen
+            if (seq not in sampled or seq.num_computed_tokens != len(seq) or seq.num_output_tokens < gen.min_new_tokens
+                    or gen.repetition_penalty != 1.0 or gen.presence_penalty or gen.frequency_penalty):
+                return []
+            if seq.num_output_tokens + 1 >= gen.max_new_tokens or len(seq) + 1 >= self.session_len:
+                continue  # finishes on the token in flight
+            ahead.append((seq, 1))
+        blocks = sum(self.bm.blocks_for(s.num_computed_tokens + 1) - len(s.block_table) for s, _ in ahead)
+        if blocks > self.bm.num_free:
+            return []  # the scheduler decides who is preempted
+        if not dry_run:
+            for seq, n in ahead:
+                self.bm.grow(seq, n)
+        return ahead
 
     def _append_token(self, seq: Sequence, token: int, lp: dict | None) -> RequestOutput:
         seq.token_ids.append(token)
@@ -229,6 +304,7 @@ class LLMEngine:
             "tokens_in": self.stats.tokens_in,
             "tokens_out": self.stats.tokens_out,
             "steps": self.stats.steps,
+            "steps_ahead": self.stats.steps_ahead,
         }
 
 

@@ -188,8 +188,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + n
             table = seq.block_table
-            if n == 1:
-                ids.append(seq.token_ids[start])
+            if n == 1:  # start == len(seq): a step launched ahead, whose token is fed on the device
+                ids.append(seq.token_ids[start] if start < len(seq.token_ids) else 0)
                 pos.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -199,7 +199,7 @@ class ModelRunner:
                 slots.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
             cu.append(cu[-1] + n)
             ctx.append(end)
-            if end == len(seq.token_ids):
+            if end >= len(seq.token_ids):
                 rows.append(cu[-1] - 1)
         width = max(len(s.block_table) for s, _ in plan)
         tables: list[int] = []
@@ -219,10 +219,13 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Logits [N, vocab] (fp32) for the step's sampled rows."""
+    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [N, vocab] (fp32) for the step's sampled rows. `input_ids` (on the device) replaces the step's
+        token ids: the tokens the previous step drew, not yet seen by the host."""
         if step.input_ids.device != self.device:
             step = step.to(self.device)
+        if input_ids is not None:
+            step.input_ids = input_ids
         bsz = step.context_lens.shape[0]
         if step.decode_only and self.graphs and bsz <= self._graph_max_bs:
             return self._replay(step)

@@ -18,6 +18,18 @@ class SampleResult:
     logprobs: list[dict | None]
 
 
+@dataclass
+class Drawn:
+    """Tokens drawn on the logits' device, with their copy to the host under way: the engine can launch the next
+    step (feeding `tokens` to it on the device) before it waits for them."""
+
+    tokens: torch.Tensor  # [N] int64 on the device
+    host: torch.Tensor  # [N] int64, pinned when the device is a GPU
+    ready: torch.cuda.Event | None
+    logprobs: torch.Tensor | None  # [N, vocab] when any row asked for them
+    want_lp: list[bool]
+
+
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     rows = [i for i, s in enumerate(seqs) if s.gen.repetition_penalty != 1.0 or s.gen.presence_penalty
             or s.gen.frequency_penalty]
@@ -47,6 +59,12 @@ def _mask_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 @torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    return read_out(draw(logits, seqs), seqs)
+
+
+@torch.inference_mode()
+def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Drawn:
+    """Pick each row's token on the device and start copying the tokens out; nothing here waits for the GPU."""
     logits = logits.float()
     logits = _apply_penalties(logits, seqs)
     _mask_early_stop(logits, seqs)
@@ -86,7 +104,22 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         greedy_rows = torch.tensor([s.gen.greedy for s in seqs], device=dev)
         tokens = torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
 
-    token_list = tokens.tolist()
+    if tokens.is_cuda:
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        host, ready = tokens, None
+    return Drawn(tokens, host, ready, logprobs, want_lp)
+
+
+def read_out(drawn: Drawn, seqs: list[Sequence]) -> SampleResult:
+    """Wait for the drawn tokens and build the per-row logprob entries."""
+    if drawn.ready is not None:
+        drawn.ready.synchronize()
+    token_list = drawn.host.tolist()
+    logprobs, want_lp = drawn.logprobs, drawn.want_lp
     lp_out: list[dict | None] = [None] * len(seqs)
     if logprobs is not None:
         for i, s in enumerate(seqs):
