@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -88,9 +89,13 @@ def main() -> None:
     for w in (*weights[0], head):  # autotune outside the graph
         gemv(xs[w.shape[1]], w)
     cublas_ms = graph_ms(lambda: step(lambda x, w: F.linear(x, w)))
+    os.environ["CLUSTER_PDL"] = "0"
+    triton_plain_ms = graph_ms(lambda: step(gemv))
+    os.environ["CLUSTER_PDL"] = "1"  # each GEMV starts loading its weights while the one before finishes
     triton_ms = graph_ms(lambda: step(gemv))
     rows = {"read TB/s": read_bw, "copy TB/s (read+write)": copy_bw, "weight GB": nbytes / 1e9,
             "cuBLAS step ms": cublas_ms, "cuBLAS TB/s": nbytes / cublas_ms / 1e9,
+            "Triton GEMV step ms, no PDL": triton_plain_ms, "Triton GEMV TB/s, no PDL": nbytes / triton_plain_ms / 1e9,
             "Triton GEMV step ms": triton_ms, "Triton GEMV TB/s": nbytes / triton_ms / 1e9,
             "floor at read bandwidth, ms": nbytes / read_bw / 1e9, "Triton rel error": err}
     for k, v in rows.items():

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from cluster.kernels import activation, attention, kvcache, norm, reference, rotary  # noqa: E402
+from cluster.kernels import activation, attention, gemv, kvcache, norm, reference, rotary  # noqa: E402
 
 PEAK_BW, PEAK_FLOPS = 3.0e12, 800e12
 TOL = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
@@ -111,20 +111,27 @@ def bench_silu(T: int, dtype=torch.bfloat16) -> None:
 
 
 @guarded
-def bench_rotary(T: int, dtype=torch.bfloat16) -> None:
+def bench_gemv_gated(dtype=torch.bfloat16) -> None:
+    x, w = torch.randn(1, HIDDEN, dtype=dtype, device=DEV), torch.randn(2 * FFN, HIDDEN, dtype=dtype, device=DEV) * 0.02
+    with poisoned():
+        out = gemv.gemv(x, w, None, gated=True)
+    want = reference.silu_and_mul(torch.nn.functional.linear(x.float(), w.float()).to(dtype))
+    record("gemv gated (gate_up)", f"[1,{HIDDEN}] x [{2 * FFN},{HIDDEN}]", rel_err(out, want), dtype,
+           bench(lambda: gemv.gemv(x, w, None, gated=True)), nbytes=w.numel() * w.element_size())
+    two = activation.silu_and_mul(gemv.gemv(x, w))
+    record("gemv, silu_and_mul", "the same as two launches", rel_err(two, want), dtype,
+           bench(lambda: activation.silu_and_mul(gemv.gemv(x, w))), nbytes=w.numel() * w.element_size())
+
+
+def _qkv_views(T: int, dtype: torch.dtype):
     qkv = torch.randn(T, (HQ + 2 * HKV) * D, dtype=dtype, device=DEV)
-    q, k, _ = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
-    q, k = q.view(T, HQ, D), k.view(T, HKV, D)
-    pos = torch.randint(0, 8192, (T,), device=DEV)
+    return (t.view(T, -1, D) for t in qkv.split([HQ * D, HKV * D, HKV * D], dim=-1))
+
+
+def _llama3_cos_sin() -> torch.Tensor:
     inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=DEV).float() / D))
     freqs = torch.outer(torch.arange(8192, device=DEV).float(), inv)
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), -1)
-    rq, rk = reference.apply_rotary(q, k, pos, cos_sin)
-    oq, ok = rotary.apply_rotary(q.clone(), k.clone(), pos, cos_sin)
-    err = max(rel_err(oq, rq), rel_err(ok, rk))
-    nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + T * D * 4
-    record("apply_rotary (inplace)", f"T={T} q[{HQ},{D}] k[{HKV},{D}]", err, dtype,
-           bench(lambda: rotary.apply_rotary(q, k, pos, cos_sin)), nbytes=nbytes)
+    return torch.cat((freqs.cos(), freqs.sin()), -1)
 
 
 @guarded
@@ -142,6 +149,27 @@ def bench_store_kvcache(T: int, page: int = 16, dtype=torch.bfloat16) -> None:
     record("store_kvcache", f"T={T} [{HKV},{D}] page={page}", 0.0 if same else float("nan"), dtype,
            bench(lambda: kvcache.store_kvcache(k, v, caches[2], caches[3], slots)),
            nbytes=4 * k.numel() * k.element_size())
+
+
+@guarded
+def bench_rotary_and_store(T: int, page: int = 16, dtype=torch.bfloat16) -> None:
+    q, k, v = _qkv_views(T, dtype)
+    pos = torch.randint(0, 8192, (T,), device=DEV)
+    cos_sin = _llama3_cos_sin()
+    nblocks = 2 * T // page + 4
+    slots = torch.randperm(nblocks * page, device=DEV)[:T]
+    slots[::7] = -1
+    caches = [torch.full((nblocks, page, HKV, D), float("nan"), dtype=dtype, device=DEV) for _ in range(4)]
+    rq = reference.rotary_and_store(q.clone(), k, v, pos, cos_sin, caches[0], caches[1], slots)
+    with poisoned():
+        oq = rotary.rotary_and_store(q.clone(), k, v, pos, cos_sin, caches[2], caches[3], slots)
+    pairs = ((caches[0], caches[2]), (caches[1], caches[3]))
+    err = max([rel_err(oq, rq)] + [rel_err(b.nan_to_num(0.0), a.nan_to_num(0.0)) for a, b in pairs])
+    if not all(torch.equal(a.isnan(), b.isnan()) for a, b in pairs):
+        err = float("nan")  # a skipped (-1) or unused slot was written, or a slot was missed
+    record("rotary_and_store", f"T={T} q[{HQ},{D}] kv[{HKV},{D}] page={page}", err, dtype,
+           bench(lambda: rotary.rotary_and_store(q, k, v, pos, cos_sin, caches[2], caches[3], slots)),
+           nbytes=(2 * q.numel() + 4 * k.numel()) * q.element_size() + T * D * 4)
 
 
 # -- attention -------------------------------------------------------------------------------------------------------
@@ -316,7 +344,7 @@ def host_overhead() -> None:
     calls = {
         "rms_norm+residual": lambda: norm.rms_norm(x, w, 1e-5, r),
         "silu_and_mul": lambda: activation.silu_and_mul(gu),
-        "apply_rotary": lambda: rotary.apply_rotary(qk[:, :HQ], qk[:, HQ:], pos, cs),
+        "rotary_and_store": lambda: rotary.rotary_and_store(qk[:, :HQ], qk[:, HQ:], qk[:, HQ:], pos, cs, kc, vc, slots),
         "store_kvcache": lambda: kvcache.store_kvcache(qk[:, HQ:], qk[:, HQ:], kc, vc, slots),
         "paged_attention": lambda: attention.paged_attention(q, kc, vc, tables, ctx, cu, 0.1),
         "paged_decode (2 launches)": lambda: attention.paged_decode_attention(q, kc, vc, tables, ctx, 0.1, 8192),
@@ -344,9 +372,11 @@ def main() -> None:
     for T in (64, 4096):
         bench_rms_norm(T)
     bench_silu(4096)
-    bench_rotary(4096)
     bench_store_kvcache(4096)
     bench_store_kvcache(4096, page=128)
+    bench_rotary_and_store(1)
+    bench_rotary_and_store(4096)
+    bench_gemv_gated()
     bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16)
     bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16, page=64)
     bench_prefill("4x512 chunk over 3584 cached", [512] * 4, [4096] * 4)

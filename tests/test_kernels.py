@@ -116,17 +116,34 @@ def test_gemv(dtype, bias, n, k):
     assert got.dtype == dtype and rel_err(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(37, 200), (130, 96)])
+def test_gemv_gated_is_gemv_then_silu_and_mul(dtype, bias, n, k):
+    x, w = torch.randn(1, k, dtype=dtype), torch.randn(2 * n, k, dtype=dtype)
+    b = torch.randn(2 * n, dtype=dtype) if bias else None
+    want = ref.silu_and_mul(gemv.gemv(x, w, b))  # the product rounded to the dtype first, as unfused
+    got = gemv.gemv(x, w, b, gated=True)
+    assert got.shape == (1, n) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_on_qkv_views(dtype):
+def test_rotary_and_store_equals_rotary_then_store(dtype):
     T, hq, hkv, d = 6, 4, 2, 64
     qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=dtype)
-    q, k, _ = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)  # strided views, as in the model
-    q, k = q.view(T, hq, d), k.view(T, hkv, d)
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))  # strided, as in the model
     positions = torch.randint(0, 32, (T,))
+    slots = torch.tensor([3, -1, 40, 17, 95, 0])
     cos_sin = torch.randn(32, d)
-    want_q, want_k = ref.apply_rotary(q, k, positions, cos_sin)
-    got_q, got_k = rot.apply_rotary(q, k, positions, cos_sin)
-    assert rel_err(got_q, want_q) < TOL[dtype] and rel_err(got_k, want_k) < TOL[dtype]
+    caches = [torch.full((6, 16, hkv, d), float("nan"), dtype=dtype) for _ in range(4)]
+    want_q = ref.rotary_and_store(q.clone(), k.clone(), v.clone(), positions, cos_sin, caches[0], caches[1], slots)
+    k_before = k.clone()
+    got_q = rot.rotary_and_store(q, k, v, positions, cos_sin, caches[2], caches[3], slots)
+    assert rel_err(got_q, want_q) < TOL[dtype]
+    assert torch.equal(k, k_before)  # keys are rotated into the cache only
+    for want, got in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(want.isnan(), got.isnan())  # the -1 slot and unused slots untouched
+        assert rel_err(got.nan_to_num(0.0), want.nan_to_num(0.0)) < TOL[dtype]
 
 
 def test_store_kvcache_skips_minus_one():

@@ -11,8 +11,8 @@ import torch
 
 from cluster.kernels import reference
 
-__all__ = ["apply_rotary", "linear", "paged_attention", "paged_decode_attention", "rms_norm", "silu_and_mul",
-           "store_kvcache"]
+__all__ = ["linear", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
+           "silu_and_mul", "store_kvcache"]
 
 _modules: dict[str, ModuleType | None] = {}
 
@@ -29,14 +29,19 @@ def _triton(name: str, t: torch.Tensor) -> ModuleType | None:
     return _modules[name]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+           ) -> torch.Tensor:
     """x @ weight.T + bias. One row of half-precision activations on CUDA (decode at batch 1, where the step is
-    bound by reading the weights) goes through the Triton GEMV, which reads them faster than cuBLAS."""
+    bound by reading the weights) goes through the Triton GEMV, which reads them faster than cuBLAS.
+
+    gated: weight is the MLP's [gate; up] and the result is silu_and_mul of the product, applied inside the GEMV
+    where it runs."""
     if x.shape[0] == 1 and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
         mod = _triton("gemv", x)
         if mod is not None:
-            return mod.gemv(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
+            return mod.gemv(x, weight, bias, gated)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return silu_and_mul(y) if gated else y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -49,15 +54,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (_triton("activation", x) or reference).silu_and_mul(x)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
-    """Neox rotary on q [T, Hq, D] and k [T, Hkv, D]; the Triton path rotates in place and returns q, k."""
-    return (_triton("rotary", q) or reference).apply_rotary(q, k, positions, cos_sin)
-
-
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> None:
     """Write K/V [T, Hkv, D] into their cache slots (slot -1 skips)."""
     return (_triton("kvcache", k) or reference).store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Neox rotary of q [T, Hq, D] and k [T, Hkv, D] at `positions`, then store_kvcache of k and v (one kernel on the
+    GPU); returns the rotated q (rotated in place by the Triton path)."""
+    return (_triton("rotary", q) or reference).rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                                               slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

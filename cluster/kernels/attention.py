@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from cluster.kernels import pdl
+from cluster.kernels.pdl import wait_for_previous
+
 LOG2E = 1.4426950408889634
 
 # Launch parameters; module-level so the benchmark can sweep them and the tests can shrink them. Defaults from the H100
@@ -229,7 +232,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr, qk_scale,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                          NUM_SPLITS, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
-                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -265,7 +269,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, 
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _decode_reduce_kernel(mo_ptr, mlse_ptr, o_ptr, stride_ob, stride_oh, NUM_SPLITS,
-                          D: tl.constexpr, SPLITS_P: tl.constexpr):
+                          D: tl.constexpr, SPLITS_P: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_P)
@@ -325,8 +330,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1],
-        BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl.launch_args(q))
     if splits > 1:
         _decode_reduce_kernel[(B, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, D=d,
-                                       SPLITS_P=triton.next_power_of_2(splits), num_warps=4)
+                                       SPLITS_P=triton.next_power_of_2(splits), num_warps=4, **pdl.launch_args(q))
     return out

@@ -4,6 +4,10 @@ A batch-1 decode step does nothing but stream the weights once, so its speed is 
 H100 cuBLAS reads a Llama-3-8B step's weights at 2.71 TB/s; this kernel at 2.95 TB/s, against 3.03 TB/s for a
 plain read (benchmarks/gemv_headroom.py). Each program owns BLOCK_N rows of W and streams them along K in
 contiguous BLOCK_K chunks, accumulating in fp32.
+
+GATED: W is the MLP's stacked [gate; up] (2N rows) and the output is silu(x @ gate.T) * (x @ up.T): each program
+streams its BLOCK_N gate rows and the matching up rows against one load of x, and applies the activation to its own
+outputs (rounded to x's dtype at the same points as the separate kernel), which saves a launch per layer.
 """
 import os
 
@@ -11,41 +15,75 @@ import torch
 import triton
 import triton.language as tl
 
+from cluster.kernels import pdl
+from cluster.kernels.pdl import wait_for_previous
+
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
            for bn in (2, 4, 8, 16) for bk in (512, 1024) for w in (4, 8) for s in (2, 4)
            if bn * bk <= 8192]
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64}  # the interpreter cannot time configs
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K"])
+@triton.autotune(configs=CONFIGS, key=["N", "K", "GATED"])
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                 USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = rn.to(tl.int64)[:, None] * K  # int64: the LM head's N * K passes 2**31 elements
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    row_up = row + N * K  # GATED: the up rows, N below their gate rows
+    # The first chunk of weights is loaded before waiting on the kernel that produces x (see pdl.py), so the weight
+    # stream is already under way when x arrives; the loop then carries on from the second chunk.
+    rk = tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    w = tl.load(w_ptr + row + rk[None, :], mask=mask, other=0.0)
+    w_up = w
+    if GATED:
+        w_up = tl.load(w_ptr + row_up + rk[None, :], mask=mask, other=0.0)
+    wait_for_previous(USE_PDL)
+    x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+    acc = w.to(tl.float32) * x
+    acc_up = w_up.to(tl.float32) * x  # unused unless GATED
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + row + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_ptr + row + rk[None, :], mask=mask, other=0.0)
+        acc += w.to(tl.float32) * x
+        if GATED:
+            w_up = tl.load(w_ptr + row_up + rk[None, :], mask=mask, other=0.0)
+            acc_up += w_up.to(tl.float32) * x
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.sum(acc_up, axis=1)
+        if HAS_BIAS:
+            up += tl.load(b_ptr + N + rn, mask=rn < N, other=0.0).to(tl.float32)
+        dt = y_ptr.dtype.element_ty
+        gate = y.to(dt).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        y = act * up.to(dt).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] contiguous, weight [N, K] contiguous -> [1, N] in x's dtype."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+         ) -> torch.Tensor:
+    """x [1, K] contiguous, weight [N, K] contiguous -> [1, N] in x's dtype; gated: weight is [gate; up] and the
+    result [1, N/2] is silu(gate part) * up part."""
     n, k = weight.shape
     assert x.shape == (1, k) and x.is_contiguous() and weight.is_contiguous(), (x.shape, weight.shape)
+    if gated:
+        assert n % 2 == 0, n
+        n //= 2
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y  # any pointer; unread without HAS_BIAS
     if os.environ.get("TRITON_INTERPRET") == "1":
         cfg = INTERPRETER_CONFIG
-        _gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](x, weight, b, y, n, k, bias is not None, **cfg)
+        _gemv_kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](x, weight, b, y, n, k, bias is not None, gated, **cfg,
+                                                              **pdl.launch_args(x))
     else:
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, b, y, n, k, bias is not None)
+        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, b, y, n, k, bias is not None, gated,
+                                                                             **pdl.launch_args(x))
     return y
 
 

@@ -3,13 +3,18 @@ import torch
 import triton
 import triton.language as tl
 
+from cluster.kernels import pdl
+from cluster.kernels.pdl import wait_for_previous
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, stride_x, stride_r, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
+    wait_for_previous(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -19,7 +24,6 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, stride_x, stride_r,
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
     normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -42,5 +46,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(rows,)](
             x2, r2 if r2 is not None else x2, weight, out, rout if rout is not None else out,
             x2.stride(0), r2.stride(0) if r2 is not None else 0, N, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)))
+            HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
+            **pdl.launch_args(x))
     return out if residual is None else (out, rout)

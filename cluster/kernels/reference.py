@@ -54,6 +54,15 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+    """apply_rotary, then store_kvcache of the rotated k and v; returns the rotated q."""
+    q, k = apply_rotary(q, k, positions, cos_sin)
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
     bs = cache.shape[1]
     nblocks = (n + bs - 1) // bs

@@ -1,7 +1,11 @@
-"""Triton neox-style rotary embedding, applied in place to q and k (one program per token, all heads)."""
+"""Triton neox-style rotary embedding fused with the store of this step's K/V into the paged cache (one program per
+token, all heads): q is rotated in place, k is rotated on its way into the cache."""
 import torch
 import triton
 import triton.language as tl
+
+from cluster.kernels import pdl
+from cluster.kernels.pdl import wait_for_previous
 
 
 @triton.jit
@@ -18,29 +22,48 @@ def _rotate(ptr, stride_t, stride_h, t, H, cos, sin, BLOCK_H: tl.constexpr, HALF
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cs_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-                   HQ, HK, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr):
+def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+                         stride_cb, stride_cslot, stride_ch, HQ, HK,
+                         BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr,
+                         BLOCK_HALF: tl.constexpr, PAGE: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]
     cos = tl.load(cs_ptr + pos * stride_cs + d, mask=d < HALF, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
     _rotate(q_ptr, stride_qt, stride_qh, t, HQ, cos, sin, BLOCK_HQ, HALF, BLOCK_HALF)
-    _rotate(k_ptr, stride_kt, stride_kh, t, HK, cos, sin, BLOCK_HK, HALF, BLOCK_HALF)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:  # -1: a padding token (a CUDA-graph batch slot), nothing to store
+        h = tl.arange(0, BLOCK_HK)[:, None]
+        mask = (h < HK) & (d < HALF)
+        kp = k_ptr + t * stride_kt + h * stride_kh + d
+        k1 = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
+        k2 = tl.load(kp + HALF, mask=mask, other=0.0).to(tl.float32)
+        vp = v_ptr + t * stride_vt + h * stride_vh + d
+        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cslot + h * stride_ch + d
+        out_ty = kc_ptr.dtype.element_ty
+        tl.store(kc_ptr + dst, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty).to(out_ty), mask=mask)
+        tl.store(kc_ptr + dst + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty).to(out_ty), mask=mask)
+        tl.store(vc_ptr + dst, tl.load(vp, mask=mask).to(out_ty), mask=mask)
+        tl.store(vc_ptr + dst + HALF, tl.load(vp + HALF, mask=mask).to(out_ty), mask=mask)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
-    """Rotate q [T, Hq, D] and k [T, Hkv, D] IN PLACE (any token/head strides) and return them.
-
-    In place because q and k are views of the fresh qkv projection: rewriting them saves an allocation and a copy.
-    """
+def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate q IN PLACE and return it; rotate k straight into its cache slot and copy v beside it (k itself is
+    left as it was: attention reads keys from the cache). One launch where rotary and store_kvcache would take two."""
     T, HQ, D = q.shape
     HK = k.shape[1]
-    assert q.stride(2) == 1 and k.stride(2) == 1 and cos_sin.stride(1) == 1 and D % 2 == 0
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and cos_sin.stride(1) == 1 and D % 2 == 0
+    assert k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
     if T:
-        _rotary_kernel[(T,)](q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                             cos_sin.stride(0), HQ, HK, BLOCK_HQ=triton.next_power_of_2(HQ),
-                             BLOCK_HK=triton.next_power_of_2(HK), HALF=D // 2,
-                             BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
-    return q, k
+        _rotary_store_kernel[(T,)](
+            q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HQ, HK,
+            BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK), HALF=D // 2,
+            BLOCK_HALF=triton.next_power_of_2(D // 2), PAGE=k_cache.shape[1], num_warps=4, **pdl.launch_args(q))
+    return q

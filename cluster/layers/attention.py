@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cluster import kernels
+from cluster.layers.rotary import Rotary
 
 
 @dataclass
@@ -29,8 +30,14 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        kernels.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
+                positions: torch.Tensor | None = None, rotary: Rotary | None = None) -> torch.Tensor:
+        """With `rotary`, q and k are rotated at `positions` first, in the same kernel as the K/V store."""
+        if rotary is not None:
+            q = kernels.rotary_and_store(q, k, v, positions, rotary.cos_sin, self.k_cache, self.v_cache,
+                                         meta.slot_mapping)
+        else:
+            kernels.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.decode_only:
             return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
                                                   meta.context_lens, self.scale, meta.max_context_len)

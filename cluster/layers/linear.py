@@ -26,11 +26,13 @@ def cpu_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias: through the packed weight on the CPU, through cluster.kernels.linear elsewhere."""
+           packed: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x @ weight.T + bias: through the packed weight on the CPU, through cluster.kernels.linear elsewhere.
+    gated: the result is silu_and_mul of the product (see kernels.linear)."""
     if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return kernels.linear(x, weight, bias)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return kernels.silu_and_mul(y) if gated else y
+    return kernels.linear(x, weight, bias, gated)
 
 
 def pack_cpu_weights(model: nn.Module) -> None:
@@ -58,8 +60,9 @@ class ColumnLinear(PackableLinear):
         self.weight = nn.Parameter(torch.empty(out_features_per_rank, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features_per_rank), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.weight, self.bias, self.packed)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """gated: the weight is the MLP's [gate; up] and the result silu(gate) * up (fused into the one-row GEMV)."""
+        return matmul(x, self.weight, self.bias, self.packed, gated)
 
 
 class RowLinear(PackableLinear):

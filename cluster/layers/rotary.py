@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cluster import kernels
-
 
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, attention_scaling: float = 1.0):
@@ -22,6 +20,3 @@ class Rotary(nn.Module):
         t = torch.arange(max_positions or self.max_positions, dtype=torch.float32, device=inv.device)
         freqs = torch.outer(t, inv)
         self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return kernels.apply_rotary(q, k, positions, self.cos_sin)

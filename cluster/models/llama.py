@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cluster import kernels
 from cluster.layers.attention import AttnMetadata, PagedAttention
 from cluster.layers.embedding import LMHead, VocabEmbedding
 from cluster.layers.linear import ColumnLinear, RowLinear
@@ -42,8 +41,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        q, k = rotary(positions, q, k)
-        o = a(q, k, v, meta)
+        o = a(q, k, v, meta, positions, rotary)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -55,7 +53,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowLinear(ffn, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x, gated=True))
 
 
 class LlamaDecoderLayer(nn.Module):
