@@ -1,8 +1,9 @@
 """The plot of docs/benchmarks.md: output tokens/s against concurrency for our engine, transformers and the
 bandwidth floor, from bench_engine.py's JSON. `--transformers OTHER.json` takes transformers' points from an
-earlier run on the same machine type when this one skipped them (--skip-hf).
+earlier run on the same machine type when this one skipped them (--skip-hf); `--floor-tbps` draws the floor at
+another measured read bandwidth.
 
-    python benchmarks/plot_throughput.py RUN.json OUT.png [--transformers EARLIER.json]
+    python benchmarks/plot_throughput.py RUN.json OUT.png [--transformers EARLIER.json] [--floor-tbps 3.05]
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import json
 from pathlib import Path
 
 
-def plot(results: dict, out_png: Path, hf_res: dict | None = None, hf_label: str = "transformers generate") -> None:
+def plot(results: dict, out_png: Path, hf_res: dict | None = None, hf_label: str = "transformers generate",
+         floor_tbps: float | None = None) -> None:
+    """floor_tbps: draw the floor at this read bandwidth instead of the one the run measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +25,12 @@ def plot(results: dict, out_png: Path, hf_res: dict | None = None, hf_label: str
     xs = sorted(sweep)
     plt.figure(figsize=(6, 4))
     plt.plot(xs, [sweep[c]["ours"] for c in xs], "o-", label="cluster (ours)")
-    plt.plot(xs, [sweep[c]["floor"] for c in xs], "k--", label="bandwidth floor")
+    ceil = results.get("ceilings", {})
+    measured = ceil.get("read_bytes_per_s", ceil.get("copy_bytes_per_s"))
+    scale = floor_tbps * 1e12 / measured if floor_tbps and measured else 1.0
+    tbps = measured * scale / 1e12 if measured else None
+    plt.plot(xs, [sweep[c]["floor"] * scale for c in xs], "k--",
+             label=f"bandwidth floor ({tbps:.2f} TB/s)" if tbps else "bandwidth floor")
     hx = [c for c in (1, 64) if f"decode-{c}" in (hf_res or {})]
     if hx:
         plt.plot(hx, [hf_res[f"decode-{c}"] for c in hx], "s-", label=hf_label)
@@ -42,13 +50,14 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("out")
     ap.add_argument("--transformers", default=None)
+    ap.add_argument("--floor-tbps", type=float, default=None, help="read bandwidth for the floor line (TB/s)")
     args = ap.parse_args()
     results = json.loads(Path(args.run).read_text())
     hf, label = None, "transformers generate"
     if args.transformers:
         hf = json.loads(Path(args.transformers).read_text())["transformers"]
         label += f" ({Path(args.transformers).name})"
-    plot(results, Path(args.out), hf, label)
+    plot(results, Path(args.out), hf, label, args.floor_tbps)
 
 
 if __name__ == "__main__":

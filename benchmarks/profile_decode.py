@@ -1,17 +1,44 @@
-"""Where a decode step's time goes on the GPU: host-side phases (schedule, prepare, execute, sample) timed with
-synchronisation, then a torch profiler table. For finding the gap between measured decode speed and the floor.
+"""Where a decode step's time goes on the GPU: engine.step() with overlapped steps on and off, the host-side phases of
+a serial step (schedule, prepare, execute, sample) timed with synchronisation, then a torch profiler table of
+overlapped steps. For finding the gap between measured decode speed and the floor.
 
     python benchmarks/profile_decode.py [--shape llama3-8b] [--batch 1 64]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 
 import torch
 
-from bench_engine import engine_from_hf, rand_prompts, random_hf_model
+from bench_engine import engine_from_hf, rand_prompts, random_hf_model, steady_step_ms
+
+
+def check_pdl(eng, prompts: list[list[int]]) -> None:
+    """Greedy tokens with programmatic dependent launch off, then on (graphs recaptured each time): a kernel that
+    read its predecessor's output before waiting for it would change them. Then the step time of each, at batch 1."""
+    from cluster.config import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=48, temperature=0.0, ignore_eos=True)
+    runner, tokens = eng.runner, {}
+    eng.bm.enable_prefix_caching = False  # a cache hit changes what is prefilled, so the bf16 roundings, so tokens
+    for flag in ("0", "1"):
+        os.environ["CLUSTER_PDL"] = flag
+        runner.graphs.clear()
+        runner._capture_graphs()
+        tokens[flag] = [r.token_ids for r in eng.generate(prompts, gen)]  # batch 4, then 3.. 1 as they finish
+        tokens[flag] += [r.token_ids for r in eng.generate(prompts[:1], gen)]  # batch 1: the GEMV path
+        ms = steady_step_ms(eng, prompts[:1])
+        print(f"PDL {'on ' if flag == '1' else 'off'}: batch 1 engine.step() {ms:.2f} ms ({1e3 / ms:.0f} tok/s)",
+              flush=True)
+    eng.bm.enable_prefix_caching = True
+    same = tokens["0"] == tokens["1"]
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(tokens["0"], tokens["1"])]
+    print(f"PDL on == off, greedy tokens of 5 requests x 48: {same} (first difference per request: {firsts})",
+          flush=True)
+    assert same, "programmatic dependent launch changed the tokens"
 
 
 def main() -> None:
@@ -29,15 +56,20 @@ def main() -> None:
     torch.cuda.empty_cache()
     rng = random.Random(0)
     runner = eng.runner
+    check_pdl(eng, rand_prompts(4, 200, vocab, rng))
     for bsz in args.batch:
+        prompts = rand_prompts(bsz, 512, vocab, rng)
+        for overlap in (True, False):
+            eng.overlap = overlap
+            ms = steady_step_ms(eng, prompts)
+            print(f"batch {bsz}: engine.step() {ms:.2f} ms ({bsz / ms * 1e3:.0f} tok/s), overlap "
+                  f"{'on' if overlap else 'off'}", flush=True)
         gen = GenerationConfig(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
-        rids = [eng.add_request(p, gen) for p in rand_prompts(bsz, 512, vocab, rng)]
+        rids = [eng.add_request(p, gen) for p in prompts]
         while any(s.num_uncomputed > 1 for s in eng.scheduler.running) or eng.scheduler.waiting:
             eng.step()
-        for _ in range(5):
-            eng.step()
-        phases = {"schedule": 0.0, "prepare": 0.0, "execute": 0.0, "sample+post": 0.0}
         n = 30
+        phases = {"schedule": 0.0, "prepare": 0.0, "execute": 0.0, "sample+post": 0.0}  # overlap off: serial
         t_all = time.perf_counter()
         for _ in range(n):
             t0 = time.perf_counter()
@@ -62,11 +94,9 @@ def main() -> None:
         graph = bsz <= getattr(runner, "_graph_max_bs", 0) and bool(runner.graphs)
         print(f"batch {bsz}: {total:.2f} ms/step ({bsz / total * 1e3:.0f} tok/s), graph={graph}, "
               + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()), flush=True)
-        t = time.perf_counter()
-        for _ in range(n):
+        eng.overlap = True
+        for _ in range(3):
             eng.step()
-        torch.cuda.synchronize()
-        print(f"batch {bsz}: engine.step() {(time.perf_counter() - t) * 1e3 / n:.2f} ms", flush=True)
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
