@@ -1,6 +1,6 @@
 """Overlapped decode steps (EngineConfig.overlap_steps): a step launched before the previous step's tokens are read
 must produce exactly what the plain step loop produces, free every block, and fall back cleanly when it cannot
-know the next step (new requests, penalties, logprobs, aborts)."""
+know the next step (new requests, aborts)."""
 import pytest
 
 from cluster.config import EngineConfig, GenerationConfig
@@ -59,13 +59,30 @@ def test_seeded_sampling_and_stop_tokens_match(plain, overlapped):
     assert overlapped.bm.num_free == overlapped.bm.num_blocks
 
 
-def test_penalties_and_logprobs_fall_back_to_plain_steps(plain, overlapped):
-    gen = G.model_copy(update={"repetition_penalty": 1.3, "logprobs": 2})
+def test_penalties_and_min_tokens_count_the_token_in_flight(plain, overlapped):
+    gen = G.model_copy(update={"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.3})
+    want = plain.generate(PROMPTS[:3], gen)
+    before = overlapped.stats.steps_ahead
+    got = overlapped.generate(PROMPTS[:3], gen)
+    assert overlapped.stats.steps_ahead - before >= 10
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    # min_new_tokens masks a stop token until the count is reached, counting the token still on the device: a stop
+    # token first drawn right at the first allowed position must stop there (a stale count would mask it once more)
+    greedy = plain.generate([PROMPTS[1]], G)[0].token_ids
+    j = next(j for j in range(3, len(greedy)) if greedy[j] not in greedy[:j])
+    early = GenerationConfig(max_new_tokens=20, temperature=0.0, stop_token_ids=[greedy[j]], min_new_tokens=j)
+    got_early = overlapped.generate([PROMPTS[1]], early)[0]
+    assert got_early.token_ids == greedy[:j + 1] and got_early.finish_reason == "stop"
+
+
+def test_logprobs_run_ahead(plain, overlapped):
+    gen = G.model_copy(update={"logprobs": 2})
     want = plain.generate(PROMPTS[:2], gen)
     before = overlapped.stats.steps_ahead
     got = overlapped.generate(PROMPTS[:2], gen)
-    assert overlapped.stats.steps_ahead == before
+    assert overlapped.stats.steps_ahead - before >= 10
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [r.logprobs for r in got] == [r.logprobs for r in want]
     assert [len(r.logprobs) for r in got] == [20, 20]
 
 

@@ -14,7 +14,7 @@ from cluster.convert.cache import ensure_converted, resolve_dtype
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import PromptTooLongError
 from cluster.engine.model_runner import ModelRunner, default_device, load_shard
-from cluster.engine.sampler import Drawn, draw, read_out
+from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.engine.tokenizer import IncrementalDetokenizer, Prompt, Tokenizer
@@ -173,9 +173,9 @@ class LLMEngine:
 
         With overlap on, a decode step is launched before the previous step's tokens are read: its input ids are
         those tokens, still on the device. The host then appends them and runs the stop checks while the GPU works,
-        and the call returns the previous step's outputs. Anything the step ahead cannot know (a request to admit, a
-        prefill chunk, penalties that need the latest token) ends the overlap: the step in flight is read out, and
-        the next call schedules afresh."""
+        and the call returns the previous step's outputs; penalties and min_new_tokens count the token in flight.
+        Anything the step ahead cannot know (a request to admit, a prefill chunk) ends the overlap: the step in flight
+        is read out, and the next call schedules afresh."""
         prev, self._in_flight = self._in_flight, None
         if prev is not None and all(seq.is_finished for seq in prev.sampled):
             prev = None  # all aborted while in flight: nothing to read
@@ -186,7 +186,7 @@ class LLMEngine:
                 rows = [row_of[seq] for seq, _ in ahead]
                 ids = prev.drawn.tokens
                 if rows != list(range(len(prev.sampled))):
-                    ids = ids[torch.tensor(rows, device=ids.device)]
+                    ids = ids[to_device(rows, torch.long, ids.device)]
                 self._in_flight = self._launch(ahead, ids)
                 self.stats.steps_ahead += 1
             outputs = self._collect(prev)
@@ -208,7 +208,7 @@ class LLMEngine:
         logits = self.runner.execute(step, input_ids) if input_ids is not None else self.runner.execute(step)
         self.stats.steps += 1
         sampled = [seq for seq, n in plan if seq.num_computed_tokens + n >= len(seq)]
-        return Launched(plan, sampled, draw(logits, sampled) if sampled else None)
+        return Launched(plan, sampled, draw(logits, sampled, input_ids) if sampled else None)
 
     def _collect(self, launched: Launched) -> list[RequestOutput]:
         if launched.drawn is None:
@@ -223,7 +223,7 @@ class LLMEngine:
         token, fed from `prev` on the device. Sequences that `prev`'s token surely finishes (length) sit out.
         Empty when the step cannot be known ahead; blocks are allocated unless `dry_run`."""
         sched = self.scheduler
-        if prev.drawn is None or prev.drawn.logprobs is not None:
+        if prev.drawn is None:
             return []
         if sched.waiting and len(sched.running) < sched.max_batch_size:
             return []  # room to admit: schedule afresh (a full batch admits nobody, so it runs ahead)
@@ -231,9 +231,8 @@ class LLMEngine:
         ahead: list[tuple[Sequence, int]] = []
         for seq in sched.running:
             gen = seq.gen
-            if (seq not in sampled or seq.num_computed_tokens != len(seq) or seq.num_output_tokens < gen.min_new_tokens
-                    or gen.repetition_penalty != 1.0 or gen.presence_penalty or gen.frequency_penalty):
-                return []
+            if seq not in sampled or seq.num_computed_tokens != len(seq):
+                return []  # still prefilling
             if seq.num_output_tokens + 1 >= gen.max_new_tokens or len(seq) + 1 >= self.session_len:
                 continue  # finishes on the token in flight
             ahead.append((seq, 1))

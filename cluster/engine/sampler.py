@@ -5,6 +5,7 @@ top-p + min-p, drawn as argmax(p / Exp(1)) so a request with a seed draws from i
 same tokens whatever else is in the batch."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,16 @@ class Drawn:
     want_lp: list[bool]
 
 
-def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a stream sync (a plain copy to a GPU waits for every queued kernel,
+    which would stall an overlapped step behind the one still running)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | None) -> torch.Tensor:
+    """pending [N] (device): each row's latest token, drawn but not yet appended on the host (an overlapped step);
+    it counts as seen and as output, without a sync."""
     rows = [i for i, s in enumerate(seqs) if s.gen.repetition_penalty != 1.0 or s.gen.presence_penalty
             or s.gen.frequency_penalty]
     if not rows:
@@ -39,22 +49,29 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     for i in rows:
         g = seqs[i].gen
         row = logits[i]
-        if g.repetition_penalty != 1.0:  # HF semantics: over prompt and output tokens
-            seen = torch.tensor(sorted(set(seqs[i].token_ids)), device=dev, dtype=torch.long)
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / g.repetition_penalty, vals * g.repetition_penalty)
+        latest = pending[i:i + 1] if pending is not None else None
+        if g.repetition_penalty != 1.0:  # HF semantics: over prompt and output tokens, each once
+            seen = torch.zeros(V, dtype=torch.bool, device=dev)
+            seen[to_device(sorted(set(seqs[i].token_ids)), torch.long, dev)] = True
+            if latest is not None:
+                seen[latest] = True
+            p = g.repetition_penalty
+            row.copy_(torch.where(seen, torch.where(row > 0, row / p, row * p), row))
         if g.presence_penalty or g.frequency_penalty:  # OpenAI semantics: over output tokens
-            out = seqs[i].output_ids
-            if out:
-                counts = torch.bincount(torch.tensor(out, device=dev), minlength=V)[:V].to(row.dtype)
+            out = Counter(seqs[i].output_ids)
+            if out or latest is not None:
+                counts = torch.zeros(V, dtype=row.dtype, device=dev)
+                counts.index_add_(0, to_device(list(out), torch.long, dev), to_device(list(out.values()), row.dtype, dev))
+                if latest is not None:
+                    counts.index_add_(0, latest, torch.ones(1, dtype=row.dtype, device=dev))
                 row -= g.frequency_penalty * counts + g.presence_penalty * (counts > 0).to(row.dtype)
     return logits
 
 
-def _mask_early_stop(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def _mask_early_stop(logits: torch.Tensor, seqs: list[Sequence], ahead: int) -> None:
     for i, s in enumerate(seqs):
-        if s.num_output_tokens < s.gen.min_new_tokens and s.stop_ids:
-            logits[i, list(s.stop_ids)] = float("-inf")
+        if s.num_output_tokens + ahead < s.gen.min_new_tokens and s.stop_ids:
+            logits[i].index_fill_(0, to_device(sorted(s.stop_ids), torch.long, logits.device), float("-inf"))
 
 
 @torch.inference_mode()
@@ -63,11 +80,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
 
 
 @torch.inference_mode()
-def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Drawn:
-    """Pick each row's token on the device and start copying the tokens out; nothing here waits for the GPU."""
+def draw(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | None = None) -> Drawn:
+    """Pick each row's token on the device and start copying the tokens out; nothing here waits for the GPU.
+    pending: see _apply_penalties."""
     logits = logits.float()
-    logits = _apply_penalties(logits, seqs)
-    _mask_early_stop(logits, seqs)
+    logits = _apply_penalties(logits, seqs, pending)
+    _mask_early_stop(logits, seqs, 1 if pending is not None else 0)
     want_lp = [s.gen.logprobs is not None for s in seqs]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
@@ -76,12 +94,12 @@ def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Drawn:
         tokens = logits.argmax(dim=-1)
     else:
         dev = logits.device
-        temps = torch.tensor([1.0 if s.gen.greedy else s.gen.temperature for s in seqs], device=dev)
+        temps = to_device([1.0 if s.gen.greedy else s.gen.temperature for s in seqs], torch.float32, dev)
         x = logits / temps.unsqueeze(1)
         top_k = [s.gen.top_k for s in seqs]
         if any(k > 0 for k in top_k):
             V = x.shape[1]
-            ks = torch.tensor([k if k > 0 else V for k in top_k], device=dev).clamp(max=V)
+            ks = to_device([min(k, V) if k > 0 else V for k in top_k], torch.long, dev)
             kth = torch.sort(x, dim=-1, descending=True).values.gather(1, (ks - 1).unsqueeze(1))
             x = x.masked_fill(x < kth, float("-inf"))
         probs = torch.softmax(x, dim=-1)
@@ -89,19 +107,19 @@ def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Drawn:
         if any(p < 1.0 for p in top_p):
             sp, idx = torch.sort(probs, dim=-1, descending=True)
             cum = sp.cumsum(dim=-1)
-            drop = (cum - sp) > torch.tensor(top_p, device=dev).unsqueeze(1)
+            drop = (cum - sp) > to_device(top_p, torch.float32, dev).unsqueeze(1)
             sp = sp.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(1, idx, sp)
         min_p = [s.gen.min_p for s in seqs]
         if any(p > 0 for p in min_p):
-            thresh = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=dev).unsqueeze(1)
+            thresh = probs.max(dim=-1, keepdim=True).values * to_device(min_p, torch.float32, dev).unsqueeze(1)
             probs = probs.masked_fill(probs < thresh, 0.0)
         noise = torch.empty_like(probs).exponential_()
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 noise[i].exponential_(generator=s.generator)
         sampled = (probs / noise).argmax(dim=-1)
-        greedy_rows = torch.tensor([s.gen.greedy for s in seqs], device=dev)
+        greedy_rows = to_device([s.gen.greedy for s in seqs], torch.bool, dev)
         tokens = torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
 
     if tokens.is_cuda:
