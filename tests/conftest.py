@@ -41,7 +41,8 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
     """Returns (checkpoint dir, the transformers model to compare with)."""
     import transformers as tf
 
-    torch.manual_seed({"llama": 0, "llama3": 1, "mistral": 2, "qwen2": 3, "internlm2": 0, "gqa1": 4}[kind])
+    torch.manual_seed({"llama": 0, "llama3": 1, "mistral": 2, "qwen2": 3, "internlm2": 0, "gqa1": 4, "mixtral": 6,
+                       "qwen2_moe": 7}[kind])
     if kind in ("llama", "internlm2"):
         cfg = tf.LlamaConfig(**TINY)
     elif kind == "gqa1":
@@ -54,10 +55,15 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
         cfg = tf.MistralConfig(**TINY, sliding_window=None)
     elif kind == "qwen2":
         cfg = tf.Qwen2Config(**TINY, tie_word_embeddings=True)
+    elif kind == "mixtral":
+        cfg = tf.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    elif kind == "qwen2_moe":  # layer 0 experts + a gated shared expert, layer 1 a dense MLP
+        cfg = tf.Qwen2MoeConfig(**TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                shared_expert_intermediate_size=90, mlp_only_layers=[1])
     else:
         raise ValueError(kind)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    if kind == "qwen2":  # make the qkv bias matter
+    if kind in ("qwen2", "qwen2_moe"):  # make the qkv bias matter
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.5)

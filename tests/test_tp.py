@@ -55,9 +55,10 @@ def test_step_plan_roundtrip():
     assert (back.max_context_len, back.decode_only) == (10, False)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gqa1", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "gqa1", "qwen2", "mixtral", "qwen2_moe"])
 def test_tp2_matches_tp1_and_transformers(kind, tiny_models, engine_cache):
-    """Llama; GQA with 1 KV head over 2 ranks (replicated, not split); Qwen2 (qkv bias, tied embeddings)."""
+    """Llama; GQA with 1 KV head over 2 ranks (replicated, not split); Qwen2 (qkv bias, tied embeddings); Mixtral
+    and Qwen2-MoE (every expert's FFN split over the ranks, the router replicated)."""
     path, hf_model = tiny_models(kind)
     with tp_pipeline(str(path), _ec(engine_cache, 2)) as pipe:
         # a tp=1 engine in the same process, while the tp=2 group is open, is unaffected by it

@@ -4,6 +4,9 @@ Engine names per rank (qkv and gate/up fused, already sliced for the rank):
   embed_tokens.weight, [lm_head.weight], norm.weight, rotary.inv_freq,
   layers.{i}.input_layernorm.weight, layers.{i}.self_attn.qkv_proj.{weight,bias}, layers.{i}.self_attn.o_proj.weight,
   layers.{i}.post_attention_layernorm.weight, layers.{i}.mlp.gate_up_proj.weight, layers.{i}.mlp.down_proj.weight
+Expert layers (Mixtral, Qwen2-MoE) have instead, every expert on every rank, sliced along its FFN width:
+  layers.{i}.mlp.gate.weight, layers.{i}.mlp.w13, layers.{i}.mlp.w2,
+  [layers.{i}.mlp.shared_expert.{gate_up_proj,down_proj}.weight, layers.{i}.mlp.shared_expert_gate.weight]
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 
 from cluster.models.config import ModelConfig
 
-LLAMA_FAMILY = {"llama", "mistral", "qwen2", "internlm2", "internlm", "smollm"}
+LLAMA_FAMILY = {"llama", "mistral", "qwen2", "internlm2", "internlm", "smollm", "mixtral", "qwen2_moe"}
 
 
 @dataclass
@@ -141,16 +144,59 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str) -> ModelConfig:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False) or hf.get("bias", False) or model_type == "qwen2"),
+        attention_bias=bool(hf.get("attention_bias", False) or hf.get("bias", False) or model_type == "qwen2"
+                            or (model_type == "qwen2_moe" and hf.get("qkv_bias", True))),
         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
         bos_token_id=hf.get("bos_token_id"),
         dtype=dtype,
         tp=tp,
         source=source,
         hf_model_type=model_type,
+        **_moe_fields(hf, model_type),
     )
     cfg.check_tp(tp)
     return cfg
+
+
+def _moe_fields(hf: dict, model_type: str) -> dict:
+    layers = hf["num_hidden_layers"]
+    if model_type == "mixtral":
+        return dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+                    moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True,
+                    sparse_layers=list(range(layers)))
+    if model_type == "qwen2_moe":
+        step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
+        sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0] if hf.get("num_experts") else []
+        return dict(num_experts=hf.get("num_experts", 0) if sparse else 0,
+                    num_experts_per_tok=hf.get("num_experts_per_tok", 0), moe_intermediate_size=hf["moe_intermediate_size"],
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) or 0,
+                    sparse_layers=sparse)
+    return {}
+
+
+def _hf_expert_tensors(get, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    """One expert layer's full tensors: gate, up [E, F, H] and down [E, H, F] stacked over experts, the router,
+    and Qwen2-MoE's shared expert. Reads per-expert checkpoints (what Mixtral and Qwen ship, and what transformers
+    saves) and transformers' fused 3D layout."""
+    mixtral = cfg.hf_model_type == "mixtral"
+    p = f"model.layers.{i}." + ("block_sparse_moe." if mixtral else "mlp.")
+    names = getattr(get, "names", set())
+    if p + "experts.gate_up_proj" in names:
+        gate_up = get(p + "experts.gate_up_proj")
+        gate, up = gate_up.chunk(2, dim=1)
+        down = get(p + "experts.down_proj")
+    else:
+        w1, w3, w2 = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        experts = range(cfg.num_experts)
+        gate = torch.stack([get(f"{p}experts.{e}.{w1}.weight") for e in experts])
+        up = torch.stack([get(f"{p}experts.{e}.{w3}.weight") for e in experts])
+        down = torch.stack([get(f"{p}experts.{e}.{w2}.weight") for e in experts])
+    t = {"router": get(p + "gate.weight"), "e_gate": gate, "e_up": up, "e_down": down}
+    if cfg.shared_expert_intermediate_size:
+        t.update(gate=get(p + "shared_expert.gate_proj.weight"), up=get(p + "shared_expert.up_proj.weight"),
+                 down=get(p + "shared_expert.down_proj.weight"), shared_gate=get(p + "shared_expert_gate.weight"))
+    return t
 
 
 def _hf_layer_tensors(get, hf: dict, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
@@ -181,12 +227,14 @@ def _hf_layer_tensors(get, hf: dict, cfg: ModelConfig, i: int) -> dict[str, torc
         "k": get(p + "self_attn.k_proj.weight"),
         "v": get(p + "self_attn.v_proj.weight"),
         "o": get(p + "self_attn.o_proj.weight"),
-        "gate": get(p + "mlp.gate_proj.weight"),
-        "up": get(p + "mlp.up_proj.weight"),
-        "down": get(p + "mlp.down_proj.weight"),
         "ln1": get(p + "input_layernorm.weight"),
         "ln2": get(p + "post_attention_layernorm.weight"),
     }
+    if cfg.is_sparse(i):
+        t.update(_hf_expert_tensors(get, cfg, i))
+    else:
+        t.update(gate=get(p + "mlp.gate_proj.weight"), up=get(p + "mlp.up_proj.weight"),
+                 down=get(p + "mlp.down_proj.weight"))
     if cfg.attention_bias:
         t.update(q_b=get(p + "self_attn.q_proj.bias"), k_b=get(p + "self_attn.k_proj.bias"),
                  v_b=get(p + "self_attn.v_proj.bias"))
@@ -206,6 +254,24 @@ def _kv_rows(x: torch.Tensor, cfg: ModelConfig, rank: int, tp: int) -> torch.Ten
     return x[head * cfg.head_dim:(head + 1) * cfg.head_dim]
 
 
+def _mlp_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -> dict[str, torch.Tensor]:
+    """A gated MLP's [gate; up] rows and down columns for one rank."""
+    return {prefix + "gate_up_proj.weight": torch.cat([_rows(t["gate"], rank, tp), _rows(t["up"], rank, tp)]),
+            prefix + "down_proj.weight": _rows(t["down"].t(), rank, tp).t()}
+
+
+def _expert_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -> dict[str, torch.Tensor]:
+    n = t["e_gate"].shape[1] // tp
+    cols = slice(rank * n, (rank + 1) * n)
+    out = {prefix + "gate.weight": t["router"],
+           prefix + "w13": torch.cat([t["e_gate"][:, cols], t["e_up"][:, cols]], dim=1),
+           prefix + "w2": t["e_down"][:, :, cols]}
+    if "shared_gate" in t:
+        out.update(_mlp_shard(t, prefix + "shared_expert.", rank, tp))
+        out[prefix + "shared_expert_gate.weight"] = t["shared_gate"]
+    return out
+
+
 def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int, i: int) -> dict[str, torch.Tensor]:
     p = f"layers.{i}."
     out = {
@@ -214,8 +280,7 @@ def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int
         p + "self_attn.qkv_proj.weight": torch.cat(
             [_rows(t["q"], rank, tp), _kv_rows(t["k"], cfg, rank, tp), _kv_rows(t["v"], cfg, rank, tp)]),
         p + "self_attn.o_proj.weight": _rows(t["o"].t(), rank, tp).t(),
-        p + "mlp.gate_up_proj.weight": torch.cat([_rows(t["gate"], rank, tp), _rows(t["up"], rank, tp)]),
-        p + "mlp.down_proj.weight": _rows(t["down"].t(), rank, tp).t(),
+        **(_expert_shard if cfg.is_sparse(i) else _mlp_shard)(t, p + "mlp.", rank, tp),
     }
     if "q_b" in t:
         out[p + "self_attn.qkv_proj.bias"] = torch.cat(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "llama" (Llama 2/3, Mistral, Qwen2, InternLM2 are all converted to it)
+    architecture: str  # "llama" (Llama 2/3, Mistral, Qwen2, InternLM2, Mixtral, Qwen2-MoE are all converted to it)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -28,6 +28,16 @@ class ModelConfig:
     tp: int = 1
     source: str = ""  # where the checkpoint came from
     hf_model_type: str = ""
+    # mixture of experts (Mixtral, Qwen2-MoE); num_experts == 0: every layer has a dense MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, gated by a sigmoid
+    sparse_layers: list[int] = field(default_factory=list)  # the layers whose MLP is the experts
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer in self.sparse_layers
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -42,7 +52,16 @@ class ModelConfig:
         """Fail early, naming the sizes that work, when heads don't split over `tp` ranks."""
         valid = [n for n in range(1, self.num_heads + 1)
                  if self.num_heads % n == 0 and (self.num_kv_heads % n == 0 or n % self.num_kv_heads == 0)
-                 and self.intermediate_size % n == 0]
+                 and all(f % n == 0 for f in self.ffn_widths())]
         if tp not in valid:
             raise ValueError(f"tp={tp} does not divide this model ({self.num_heads} heads, {self.num_kv_heads} KV heads, "
-                             f"FFN {self.intermediate_size}); valid tp sizes: {valid}")
+                             f"FFN {'/'.join(map(str, self.ffn_widths()))}); valid tp sizes: {valid}")
+
+    def ffn_widths(self) -> list[int]:
+        """Every MLP width that tensor parallelism slices: dense, per expert, shared expert."""
+        widths = [self.intermediate_size] if len(self.sparse_layers) < self.num_layers or not self.num_experts else []
+        if self.num_experts:
+            widths.append(self.moe_intermediate_size)
+        if self.shared_expert_intermediate_size:
+            widths.append(self.shared_expert_intermediate_size)
+        return widths

@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, InternLM2 after conversion) built from tensor-parallel layers.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, InternLM2 after conversion; Mixtral and Qwen2-MoE with expert
+MLPs) built from tensor-parallel layers.
 
 Parameter names are the engine format's names (see cluster/convert/hf.py); each rank builds its own slice."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ from torch import nn
 from cluster.layers.attention import AttnMetadata, PagedAttention
 from cluster.layers.embedding import LMHead, VocabEmbedding
 from cluster.layers.linear import ColumnLinear, RowLinear
+from cluster.layers.moe import SparseMoE
 from cluster.layers.norm import RMSNorm
 from cluster.layers.rotary import Rotary
 from cluster.models.config import ModelConfig
@@ -20,6 +22,8 @@ def shard_sizes(cfg: ModelConfig, tp: int) -> dict[str, int]:
         "heads": cfg.num_heads // tp,
         "kv_heads": max(1, cfg.num_kv_heads // tp),
         "ffn": cfg.intermediate_size // tp,
+        "expert_ffn": cfg.moe_intermediate_size // tp,
+        "shared_ffn": cfg.shared_expert_intermediate_size // tp,
         "vocab": -(-cfg.vocab_size // tp),
     }
 
@@ -56,13 +60,21 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.gate_up_proj(x, gated=True))
 
 
+def make_mlp(cfg: ModelConfig, tp: int, layer: int) -> nn.Module:
+    if not cfg.is_sparse(layer):
+        return LlamaMLP(cfg, tp)
+    s = shard_sizes(cfg, tp)
+    return SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, s["expert_ffn"], cfg.norm_topk_prob,
+                     s["shared_ffn"])
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int):
+    def __init__(self, cfg: ModelConfig, tp: int, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg, tp)
+        self.mlp = make_mlp(cfg, tp, layer)
 
     def forward(self, positions, x, residual, meta, rotary):
         if residual is None:
@@ -82,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
         s = shard_sizes(cfg, tp)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_attention_scaling)
         self.embed_tokens = VocabEmbedding(s["vocab"], cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = LMHead(s["vocab"], cfg.hidden_size, cfg.vocab_size,
                               tied=self.embed_tokens if cfg.tie_word_embeddings else None)

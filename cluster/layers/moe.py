@@ -1,0 +1,90 @@
+"""Mixture-of-experts MLP (Mixtral, Qwen2-MoE) over tensor-parallel ranks.
+
+Every rank holds every expert, each sliced along its FFN width like a dense MLP, so one all-reduce per layer
+finishes the experts and the shared expert together; the router is replicated and picks the same experts on
+every rank."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster import kernels
+from cluster.layers.parallel import all_reduce
+
+
+def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's top-k experts and their weights (softmax in fp32 over all experts, then top-k, as transformers
+    does; Mixtral renormalizes the k weights, Qwen2-MoE only with norm_topk_prob)."""
+    probs = torch.softmax(F.linear(x, gate_weight).float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                    experts: torch.Tensor) -> torch.Tensor:
+    """Each expert runs once on just the tokens routed to it. Reads the routing on the host (one sync), so it
+    is for eager steps; see experts_dense for captured graphs."""
+    T, k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    token_of = order // k
+    w_sorted = weights.reshape(-1)[order]
+    out = torch.zeros(T, w2.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start:start + n]
+        h = kernels.silu_and_mul(F.linear(x[rows], w13[e]))
+        y = F.linear(h, w2[e]).float() * w_sorted[start:start + n, None]
+        out.index_add_(0, rows, y)
+        start += n
+    return out.to(x.dtype)
+
+
+def experts_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                  experts: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by zero where a token did not pick it: no data-dependent shapes,
+    so it can be captured in a CUDA graph. Decode batches are small, and a step reads every expert's weights
+    anyway once the batch routes to all of them."""
+    dense = torch.zeros(x.shape[0], w13.shape[0], dtype=torch.float32, device=x.device)
+    dense.scatter_(1, experts, weights.float())
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        h = kernels.silu_and_mul(F.linear(x, w13[e]))
+        out += F.linear(h, w2[e]).float() * dense[:, e:e + 1]
+    return out.to(x.dtype)
+
+
+class SparseMoE(nn.Module):
+    """Router + experts (+ Qwen2-MoE's gated shared expert). Engine names: gate.weight [E, H],
+    w13 [E, 2 * ffn/tp, H] (gate rows then up rows), w2 [E, H, ffn/tp], shared_expert.{gate_up_proj,down_proj}.weight,
+    shared_expert_gate.weight [1, H]."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, ffn_per_rank: int, normalize: bool,
+                 shared_ffn_per_rank: int = 0):
+        super().__init__()
+        self.top_k, self.normalize = top_k, normalize
+        self.gate = nn.Linear(hidden, num_experts, bias=False).requires_grad_(False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_per_rank, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn_per_rank), requires_grad=False)
+        self.shared_expert: nn.ModuleDict | None = None
+        if shared_ffn_per_rank:
+            self.shared_expert = nn.ModuleDict({
+                "gate_up_proj": nn.Linear(hidden, 2 * shared_ffn_per_rank, bias=False).requires_grad_(False),
+                "down_proj": nn.Linear(shared_ffn_per_rank, hidden, bias=False).requires_grad_(False)})
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = route(x, self.gate.weight, self.top_k, self.normalize)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        run = experts_dense if capturing else experts_grouped
+        out = run(x, self.w13, self.w2, weights, experts)
+        if self.shared_expert is not None:  # a partial sum over this rank's FFN slice, like the experts'
+            h = kernels.silu_and_mul(self.shared_expert["gate_up_proj"](x))
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert["down_proj"](h)
+        return all_reduce(out)
