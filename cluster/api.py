@@ -8,14 +8,15 @@ from typing import Iterator, Union
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine, Response, _accumulate
+from cluster.engine.multimodal import from_tuple
 from cluster.engine.tokenizer import Prompt
 
-Prompts = Union[Prompt, list[Prompt]]
+Prompts = Union[Prompt, tuple, list[Union[Prompt, tuple]]]
 
 
 def _is_single(prompts: Prompts) -> bool:
-    if isinstance(prompts, str):
-        return True
+    if isinstance(prompts, (str, tuple)):
+        return True  # a string, or (text, image or [images])
     if isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts):
         return True  # one conversation
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
@@ -50,17 +51,22 @@ class Pipeline:
             return gen_config
         return [gen_config or self.gen_config] * n
 
-    def _preprocess(self, prompt: Prompt) -> Prompt:
-        """Like LMDeploy: a plain string is a user turn, wrapped in the model's chat template when it has one."""
+    def _preprocess(self, prompt: Prompt | tuple) -> Prompt:
+        """Like LMDeploy: a plain string is a user turn, wrapped in the model's chat template when it has one;
+        (text, image or [images]) is a user turn with the images before the text."""
+        if isinstance(prompt, tuple):
+            if len(prompt) != 2 or not isinstance(prompt[0], str):
+                raise ValueError("an image prompt is (text, image) or (text, [images])")
+            return from_tuple(*prompt)
         if self.do_preprocess and isinstance(prompt, str) and self.tokenizer.hf.chat_template:
             return [{"role": "user", "content": prompt}]
         return prompt
 
     def _submit_all(self, prompts: list[Prompt], gens: list[GenerationConfig]) -> tuple[list[str], queue.Queue]:
         """Validate everything first, so a bad prompt fails the call before any request starts."""
-        prompts = [self._preprocess(p) for p in prompts]
+        prompts = [self.engine.prepare_prompt(self._preprocess(p)) for p in prompts]
         for p, g in zip(prompts, gens):
-            self.engine.validate(len(self.tokenizer.prompt_ids(p)), g)
+            self.engine.validate(len(p), g)
         sink: queue.Queue = queue.Queue()
         rids = []
         for p, g in zip(prompts, gens):

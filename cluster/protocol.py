@@ -163,17 +163,19 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
 
     def plain(self) -> dict:
+        """Text parts joined into one string; with image_url parts the list stays, for a vision-language model's
+        tokenizer to place the images (a text-only model refuses them with a 400)."""
         content = self.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                kind = part.get("type")
-                if kind == "text":
-                    texts.append(str(part.get("text", "")))
-                else:
-                    raise ValueError(f"content parts of type {kind!r} are not supported by this model (text only)")
-            content = "".join(texts)
         role = "system" if self.role == "developer" else self.role
+        if isinstance(content, list):
+            kinds = {part.get("type") for part in content}
+            if kinds - {"text", "image_url"}:
+                bad = sorted(str(k) for k in kinds - {"text", "image_url"})
+                raise ValueError(f"content parts of type {', '.join(map(repr, bad))} are not supported "
+                                 "(text and image_url are)")
+            if "image_url" in kinds:
+                return {"role": role, "content": [dict(part) for part in content]}
+            content = "".join(str(part.get("text", "")) for part in content)
         return {"role": role, "content": content or ""}
 
 

@@ -42,7 +42,9 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
     import transformers as tf
 
     torch.manual_seed({"llama": 0, "llama3": 1, "mistral": 2, "qwen2": 3, "internlm2": 0, "gqa1": 4, "mixtral": 6,
-                       "qwen2_moe": 7}[kind])
+                       "qwen2_moe": 7, "llava": 8}[kind])
+    if kind == "llava":
+        return _build_llava(tokenizer_dir, out)
     if kind in ("llama", "internlm2"):
         cfg = tf.LlamaConfig(**TINY)
     elif kind == "gqa1":
@@ -70,6 +72,28 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
     _save(model, tokenizer_dir, out)
     if kind == "internlm2":
         _repack_internlm2(out, cfg)
+    return out, model
+
+
+IMAGE_TOKEN = "<image>"
+
+
+def _build_llava(tokenizer_dir: Path, out: Path):
+    """LLaVA-1.5's layout at toy size: CLIP tower (32 px images, 8 px patches: 16 image tokens), a two-layer
+    projector and a Llama; SmolLM2's tokenizer with an <image> token added; a CLIP image processor."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    text = tf.LlamaConfig(**{**TINY, "vocab_size": image_id + 64})
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                 image_size=32, patch_size=8, initializer_range=0.08)
+    cfg = tf.LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_id, image_seq_length=16)
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out, model
 
 
@@ -122,8 +146,9 @@ def engine_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("converted"))
 
 
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """transformers `generate`, greedy, not stopping at EOS (so EOS logits stay untouched, as with ignore_eos)."""
+def hf_greedy(model, ids: list[int], n: int, **inputs) -> list[int]:
+    """transformers `generate`, greedy, not stopping at EOS (so EOS logits stay untouched, as with ignore_eos).
+    inputs: more model inputs (pixel_values)."""
     import copy
 
     gc = copy.deepcopy(model.generation_config)
@@ -131,5 +156,5 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     gc.do_sample = False
     gc.max_new_tokens = n
     gc.pad_token_id = 0
-    out = model.generate(torch.tensor([ids]), generation_config=gc)
+    out = model.generate(torch.tensor([ids]), generation_config=gc, **inputs)
     return out[0, len(ids):].tolist()

@@ -70,6 +70,9 @@ class FakeEngine:
         self.t = threading.Thread(target=self.loop, daemon=True)
         self.t.start()
 
+    def prepare_prompt(self, prompt):
+        return self.tokenizer.prompt_ids(prompt)
+
     def submit(self, ids, gen, rid, loop, sink):
         if self.dead:
             raise EngineDeadError("engine step loop died: boom")
@@ -253,6 +256,7 @@ async def test_completion_logprobs_and_batch_prompts():
     ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages"),
     ({"stop": [""]}, "stop"),
     ({"max_tokens": "many"}, "max_tokens"),
 ])

@@ -325,12 +325,22 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
     """Write config.json, rank{r}.safetensors for every rank, and the tokenizer into `out_dir`."""
     from safetensors.torch import save_file
 
+    from cluster.convert import llava
+
     hf = read_hf_config(src)
+    get = _tensor_reader(src)
+    vlm = llava.is_llava(hf)
+    if vlm:
+        hf, get, vision_get = llava.text_config(hf), llava.text_reader(get), get
+        vision = llava.vision_fields(read_hf_config(src))
     cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")))
     _add_generation_eos(src, cfg)
     torch_dtype = getattr(torch, dtype)
-    shards = build_shards(_tensor_reader(src), hf, cfg, tp, progress)
+    shards = build_shards(get, hf, cfg, tp, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if vlm:
+        cfg.vision = vision
+        llava.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
         save_file({k: (v if k == "rotary.inv_freq" else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
                   str(out_dir / f"rank{r}.safetensors"))

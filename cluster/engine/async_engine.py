@@ -73,6 +73,10 @@ class AsyncEngine:
     def validate(self, prompt_token_len: int, gen_config: GenerationConfig) -> None:
         self.engine.validate(prompt_token_len, gen_config)
 
+    def prepare_prompt(self, prompt: Prompt):
+        """See LLMEngine.prepare_prompt: runs on the caller's thread."""
+        return self.engine.prepare_prompt(prompt)
+
     def stats(self) -> dict:
         s = self.engine.stats_dict()
         s["num_waiting"] += self._inbox.qsize()
@@ -91,7 +95,7 @@ class AsyncEngine:
         if waiting >= self.max_waiting:
             raise EngineOverloadedError(waiting, self.max_waiting)
         gen = gen_config or GenerationConfig()
-        ids = self.engine.tokenizer.prompt_ids(prompt)
+        ids = self.engine.prepare_prompt(prompt)  # token ids, or token ids and images
         self.engine.validate(len(ids), gen)
         rid = request_id or f"req-{next(_ids)}"
         stream = _Stream(loop, sink)

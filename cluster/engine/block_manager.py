@@ -50,7 +50,7 @@ class BlockManager:
         hits, prev = [], None
         bs = self.block_size
         for i in range((len(seq) - 1) // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = seq.cache_key(i * bs, (i + 1) * bs)
             h = chain_hash(prev, tokens)
             bid = self.hash_to_block.get(h)
             if bid is None or self.blocks[bid].token_ids != tokens:
@@ -110,7 +110,7 @@ class BlockManager:
         bs = self.block_size
         full = seq.num_computed_tokens // bs
         for i in range(seq.num_hashed_blocks, full):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = seq.cache_key(i * bs, (i + 1) * bs)
             h = chain_hash(seq.last_block_hash, tokens)
             block = self.blocks[seq.block_table[i]]
             block.hash, block.token_ids = h, tokens

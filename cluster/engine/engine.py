@@ -14,6 +14,7 @@ from cluster.convert.cache import ensure_converted, resolve_dtype
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import PromptTooLongError
 from cluster.engine.model_runner import ModelRunner, default_device, load_shard
+from cluster.engine.multimodal import ImagePrompt, has_images, prompt_images
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
@@ -81,12 +82,15 @@ class LLMEngine:
         ec = engine_config or EngineConfig()
         self.engine_config = ec
         self.model_path = model
+        self.vision = None  # LLaVA's image encoder
         if runner is None:
             device = default_device(ec)
             dtype = resolve_dtype(model, ec.dtype, device.type)
             model_dir = ensure_converted(model, ec.tp, dtype, ec.cache_dir)
             cfg = ModelConfig.load(model_dir / "config.json")
             self.session_len = self._session_len(cfg, ec)
+            if cfg.vision and ec.tp > 1:
+                raise ValueError("vision-language models run at tp=1 for now; use --tp 1 (and --replicas to scale)")
             if ec.tp > 1:
                 from cluster.workers.tp import TPExecutor  # the other ranks run in worker processes
 
@@ -95,6 +99,10 @@ class LLMEngine:
                 runner = ModelRunner(cfg, load_shard(model_dir, 0, device), ec, device, self.session_len)
             tokenizer = tokenizer or Tokenizer(model_dir)
             self.model_dir: Path | None = model_dir
+            if cfg.vision:
+                from cluster.models.llava import VisionEncoder
+
+                self.vision = VisionEncoder(model_dir, cfg.vision, runner.device, runner.dtype)
         else:
             cfg = runner.cfg
             self.session_len = runner.session_len
@@ -132,12 +140,15 @@ class LLMEngine:
     def add_request(self, prompt: Prompt, gen_config: GenerationConfig | None = None,
                     request_id: str | None = None) -> str:
         gen = gen_config or GenerationConfig()
-        ids = self._prompt_ids(prompt)
+        prepared = self.prepare_prompt(prompt)
+        ids = list(prepared.token_ids) if isinstance(prepared, ImagePrompt) else prepared
         self.validate(len(ids), gen)
         rid = request_id or f"req-{next(_ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
         seq = Sequence(rid, ids, gen)
+        if isinstance(prepared, ImagePrompt):
+            self._attach_images(seq, prepared)
         seq.stop_ids = frozenset(gen.stop_token_ids) | (frozenset() if gen.ignore_eos else frozenset(self.eos_ids))
         if gen.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(gen.seed)
@@ -147,6 +158,36 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.stats.tokens_in += len(ids)
         return rid
+
+    def prepare_prompt(self, prompt: Prompt | ImagePrompt) -> list[int] | ImagePrompt:
+        """Token ids, or token ids and preprocessed images: everything about a prompt that can fail, checked on the
+        caller's thread (images decoded and resized here; the vision tower runs on the engine's thread)."""
+        if isinstance(prompt, ImagePrompt):
+            return prompt
+        ids = self._prompt_ids(prompt)
+        image_token = self.model_config.vision.get("image_token_id")
+        if not has_images(prompt):
+            if image_token is not None and image_token in ids:
+                raise ValueError("the prompt has image tokens but no image; pass images as content parts")
+            return ids
+        if self.vision is None:
+            raise ValueError("this model takes no images (it is not a vision-language model)")
+        return ImagePrompt(ids, self.vision.pixel_values(prompt_images(prompt)))
+
+    def _attach_images(self, seq: Sequence, prompt: ImagePrompt) -> None:
+        from cluster.models.llava import image_digest
+
+        n = self.vision.tokens_per_image
+        token = self.model_config.vision["image_token_id"]
+        positions = [i for i, t in enumerate(seq.token_ids) if t == token]
+        if len(positions) != n * prompt.pixel_values.shape[0]:
+            raise ValueError(f"{len(positions)} image tokens for {prompt.pixel_values.shape[0]} image(s) of {n} tokens")
+        seq.image_embeds = self.vision.encode(prompt.pixel_values)
+        seq.image_positions = positions
+        for i, pixels in enumerate(prompt.pixel_values):
+            digest = image_digest(pixels)
+            for j in range(n):  # negative: never a real token id
+                seq.image_keys[positions[i * n + j]] = -1 - ((digest + j) & ((1 << 60) - 1))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if self.tokenizer is not None:

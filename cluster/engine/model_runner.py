@@ -37,6 +37,8 @@ class StepInput:
     logit_indices: torch.Tensor  # [N] int64, rows of the hidden states that get sampled
     max_context_len: int
     decode_only: bool
+    embeds: torch.Tensor | None = None  # [M, hidden] image embeddings (LLaVA) that replace rows embed_rows [M]
+    embed_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "StepInput":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -201,6 +203,8 @@ class ModelRunner:
             ctx.append(end)
             if end >= len(seq.token_ids):
                 rows.append(cu[-1] - 1)
+        embeds, embed_rows = _image_rows(plan)
+        decode_only = decode_only and embeds is None
         width = max(len(s.block_table) for s, _ in plan)
         tables: list[int] = []
         for s, _ in plan:
@@ -216,6 +220,7 @@ class ModelRunner:
             input_ids=big[:T], positions=big[T:2 * T], slot_mapping=big[2 * T:3 * T], logit_indices=big[3 * T:],
             block_tables=small[:B * width].view(B, width), context_lens=small[B * width:B * width + B],
             cu_seqlens_q=small[B * width + B:], max_context_len=max(ctx), decode_only=decode_only,
+            embeds=embeds, embed_rows=None if embed_rows is None else embed_rows.to(big.device, non_blocking=True),
         )
 
     @torch.inference_mode()
@@ -231,7 +236,7 @@ class ModelRunner:
             return self._replay(step)
         meta = AttnMetadata(step.slot_mapping, step.block_tables, step.context_lens, step.cu_seqlens_q,
                             step.max_context_len, step.decode_only)
-        hidden = self.model(step.input_ids, step.positions, meta)
+        hidden = self.model(step.input_ids, step.positions, meta, step.embeds, step.embed_rows)
         return self.model.compute_logits(hidden[step.logit_indices]).float()
 
     # -- CUDA graphs for decode ------------------------------------------------------------------------------------
@@ -291,3 +296,22 @@ def _mem_available() -> int:
     except OSError:
         pass
     return 8 * GiB
+
+
+def _image_rows(plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The image embeddings this step's tokens need, and the rows of the flat batch they go to."""
+    import bisect
+
+    parts, rows, row0 = [], [], 0
+    for seq, n in plan:
+        if seq.image_embeds is not None:
+            start = seq.num_computed_tokens
+            pos = seq.image_positions
+            lo, hi = bisect.bisect_left(pos, start), bisect.bisect_left(pos, start + n)
+            if hi > lo:
+                parts.append(seq.image_embeds[lo:hi])
+                rows.extend(row0 + p - start for p in pos[lo:hi])
+        row0 += n
+    if not parts:
+        return None, None
+    return torch.cat(parts), torch.tensor(rows, dtype=torch.long)

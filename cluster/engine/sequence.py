@@ -37,6 +37,11 @@ class Sequence:
     num_preemptions: int = 0
     detok: object | None = None  # IncrementalDetokenizer, set by the engine
     stop_ids: frozenset[int] = frozenset()
+    # images (LLaVA): the embeddings [n, hidden] that replace the token embeddings at image_positions (sorted),
+    # and a stand-in token per image position for the prefix cache, so two images never share cached K/V
+    image_embeds: torch.Tensor | None = None
+    image_positions: list[int] = field(default_factory=list)
+    image_keys: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
@@ -60,3 +65,10 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    def cache_key(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) as the prefix cache knows them: image positions stand for their image's content."""
+        tokens = self.token_ids[start:end]
+        if self.image_keys:
+            tokens = [self.image_keys.get(start + i, t) for i, t in enumerate(tokens)]
+        return tuple(tokens)

@@ -4,8 +4,11 @@ Streaming text never ends in a broken UTF-8 character (held back until the next 
 shows a stop word, or the start of one, until it is known not to be one."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Union
+
+from cluster.engine.multimodal import has_images, split_content
 
 Prompt = Union[str, list[int], list[dict]]
 
@@ -15,6 +18,11 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(path))
+        cfg = Path(path) / "config.json"
+        vision = (json.loads(cfg.read_text()).get("vision") or {}) if cfg.exists() else {}
+        self.image_token_id: int | None = vision.get("image_token_id")
+        self.image_seq_len: int = vision.get("image_seq_len", 0)
+        self.image_token = self.hf.convert_ids_to_tokens(self.image_token_id) if vision else None
 
     @property
     def eos_token_id(self) -> int | None:
@@ -34,7 +42,7 @@ class Tokenizer:
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """A string, token ids, or an OpenAI-style message list (chat template applied) -> token ids."""
         if isinstance(prompt, str):
-            return self.encode(prompt)
+            return self.expand_images(self.encode(prompt), 0)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -43,9 +51,32 @@ class Tokenizer:
             for m in prompt:
                 if "role" not in m or "content" not in m:
                     raise ValueError("each message needs 'role' and 'content'")
-            text = self.apply_chat_template(prompt)
-            return self.encode(text, add_special_tokens=False)
+            if has_images(prompt) and self.image_token is None:
+                raise ValueError("this model takes no images (it is not a vision-language model)")
+            messages, n_images = [], 0
+            for m in prompt:
+                text, images = split_content(m["content"], self.image_token or "")
+                messages.append({**m, "content": text})
+                n_images += len(images)
+            text = self.apply_chat_template(messages)
+            return self.expand_images(self.encode(text, add_special_tokens=False), n_images)
         raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
+
+
+    def expand_images(self, ids: list[int], n_images: int) -> list[int]:
+        """Each image token -> image_seq_len of them, one per image embedding (what the model was trained on)."""
+        if self.image_token_id is None:
+            return ids
+        found = ids.count(self.image_token_id)
+        if found != n_images:
+            raise ValueError(f"the prompt has {found} image token(s) {self.image_token!r} for {n_images} image(s); "
+                             "pass images as content parts, which place the token for you")
+        if not found:
+            return ids
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * self.image_seq_len if t == self.image_token_id else [t])
+        return out
 
 
 class IncrementalDetokenizer:

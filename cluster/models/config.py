@@ -35,6 +35,8 @@ class ModelConfig:
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, gated by a sigmoid
     sparse_layers: list[int] = field(default_factory=list)  # the layers whose MLP is the experts
+    # LLaVA: the vision tower's HF config, the image token and how many it stands for (cluster/convert/llava.py)
+    vision: dict = field(default_factory=dict)
 
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in self.sparse_layers

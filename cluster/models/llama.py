@@ -102,8 +102,12 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                embeds: torch.Tensor | None = None, embed_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds/embed_rows: image embeddings (LLaVA) that take the place of the image tokens' embeddings."""
         x = self.embed_tokens(input_ids)
+        if embeds is not None:
+            x[embed_rows] = embeds.to(x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta, self.rotary)

@@ -102,7 +102,7 @@ class RankZeroHost:
         for it in items:
             rid = it["rid"]
             try:
-                ids = self.engine.tokenizer.prompt_ids(it["prompt"])
+                ids = self.engine.prepare_prompt(it["prompt"])  # token ids, or token ids and images
                 gen = dict(it["gen"])
                 if gen.get("max_new_tokens") is None:
                     gen["max_new_tokens"] = max(1, self.engine.session_len - len(ids))

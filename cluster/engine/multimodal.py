@@ -1,0 +1,117 @@
+"""Images in prompts: the forms a user may pass them in, decoded to PIL images, and the prompt text that stands
+for them (the model's image token, which the tokenizer expands to one token per image embedding).
+
+Accepted image parts of a message's content list (OpenAI style, plus a direct form for the Python API):
+  {"type": "image_url", "image_url": {"url": "data:image/png;base64,..." | "/local/path.png"}}
+  {"type": "image", "image": PIL.Image | bytes | "/local/path.png"}
+The pipeline's `(text, image)` and `(text, [images])` tuples become one user message of such parts."""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IMAGE_TYPES = ("image_url", "image")
+
+
+@dataclass
+class ImagePrompt:
+    """A prompt made ready for the engine: token ids (each image token already expanded) and the images as the
+    model's processor left them, [n_images, 3, H, W]. Built on the caller's thread; encoded on the engine's."""
+
+    token_ids: list[int]
+    pixel_values: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_TYPES
+
+
+def load_image(obj: Any):
+    """PIL image (RGB) from a PIL image, raw bytes, a data: URL or a local path; ValueError saying what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(obj, Image.Image):
+        return obj.convert("RGB")
+    data: bytes
+    if isinstance(obj, (bytes, bytearray)):
+        data = bytes(obj)
+    elif isinstance(obj, str) and obj.startswith("data:"):
+        header, _, payload = obj.partition(",")
+        if ";base64" not in header:
+            raise ValueError("image data URL must be base64 encoded (data:image/png;base64,...)")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError:
+            raise ValueError("image data URL is not valid base64") from None
+    elif isinstance(obj, str) and obj.startswith(("http://", "https://")):
+        raise ValueError("image URLs are not fetched (no network access from the engine); send the image inline "
+                         "as a data:image/...;base64 URL")
+    elif isinstance(obj, (str, Path)):
+        path = Path(obj).expanduser()
+        if not path.is_file():
+            raise ValueError(f"image file {str(obj)[:200]!r} does not exist")
+        data = path.read_bytes()
+    else:
+        raise ValueError(f"an image must be a PIL image, bytes, a data: URL or a file path, not {type(obj).__name__}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError):
+        raise ValueError("image could not be decoded (PNG, JPEG, GIF, BMP and WebP are read)") from None
+    return img.convert("RGB")
+
+
+def _part_image(part: dict) -> Any:
+    if part["type"] == "image":
+        return part.get("image")
+    url = part.get("image_url")
+    return url.get("url") if isinstance(url, dict) else url
+
+
+def split_content(content: Any, image_token: str) -> tuple[str, list[Any]]:
+    """A message's content -> its text with the image token (and a newline, as LLaVA was trained) where each image
+    was, and the raw images in order. Text parts join with nothing between them, as the HTTP API's do."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise ValueError("message content must be a string or a list of content parts")
+    texts, images = [], []
+    for part in content:
+        if is_image_part(part):
+            images.append(_part_image(part))
+            texts.append(image_token + "\n")
+        elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            raise ValueError(f"unsupported content part {str(part)[:80]}: expected text, image_url or image")
+    return "".join(texts), images
+
+
+def has_images(prompt: Any) -> bool:
+    return isinstance(prompt, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) and any(is_image_part(p) for p in m["content"])
+        for m in prompt)
+
+
+def prompt_images(prompt: Any) -> list:
+    """Every image of a message-list prompt, decoded, in order."""
+    if not isinstance(prompt, list):
+        return []
+    raw = [img for m in prompt if isinstance(m, dict) for img in split_content(m.get("content", ""), "")[1]]
+    return [load_image(x) for x in raw]
+
+
+def from_tuple(text: str, images: Any) -> list[dict]:
+    """The pipeline's (text, image or [images]) -> one user message: the images, then the text."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    parts = [{"type": "image", "image": img} for img in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
