@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from cluster.kernels import activation, attention, gemv, kvcache, norm, reference, rotary  # noqa: E402
+from cluster.kernels import activation, attention, gemv, kvcache, moe, norm, reference, rotary  # noqa: E402
 
 PEAK_BW, PEAK_FLOPS = 3.0e12, 800e12
 TOL = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
@@ -121,6 +121,26 @@ def bench_gemv_gated(dtype=torch.bfloat16) -> None:
     two = activation.silu_and_mul(gemv.gemv(x, w))
     record("gemv, silu_and_mul", "the same as two launches", rel_err(two, want), dtype,
            bench(lambda: activation.silu_and_mul(gemv.gemv(x, w))), nbytes=w.numel() * w.element_size())
+
+
+@guarded
+def bench_moe(T: int, E: int = 8, k: int = 2, dtype=torch.bfloat16) -> None:
+    """Mixtral's experts (8 x [14336, 4096], top 2). Decode is rated by the bytes of the experts it chose (it should
+    read only those), prefill by its FLOPs."""
+    x = torch.randn(T, HIDDEN, dtype=dtype, device=DEV)
+    w13 = torch.randn(E, 2 * FFN, HIDDEN, dtype=dtype, device=DEV) * 0.02
+    w2 = torch.randn(E, HIDDEN, FFN, dtype=dtype, device=DEV) * 0.02
+    weights, experts = torch.rand(T, k, device=DEV).softmax(-1), torch.rand(T, E, device=DEV).topk(k).indices
+    with poisoned():
+        out = moe.moe_experts(x, w13, w2, weights, experts)
+    err = rel_err(out, reference.moe_experts(x.float(), w13.float(), w2.float(), weights, experts))
+    chosen = experts.unique().numel()
+    nbytes = chosen * 3 * FFN * HIDDEN * w13.element_size()
+    flops = 2 * T * k * 3 * FFN * HIDDEN
+    decode = T <= 64
+    record("moe_experts", f"T={T} E={E} k={k} (experts hit {chosen})", err, dtype,
+           bench(lambda: moe.moe_experts(x, w13, w2, weights, experts)), nbytes=nbytes if decode else 0.0,
+           flops=0.0 if decode else flops, note=f"tile {moe.tile_rows(T * k, E)} rows")
 
 
 def _qkv_views(T: int, dtype: torch.dtype):
@@ -377,6 +397,8 @@ def main() -> None:
     bench_rotary_and_store(1)
     bench_rotary_and_store(4096)
     bench_gemv_gated()
+    for T in (1, 8, 64, 4096):
+        bench_moe(T)
     bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16)
     bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16, page=64)
     bench_prefill("4x512 chunk over 3584 cached", [512] * 4, [4096] * 4)

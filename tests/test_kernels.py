@@ -29,7 +29,8 @@ def _load(name: str):
 from cluster import kernels  # noqa: E402
 from cluster.kernels import reference as ref  # noqa: E402
 
-attn, norm, act, rot, kv, gemv = (_load(n) for n in ("attention", "norm", "activation", "rotary", "kvcache", "gemv"))
+attn, norm, act, rot, kv, gemv, moe = (_load(n) for n in ("attention", "norm", "activation", "rotary", "kvcache",
+                                                            "gemv", "moe"))
 
 
 
@@ -125,6 +126,41 @@ def test_gemv_gated_is_gemv_then_silu_and_mul(dtype, bias, n, k):
     want = ref.silu_and_mul(gemv.gemv(x, w, b))  # the product rounded to the dtype first, as unfused
     got = gemv.gemv(x, w, b, gated=True)
     assert got.shape == (1, n) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("T, k, E", [(40, 2, 3), (1, 2, 8)])
+def test_moe_align_puts_each_pair_in_its_experts_tile(T, k, E):
+    experts = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    slots, tile_expert = moe.align(experts, E, block_m=16)
+    P = T * k
+    assert sorted(slots[slots < P].tolist()) == list(range(P))  # every pair once, padding marked P
+    per_tile = slots.view(-1, 16)
+    for t, e in enumerate(tile_expert.tolist()):
+        pairs = per_tile[t][per_tile[t] < P]
+        if e == E:
+            assert pairs.numel() == 0
+        else:
+            assert (experts.reshape(-1)[pairs] == e).all()
+    counts = torch.bincount(experts.reshape(-1), minlength=E)
+    assert (tile_expert < E).sum() == ((counts + 15) // 16).sum()  # no tile more than the routing needs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, k, E, H, F, skew", [(1, 2, 4, 32, 24, False), (37, 2, 3, 48, 40, False),
+                                                 (9, 3, 6, 16, 16, False), (40, 2, 4, 16, 24, True)])
+def test_moe_experts_matches_the_reference(dtype, T, k, E, H, F, skew):
+    """Grouped GEMM over expert tiles (tiles of 16 and 32 rows, padding, N and K not multiples of the block;
+    skew: every token picks experts 0 and 1, so each fills several tiles and the others none) against the
+    reference's loop over experts."""
+    x = torch.randn(T, H, dtype=dtype)
+    w13, w2 = torch.randn(E, 2 * F, H, dtype=dtype) * 0.2, torch.randn(E, H, F, dtype=dtype) * 0.2
+    weights, experts = torch.rand(T, k).softmax(-1), torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    if skew:
+        experts = torch.tensor([[0, 1]] * T)
+        assert T > moe.tile_rows(T * k, E)  # expert 0's T pairs need more than one tile
+    got = moe.moe_experts(x, w13, w2, weights, experts)
+    want = ref.moe_experts(x, w13, w2, weights, experts)
+    assert got.shape == (T, H) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -11,7 +11,8 @@ import torch
 
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine
-from cluster.layers.moe import experts_dense, experts_grouped, route
+from cluster.kernels import reference
+from cluster.layers.moe import route
 from cluster.models.config import ModelConfig
 from conftest import hf_greedy
 
@@ -45,9 +46,9 @@ def test_greedy_matches_transformers(kind, tiny_models, engine_cache):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_dense_and_grouped_experts_agree(normalize):
-    """The graph-safe path (every expert on every token, zero-weighted) equals the grouped one, and both equal a
-    per-token loop written from the definition."""
+def test_reference_experts_match_the_definition(normalize):
+    """The reference's grouped path and its graph-safe dense path (every expert on every token, zero-weighted)
+    both equal a per-token loop written from the definition."""
     torch.manual_seed(0)
     E, H, F, T, k = 6, 32, 24, 11, 2
     x = torch.randn(T, H)
@@ -60,8 +61,8 @@ def test_dense_and_grouped_experts_agree(normalize):
             e = experts[t, j]
             g, u = (w13[e] @ x[t]).chunk(2)
             want[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(g) * u))
-    grouped = experts_grouped(x, w13, w2, weights, experts)
-    dense = experts_dense(x, w13, w2, weights, experts)
+    grouped = reference.moe_experts(x, w13, w2, weights, experts)
+    dense = reference.moe_experts_dense(x, w13, w2, weights, experts)
     torch.testing.assert_close(grouped, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
 

@@ -265,7 +265,7 @@ def _expert_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -
     cols = slice(rank * n, (rank + 1) * n)
     out = {prefix + "gate.weight": t["router"],
            prefix + "w13": torch.cat([t["e_gate"][:, cols], t["e_up"][:, cols]], dim=1),
-           prefix + "w2": t["e_down"][:, :, cols]}
+           prefix + "w2": t["e_down"][:, :, cols].contiguous()}
     if "shared_gate" in t:
         out.update(_mlp_shard(t, prefix + "shared_expert.", rank, tp))
         out[prefix + "shared_expert_gate.weight"] = t["shared_gate"]

@@ -11,7 +11,7 @@ import torch
 
 from cluster.kernels import reference
 
-__all__ = ["linear", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
+__all__ = ["linear", "moe_experts", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
            "silu_and_mul", "store_kvcache"]
 
 _modules: dict[str, ModuleType | None] = {}
@@ -82,3 +82,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One query per sequence over its cache; the Triton path is CUDA-graph capturable."""
     return (_triton("attention", q) or reference).paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+
+
+def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                experts: torch.Tensor) -> torch.Tensor:
+    """Each token's k experts (experts, weights [T, k]) applied and summed; see reference.moe_experts. The Triton
+    path reads only the chosen experts and is CUDA-graph capturable."""
+    return (_triton("moe", x) or reference).moe_experts(x, w13, w2, weights, experts)

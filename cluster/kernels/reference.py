@@ -116,3 +116,41 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     qb = q.view(B, hkv, group, d)
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return o.reshape(B, hq, d)
+
+
+def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                experts: torch.Tensor) -> torch.Tensor:
+    """Mixture of experts: for each token, sum over its k chosen experts (experts [T, k], weights [T, k]) of
+    weight * w2[e] @ silu_and_mul(w13[e] @ x), with w13 [E, 2F, H] ([gate; up]) and w2 [E, H, F].
+
+    Each expert runs once on the tokens routed to it, which reads the routing on the host; inside a CUDA graph
+    capture (this path on CUDA without Triton) every expert runs on every token instead, zero-weighted where the
+    token did not choose it."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return moe_experts_dense(x, w13, w2, weights, experts)
+    T, k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    token_of = order // k
+    w_sorted = weights.reshape(-1)[order]
+    out = torch.zeros(T, w2.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = token_of[start:start + n]
+            y = F.linear(silu_and_mul(F.linear(x[rows], w13[e])), w2[e]).float() * w_sorted[start:start + n, None]
+            out.index_add_(0, rows, y)
+            start += n
+    return out.to(x.dtype)
+
+
+def moe_experts_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                      experts: torch.Tensor) -> torch.Tensor:
+    """moe_experts with no data-dependent shapes: every expert on every token, zero-weighted where not chosen."""
+    dense = torch.zeros(x.shape[0], w13.shape[0], dtype=torch.float32, device=x.device)
+    dense.scatter_(1, experts, weights.float())
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        out += F.linear(silu_and_mul(F.linear(x, w13[e])), w2[e]).float() * dense[:, e:e + 1]
+    return out.to(x.dtype)

@@ -23,43 +23,6 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: boo
     return weights, experts
 
 
-def experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                    experts: torch.Tensor) -> torch.Tensor:
-    """Each expert runs once on just the tokens routed to it. Reads the routing on the host (one sync), so it
-    is for eager steps; see experts_dense for captured graphs."""
-    T, k = experts.shape
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    token_of = order // k
-    w_sorted = weights.reshape(-1)[order]
-    out = torch.zeros(T, w2.shape[1], dtype=torch.float32, device=x.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = token_of[start:start + n]
-        h = kernels.silu_and_mul(F.linear(x[rows], w13[e]))
-        y = F.linear(h, w2[e]).float() * w_sorted[start:start + n, None]
-        out.index_add_(0, rows, y)
-        start += n
-    return out.to(x.dtype)
-
-
-def experts_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  experts: torch.Tensor) -> torch.Tensor:
-    """Every expert on every token, weighted by zero where a token did not pick it: no data-dependent shapes,
-    so it can be captured in a CUDA graph. Decode batches are small, and a step reads every expert's weights
-    anyway once the batch routes to all of them."""
-    dense = torch.zeros(x.shape[0], w13.shape[0], dtype=torch.float32, device=x.device)
-    dense.scatter_(1, experts, weights.float())
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
-    for e in range(w13.shape[0]):
-        h = kernels.silu_and_mul(F.linear(x, w13[e]))
-        out += F.linear(h, w2[e]).float() * dense[:, e:e + 1]
-    return out.to(x.dtype)
-
-
 class SparseMoE(nn.Module):
     """Router + experts (+ Qwen2-MoE's gated shared expert). Engine names: gate.weight [E, H],
     w13 [E, 2 * ffn/tp, H] (gate rows then up rows), w2 [E, H, ffn/tp], shared_expert.{gate_up_proj,down_proj}.weight,
@@ -81,9 +44,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(x, self.gate.weight, self.top_k, self.normalize)
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        run = experts_dense if capturing else experts_grouped
-        out = run(x, self.w13, self.w2, weights, experts)
+        out = kernels.moe_experts(x, self.w13, self.w2, weights, experts)
         if self.shared_expert is not None:  # a partial sum over this rank's FFN slice, like the experts'
             h = kernels.silu_and_mul(self.shared_expert["gate_up_proj"](x))
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert["down_proj"](h)
