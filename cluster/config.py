@@ -30,9 +30,9 @@ class EngineConfig(BaseModel):
 
     @field_validator("quant_policy")
     @classmethod
-    def _kv_quant_not_built(cls, v: int) -> int:
-        if v:
-            raise ValueError(f"quant_policy={v} (int{v} KV cache) is not implemented yet; use 0 (KV cache in the model dtype)")
+    def _kv_quant_built(cls, v: int) -> int:
+        if v == 4:
+            raise ValueError("quant_policy=4 (int4 KV cache) is not implemented yet; use 8 (int8 KV cache) or 0")
         return v
 
     @field_validator("block_size")

@@ -195,6 +195,53 @@ def test_store_kvcache_skips_minus_one():
     assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kvcache_int8_matches_reference(dtype):
+    """Rows quantized with their own scale, identically to the reference; slot -1 and other slots untouched; the
+    round trip errs by at most half a step."""
+    T, h, d = 7, 2, 64
+    k, v = torch.randn(T, h, d, dtype=dtype) * 3, torch.randn(T, h, d, dtype=dtype)
+    k[2, 1] = 0.0  # an all-zero row still gets a finite scale
+    slots = torch.tensor([3, -1, 40, 17, -1, 95, 0])
+    caches = [torch.full((6, 16, h, d), 99, dtype=torch.int8) for _ in range(4)]
+    scales = [torch.full((6, 16, h), float("nan")) for _ in range(4)]
+    ref.store_kvcache(k, v, caches[0], caches[1], slots, scales[0], scales[1])
+    kv.store_kvcache(k, v, caches[2], caches[3], slots, scales[2], scales[3])
+    for i in (0, 1):
+        assert torch.equal(caches[i], caches[i + 2])
+        assert torch.equal(scales[i].nan_to_num(-1.0), scales[i + 2].nan_to_num(-1.0))
+    written = slots[slots >= 0]
+    deq = ref.dequantize(caches[2].view(-1, h, d)[written], scales[2].view(-1, h)[written], torch.float32)
+    step = scales[2].view(-1, h)[written].unsqueeze(-1)
+    assert ((deq - k[slots >= 0].float()).abs() <= step / 2 + 1e-6).all()
+    assert scales[2].isnan().sum() == (6 * 16 - written.numel()) * h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_store_int8_matches_reference(dtype):
+    T, hq, hkv, d = 6, 4, 2, 64
+    q, k, v = torch.randn(T, hq, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype)
+    positions, slots, cos_sin = torch.randint(0, 32, (T,)), torch.tensor([3, -1, 40, 17, 95, 0]), torch.randn(32, d)
+    caches = [torch.zeros((6, 16, hkv, d), dtype=torch.int8) for _ in range(4)]
+    scales = [torch.zeros((6, 16, hkv)) for _ in range(4)]
+    want_q = ref.rotary_and_store(q.clone(), k, v, positions, cos_sin, caches[0], caches[1], slots, scales[0], scales[1])
+    got_q = rot.rotary_and_store(q.clone(), k, v, positions, cos_sin, caches[2], caches[3], slots, scales[2], scales[3])
+    assert rel_err(got_q, want_q) < TOL[dtype]
+    for i in (0, 1):  # the rotated key may round one model-dtype step apart, so compare what the cache holds
+        got = ref.dequantize(caches[i + 2], scales[i + 2], torch.float32)
+        assert rel_err(got, ref.dequantize(caches[i], scales[i], torch.float32)) < TOL[dtype]
+    assert torch.equal(caches[1], caches[3]) and torch.equal(scales[1], scales[3])  # v is stored unrotated: exact
+
+
+def quantized(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 copy of a make_batch cache: rows outside every context get garbage values and NaN scales."""
+    finite = torch.isfinite(cache).all(dim=-1)
+    q, s = ref.quantize_int8(cache.nan_to_num(0.0))
+    q[~finite] = torch.randint(-127, 128, (int((~finite).sum()), cache.shape[-1]), dtype=torch.int8)
+    s[~finite] = float("nan")
+    return q, s
+
+
 # -- attention -------------------------------------------------------------------------------------------------------
 def make_batch(q_lens: list[int], ctx_lens: list[int], hq: int, hkv: int, d: int, page: int, dtype: torch.dtype):
     """A paged cache whose only finite entries are the sequences' contexts (pages scattered, spare table entries out
@@ -326,3 +373,31 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     monkeypatch.setenv("CLUSTER_KERNELS", "reference")
     assert kernels._triton("norm", x) is None
     assert torch.equal(kernels.rms_norm(x, torch.ones(8), 1e-6), ref.rms_norm(x, torch.ones(8), 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", ["small", "default"])
+def test_paged_attention_int8_cache(dtype, tiles, monkeypatch):
+    """Prefill, chunk over a cached prefix and decodes, reading an int8 cache: against the reference reading the
+    same int8 cache (so the comparison is the kernel's, not the quantization's)."""
+    if tiles == "small":
+        use_prefill_config(monkeypatch, SMALL_PREFILL)
+    q_lens, ctx_lens = [21, 1, 13, 1], [21, 37, 50, 32]
+    q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, 4, 2, 64, 16, dtype)
+    (kq, ks), (vq, vs) = quantized(kc), quantized(vc)
+    out = attn.paged_attention(q, kq, vq, tables, ctx, cu, 0.125, ks, vs)
+    want = ref.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.125, ks, vs)
+    assert out.dtype == dtype and rel_err(out, want) < TOL[dtype]
+    # and the int8 cache is close to the unquantized one
+    assert rel_err(want, ref_attention(q, kc, vc, tables, ctx, cu, 0.125)) < 2e-2
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_decode_attention_int8_cache(splits, monkeypatch):
+    monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
+    q, kc, vc, tables, ctx, cu = make_batch([1] * 4, [1, 45, 16, 70], 4, 2, 64, 16, torch.bfloat16)
+    (kq, ks), (vq, vs) = quantized(kc), quantized(vc)
+    want = ref.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.125, ks, vs)
+    out = attn.paged_decode_attention(q, kq, vq, tables, ctx, 0.125, tables.shape[1] * 16, num_splits=splits,
+                                      k_scale=ks, v_scale=vs)
+    assert rel_err(out, want) < TOL[torch.bfloat16]

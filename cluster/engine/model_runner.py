@@ -98,16 +98,25 @@ class ModelRunner:
         return shard_sizes(self.cfg, self.tp_size)["kv_heads"]
 
     @property
+    def kv_int8(self) -> bool:
+        return self.engine_cfg.quant_policy == 8
+
+    @property
     def block_bytes(self) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * self.cfg.head_dim * elem
+        """K and V of one block in every layer: model-dtype rows, or int8 rows plus an fp32 scale each."""
+        row = self.cfg.head_dim * (1 if self.kv_int8 else torch.tensor([], dtype=self.dtype).element_size())
+        row += 4 if self.kv_int8 else 0
+        return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, self.cfg.num_layers, num_blocks, self.block_size, self.kv_heads_per_rank, self.cfg.head_dim)
         # zero-filled: padded decode reads slots past a context, which must be finite (see reference.py)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=torch.int8 if self.kv_int8 else self.dtype, device=self.device)
+        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if self.kv_int8 else None
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            if self.kv_scales is not None:
+                attn.k_scale, attn.v_scale = self.kv_scales[0, i], self.kv_scales[1, i]
 
     def _plan_kv_cache(self) -> int:
         """Blocks that fit in cache_max_entry_count of the memory left after weights and a warm-up at full batch."""
@@ -122,7 +131,7 @@ class ModelRunner:
             base = torch.cuda.memory_allocated(self.device)
             self._warmup()
             peak_extra = torch.cuda.max_memory_allocated(self.device) - base
-            del self.kv_cache
+            del self.kv_cache, self.kv_scales
             torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(self.device)
             self.free_memory_for_cache = max(0, free - peak_extra)

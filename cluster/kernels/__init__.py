@@ -55,33 +55,36 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Write K/V [T, Hkv, D] into their cache slots (slot -1 skips)."""
-    return (_triton("kvcache", k) or reference).store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """Write K/V [T, Hkv, D] into their cache slots (slot -1 skips); with scales, an int8 cache (see reference)."""
+    return (_triton("kvcache", k) or reference).store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot_mapping: torch.Tensor) -> torch.Tensor:
+                     slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Neox rotary of q [T, Hq, D] and k [T, Hkv, D] at `positions`, then store_kvcache of k and v (one kernel on the
     GPU); returns the rotated q (rotated in place by the Triton path)."""
     return (_triton("rotary", q) or reference).rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                                               slot_mapping)
+                                                               slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached context (prefill, chunk, decode alike)."""
     return (_triton("attention", q) or reference).paged_attention(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale)
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, k_scale, v_scale)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float,
-                           max_context_len: int | None = None) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence over its cache; the Triton path is CUDA-graph capturable."""
     return (_triton("attention", q) or reference).paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, k_scale=k_scale, v_scale=v_scale)
 
 
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

@@ -47,12 +47,13 @@ def _dot(a, b):
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
+def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
                  stride_cb, stride_cs, stride_ch,
-                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with keys [start, start + BLOCK_N).
 
     MASK: 0 = every key valid and visible (interior tiles), 1 = keys must be < ctx, 2 = also causal (key <= pos).
+    QUANT: the cache is int8 with a scale per (slot, kv head) row, [num_blocks, PAGE, kv heads] contiguous.
     """
     n = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
@@ -69,6 +70,16 @@ def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_h
     else:  # masked loads: never-written slots past ctx may hold NaN
         k = tl.load(kc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
         v = tl.load(vc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
+    if QUANT:
+        srow = (page * PAGE + n % PAGE) * tl.num_programs(1) + kv_head  # grid axis 1 is the kv head in both kernels
+        if MASK == 0:
+            ks = tl.load(ks_ptr + srow)
+            vs = tl.load(vs_ptr + srow)
+        else:
+            ks = tl.load(ks_ptr + srow, mask=n_ok, other=0.0)
+            vs = tl.load(vs_ptr + srow, mask=n_ok, other=0.0)
+        k = k.to(tl.float32) * ks[:, None]
+        v = v.to(tl.float32) * vs[:, None]
     s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
     if MASK == 1:
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -85,16 +96,17 @@ def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_h
 
 
 @triton.jit
-def _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
-                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
+                  stride_cb, stride_cs, stride_ch,
+                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
     """Every row attends to all keys [lo, hi) (lo BLOCK_N-aligned): whole tiles unmasked, then the ragged last one."""
     full = lo + (hi - lo) // BLOCK_N * BLOCK_N
     for start in range(lo, full, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, hi, hi, kv_head, qk_scale,
-                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
+                                     qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
     for start in range(full, hi, BLOCK_N):  # at most one
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, hi, hi, kv_head, qk_scale,
-                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
+                                     qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1, QUANT)
     return acc, l_i, m_i
 
 
@@ -113,10 +125,10 @@ def _find_seq(cu_ptr, pid, B, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
+def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
                 stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
                 GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
     """BLOCK_Q query tokens x GROUP heads: unmasked tiles below the tile's first position, then causal ones."""
     rows = tl.arange(0, BLOCK_M)
     tok = tile * BLOCK_Q + rows // GROUP  # token index within this step's queries of the sequence
@@ -134,21 +146,21 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx,
     end = ctx - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the last key any row sees
     interior = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below this are visible to every row: no mask
     for start in range(0, interior, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
-                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
     for start in range(interior, end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
-                                     stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 2)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 2, QUANT)
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _single_query(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, t, ctx, kv_head, qk_scale,
+def _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, t, ctx, kv_head, qk_scale,
                   stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
     """A decode token in a mixed batch: its GQA group (padded to 16) as the rows, all ctx keys visible. A full
     BLOCK_M query tile here would do BLOCK_M / GROUP times the tensor-core work for the same K/V bytes."""
     g = tl.arange(0, GROUP_P)
@@ -160,19 +172,19 @@ def _single_query(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, t, ctx, kv_head, qk_scal
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, 0, ctx, kv_head, qk_scale,
-                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, 0, ctx, kv_head, qk_scale,
+                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
     out = acc / l_i[:, None]
     o_off = t.to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["B", "stride_bt"])  # batch and table width vary every step: no recompiles
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, qk_scale, B,
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, qk_scale, B,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DECODE_ROWS: tl.constexpr):
+                    DECODE_ROWS: tl.constexpr, QUANT: tl.constexpr):
     # Reversed: each sequence's last (longest) tiles are scheduled first, so the light ones fill the tail.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -185,16 +197,20 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, qk_sc
     ctx = tl.load(ctx_ptr + b)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     if DECODE_ROWS and q_len == 1:
-        _single_query(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, q_start, ctx, kv_head, qk_scale,
+        _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, ctx, kv_head, qk_scale,
                       stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
-                      GROUP, GROUP_P, D, PAGE, BLOCK_N)
+                      GROUP, GROUP_P, D, PAGE, BLOCK_N, QUANT)
     else:
-        _query_tile(q_ptr, kc_ptr, vc_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
+        _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
-                    GROUP, D, PAGE, BLOCK_M, BLOCK_Q, BLOCK_N)
+                    GROUP, D, PAGE, BLOCK_M, BLOCK_Q, BLOCK_N, QUANT)
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> tuple[int, int, int]:
+    if k_scale is not None:
+        assert k_cache.dtype == torch.int8 and k_scale.shape == k_cache.shape[:3] and k_scale.is_contiguous()
+        assert v_scale is not None and v_scale.is_contiguous() and v_scale.shape == k_scale.shape
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     assert hq % hkv == 0, "q heads must be a multiple of kv heads"
@@ -205,9 +221,12 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal varlen attention of q [T, Hq, D] (any token/head strides) over the paged cache -> [T, Hq, D]."""
-    group, hkv, d = _check(q, k_cache, v_cache)
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal varlen attention of q [T, Hq, D] (any token/head strides) over the paged cache -> [T, Hq, D].
+    With k_scale/v_scale the cache is int8 (see reference)."""
+    group, hkv, d = _check(q, k_cache, v_cache, k_scale, v_scale)
+    quant = k_scale is not None
     T, B = q.shape[0], context_lens.shape[0]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if T == 0 or B == 0:
@@ -219,20 +238,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_q = block_m // group
     grid = (T // block_q + B, hkv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q, scale * LOG2E, B,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, out, block_tables, context_lens, cu_seqlens_q, scale * LOG2E, B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
-        BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], DECODE_ROWS=cfg["DECODE_ROWS"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], DECODE_ROWS=cfg["DECODE_ROWS"], QUANT=quant,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 @triton.jit(do_not_specialize=["stride_bt", "NUM_SPLITS"])
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr, qk_scale,
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr, qk_scale,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                          NUM_SPLITS, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
-                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+                         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, QUANT: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -252,8 +272,8 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, 
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, bt_row, lo, hi, kv_head, qk_scale,
-                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
+                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
     if not SPLIT:  # a single split: final output, no reduce pass
         out = acc / l_i[:, None]
         o_off = b.to(tl.int64) * stride_ob + head * stride_oh
@@ -305,14 +325,16 @@ def decode_num_splits(batch: int, kv_heads: int, max_context_len: int, device: t
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
-                           *, num_splits: int | None = None) -> torch.Tensor:
+                           *, num_splits: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D] -> [B, Hq, D]. CUDA-graph safe: no sync, value-independent grids.
 
     max_context_len only sizes the split count (default: the block table's capacity, an upper bound that needs no
     sync); each sequence's real length is read on the device, so a graph captured at the bound stays correct.
     num_splits overrides the split count (tests, benchmarks).
     """
-    group, hkv, d = _check(q, k_cache, v_cache)
+    group, hkv, d = _check(q, k_cache, v_cache, k_scale, v_scale)
+    quant = k_scale is not None
     B, hq = q.shape[0], q.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
@@ -326,11 +348,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         mid_o = mid_lse = out  # unused
     _decode_split_kernel[(B, hkv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, mid_o, mid_lse, scale * LOG2E,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, block_tables, context_lens, out, mid_o, mid_lse, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1],
-        BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, QUANT=quant, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         **pdl.launch_args(q))
     if splits > 1:
         _decode_reduce_kernel[(B, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, D=d,

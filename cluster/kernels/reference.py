@@ -6,6 +6,8 @@ Shapes (T = tokens in the step, B = sequences, Hq/Hkv = heads, D = head dim):
   context_lens:     [B] int32, tokens of each sequence in the cache once this step's K/V are stored
   cu_seqlens_q:     [B+1] int32, prefix sums of this step's query tokens per sequence
   slot_mapping:     [T] int64, flat cache slot (block * block_size + offset) of each new token; -1 skips
+  k_scale, v_scale: [num_blocks, block_size, Hkv] fp32 when the cache is int8 (quant_policy 8), else None:
+                    each cached (token, head) row of D values is int8 times its own scale (max |x| / 127)
 """
 from __future__ import annotations
 
@@ -43,34 +45,64 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     return rot(q), rot(k)
 
 
+INT8_MAX = 127.0
+MIN_AMAX = 1e-6  # an all-zero row still gets a usable scale
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], fp32 scale [...]): symmetric, one scale per row, rounding half away from 0."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(MIN_AMAX) / INT8_MAX
+    y = xf / scale.unsqueeze(-1)
+    q = torch.where(y >= 0, y + 0.5, y - 0.5).trunc().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of the cache in `dtype`: int8 times its row scale, or the cache as it is."""
+    if scale is None:
+        return cache.to(dtype)
+    return (cache.float() * scale.unsqueeze(-1)).to(dtype)
+
+
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Write this step's K/V [T, Hkv, D] into their cache slots."""
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """Write this step's K/V [T, Hkv, D] into their cache slots (quantized when the cache has scales)."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if scale is None:
+            cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, x.to(cache.dtype))
+        else:
+            xq, xs = quantize_int8(x)
+            cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, xq)
+            scale.view(nb * bs, h).index_copy_(0, slot_mapping, xs)
 
 
 def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot_mapping: torch.Tensor) -> torch.Tensor:
+                     slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """apply_rotary, then store_kvcache of the rotated k and v; returns the rotated q."""
     q, k = apply_rotary(q, k, positions, cos_sin)
-    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int, scale: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
     bs = cache.shape[1]
-    nblocks = (n + bs - 1) // bs
-    return cache.index_select(0, block_table[:nblocks]).flatten(0, 1)[:n]  # [n, Hkv, D]
+    blocks = block_table[:(n + bs - 1) // bs]
+    rows = cache.index_select(0, blocks).flatten(0, 1)[:n]  # [n, Hkv, D]
+    return dequantize(rows, None if scale is None else scale.index_select(0, blocks).flatten(0, 1)[:n], dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float) -> torch.Tensor:
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context (prefix, chunk or decode).
 
     Query i of a sequence with q_len new tokens and ctx cached tokens sits at position ctx - q_len + i and sees
@@ -87,8 +119,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ql = e - s
         if ql == 0:
             continue
-        k = _gather(k_cache, block_tables[b], ctx).to(q.dtype)  # [ctx, Hkv, D]
-        v = _gather(v_cache, block_tables[b], ctx).to(q.dtype)
+        k = _gather(k_cache, block_tables[b], ctx, k_scale, q.dtype)  # [ctx, Hkv, D]
+        v = _gather(v_cache, block_tables[b], ctx, v_scale, q.dtype)
         qb = q[s:e].view(ql, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * ql, d)
         qpos = torch.arange(ctx - ql, ctx, device=q.device).repeat(group)
         mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
@@ -98,7 +130,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, max_context_len: int | None = None) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence ([B, Hq, D]) over its cache, batched with padding: one SDPA call for the batch.
 
     Slots past a sequence's context are masked; they must hold finite values (the engine zero-fills the cache),
@@ -110,8 +143,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     nblocks = (max_ctx + bs - 1) // bs
     bt = block_tables[:, :nblocks].clamp(0, nb - 1).flatten()
     # index_select, not k_cache[bt]: on the CPU it is about 8x faster than advanced indexing
-    k = k_cache.index_select(0, bt).view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.index_select(0, bt).view(B, nblocks * bs, hkv, d).to(q.dtype).transpose(1, 2)
+    ks = None if k_scale is None else k_scale.index_select(0, bt)
+    vs = None if v_scale is None else v_scale.index_select(0, bt)
+    k = dequantize(k_cache.index_select(0, bt), ks, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)  # [B,Hkv,L,D]
+    v = dequantize(v_cache.index_select(0, bt), vs, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)
     mask = torch.arange(nblocks * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
     qb = q.view(B, hkv, group, d)
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from cluster.kernels import pdl
+from cluster.kernels.kvcache import row_scale, to_int8
 from cluster.kernels.pdl import wait_for_previous
 
 
@@ -22,11 +23,22 @@ def _rotate(ptr, stride_t, stride_h, t, H, cos, sin, BLOCK_H: tl.constexpr, HALF
 
 
 @triton.jit
-def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+def _store_int8_halves(x1, x2, cache_ptr, scale_ptr, dst, srow, mask, HALF: tl.constexpr):
+    """Store a row given as its two halves [H, HALF] (fp32) as int8, one scale for the whole row."""
+    amax = tl.maximum(tl.max(tl.where(mask, tl.abs(x1), 0.0), axis=1),
+                      tl.max(tl.where(mask, tl.abs(x2), 0.0), axis=1))
+    scale = row_scale(amax)
+    tl.store(cache_ptr + dst, to_int8(x1, scale), mask=mask)
+    tl.store(cache_ptr + dst + HALF, to_int8(x2, scale), mask=mask)
+    tl.store(scale_ptr + srow, scale, mask=tl.max(mask.to(tl.int32), axis=1) > 0)
+
+
+@triton.jit
+def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                          stride_cb, stride_cslot, stride_ch, HQ, HK,
                          BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr,
-                         BLOCK_HALF: tl.constexpr, PAGE: tl.constexpr, USE_PDL: tl.constexpr):
+                         BLOCK_HALF: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -43,27 +55,43 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, s
         k2 = tl.load(kp + HALF, mask=mask, other=0.0).to(tl.float32)
         vp = v_ptr + t * stride_vt + h * stride_vh + d
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cslot + h * stride_ch + d
-        out_ty = kc_ptr.dtype.element_ty
-        tl.store(kc_ptr + dst, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty).to(out_ty), mask=mask)
-        tl.store(kc_ptr + dst + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty).to(out_ty), mask=mask)
-        tl.store(vc_ptr + dst, tl.load(vp, mask=mask).to(out_ty), mask=mask)
-        tl.store(vc_ptr + dst + HALF, tl.load(vp + HALF, mask=mask).to(out_ty), mask=mask)
+        if QUANT:
+            srow = slot * HK + tl.arange(0, BLOCK_HK)  # scales: [num_blocks, PAGE, HK] contiguous
+            in_ty = k_ptr.dtype.element_ty  # the rotated key rounded to the model dtype, as the reference's
+            r1 = (k1 * cos - k2 * sin).to(in_ty).to(tl.float32)
+            r2 = (k2 * cos + k1 * sin).to(in_ty).to(tl.float32)
+            _store_int8_halves(r1, r2, kc_ptr, ks_ptr, dst, srow, mask, HALF)
+            v1 = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
+            v2 = tl.load(vp + HALF, mask=mask, other=0.0).to(tl.float32)
+            _store_int8_halves(v1, v2, vc_ptr, vs_ptr, dst, srow, mask, HALF)
+        else:
+            out_ty = kc_ptr.dtype.element_ty
+            tl.store(kc_ptr + dst, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty).to(out_ty), mask=mask)
+            tl.store(kc_ptr + dst + HALF, (k2 * cos + k1 * sin).to(k_ptr.dtype.element_ty).to(out_ty), mask=mask)
+            tl.store(vc_ptr + dst, tl.load(vp, mask=mask).to(out_ty), mask=mask)
+            tl.store(vc_ptr + dst + HALF, tl.load(vp + HALF, mask=mask).to(out_ty), mask=mask)
 
 
 def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                      cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     slot_mapping: torch.Tensor) -> torch.Tensor:
+                     slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate q IN PLACE and return it; rotate k straight into its cache slot and copy v beside it (k itself is
     left as it was: attention reads keys from the cache). One launch where rotary and store_kvcache would take two."""
     T, HQ, D = q.shape
     HK = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and cos_sin.stride(1) == 1 and D % 2 == 0
     assert k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
+    quant = k_scale is not None
+    if quant:
+        assert k_scale.is_contiguous() and v_scale.is_contiguous() and k_scale.shape == k_cache.shape[:3]
     if T:
         _rotary_store_kernel[(T,)](
-            q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+            q, k, v, positions, cos_sin, k_cache, v_cache, k_scale if quant else k_cache,
+            v_scale if quant else v_cache, slot_mapping,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HQ, HK,
             BLOCK_HQ=triton.next_power_of_2(HQ), BLOCK_HK=triton.next_power_of_2(HK), HALF=D // 2,
-            BLOCK_HALF=triton.next_power_of_2(D // 2), PAGE=k_cache.shape[1], num_warps=4, **pdl.launch_args(q))
+            BLOCK_HALF=triton.next_power_of_2(D // 2), PAGE=k_cache.shape[1], QUANT=quant, num_warps=4,
+            **pdl.launch_args(q))
     return q

@@ -29,17 +29,20 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.k_scale: torch.Tensor | None = None  # int8 cache (quant_policy 8): each row's scale
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
                 positions: torch.Tensor | None = None, rotary: Rotary | None = None) -> torch.Tensor:
         """With `rotary`, q and k are rotated at `positions` first, in the same kernel as the K/V store."""
         if rotary is not None:
             q = kernels.rotary_and_store(q, k, v, positions, rotary.cos_sin, self.k_cache, self.v_cache,
-                                         meta.slot_mapping)
+                                         meta.slot_mapping, self.k_scale, self.v_scale)
         else:
-            kernels.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            kernels.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         if meta.decode_only:
             return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
-                                                  meta.context_lens, self.scale, meta.max_context_len)
+                                                  meta.context_lens, self.scale, meta.max_context_len,
+                                                  self.k_scale, self.v_scale)
         return kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                       meta.cu_seqlens_q, self.scale)
+                                       meta.cu_seqlens_q, self.scale, self.k_scale, self.v_scale)
