@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from cluster.kernels import activation, attention, gemv, kvcache, moe, norm, reference, rotary  # noqa: E402
+from cluster.kernels import activation, attention, gemv, kvcache, moe, norm, reference, rotary, w4a16  # noqa: E402
 
 PEAK_BW, PEAK_FLOPS = 3.0e12, 800e12
 TOL = {torch.float32: 2e-3, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
@@ -121,6 +121,23 @@ def bench_gemv_gated(dtype=torch.bfloat16) -> None:
     two = activation.silu_and_mul(gemv.gemv(x, w))
     record("gemv, silu_and_mul", "the same as two launches", rel_err(two, want), dtype,
            bench(lambda: activation.silu_and_mul(gemv.gemv(x, w))), nbytes=w.numel() * w.element_size())
+
+
+@guarded
+def bench_w4a16(M: int, N: int, K: int = HIDDEN, group: int = 128, dtype=torch.bfloat16) -> None:
+    """4-bit weights (AWQ's layout after conversion): rated by the bytes they occupy (half a byte a weight, plus a
+    zero and a scale per group), the whole of what decode at small M must read."""
+    from cluster.quant import int4
+
+    q, zeros, scales = int4.quantize(torch.randn(N, K, device=DEV) * 0.02, group)
+    qweight, zeros, scales = int4.pack(q), zeros.to(dtype), scales.to(dtype)
+    x = torch.randn(M, K, dtype=dtype, device=DEV)
+    with poisoned():
+        out = w4a16.linear_w4(x, qweight, zeros, scales)
+    err = rel_err(out, reference.linear_w4(x.float(), qweight, zeros.float(), scales.float()))
+    nbytes = qweight.numel() + 2 * zeros.numel() * zeros.element_size()
+    record("linear_w4", f"[{M},{K}] x [{N},{K}] g{group}", err, dtype,
+           bench(lambda: w4a16.linear_w4(x, qweight, zeros, scales)), nbytes=nbytes)
 
 
 @guarded
@@ -415,6 +432,9 @@ def main() -> None:
     bench_gemv_gated()
     for T in (1, 8, 64, 4096):
         bench_moe(T)
+    for M in (1, 64):
+        bench_w4a16(M, 6144)
+        bench_w4a16(M, 2 * FFN)
     bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16)
     bench_prefill("16x2048 packed", [2048] * 16, [2048] * 16, page=64)
     bench_prefill("4x512 chunk over 3584 cached", [512] * 4, [4096] * 4)

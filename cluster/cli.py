@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -65,13 +66,39 @@ def chat_main(args: argparse.Namespace) -> int:
 
 
 def convert_main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cluster.convert.hf import convert_checkpoint, resolve_source
 
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     cfg = convert_checkpoint(resolve_source(args.model), Path(args.out), args.tp, dtype)
     print(f"wrote {args.tp} shard(s) of {cfg.num_layers} layers ({dtype}) to {args.out}")
+    return 0
+
+
+def auto_awq_main(args: argparse.Namespace) -> int:
+    """4-bit AWQ of an HF model (or the embedded default): a checkpoint every other command takes as MODEL."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.convert.hf import resolve_source
+    from cluster.quant import awq
+
+    if args.w_bits != 4:
+        raise ValueError(f"--w-bits {args.w_bits} is not supported; 4 is")
+    src = resolve_source(args.model)
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32 if device == "cpu" else torch.float16,
+                                                 **kw).to(device)
+    tok = AutoTokenizer.from_pretrained(str(src.path), **kw)
+    texts = (Path(args.calib_file).read_text().split("\n\n") if args.calib_file else awq.default_calibration_text())
+    ids = awq.calibration_ids(tok, texts, args.calib_samples, args.calib_seqlen)
+    t0 = time.time()
+    quantized = awq.quantize_model(model, ids, args.w_group_size, search=not args.no_search, progress=True)
+    out = awq.save_awq_checkpoint(model, quantized, tok, args.work_dir, args.w_group_size)
+    print(f"wrote 4-bit AWQ checkpoint ({len(quantized)} linears, group {args.w_group_size}, {ids.shape[0]} x "
+          f"{ids.shape[1]} calibration tokens, {time.time() - t0:.0f} s) to {out}")
     return 0
 
 
@@ -95,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.set_defaults(func=convert_main)
+
+    lite = sub.add_parser("lite", help="quantization").add_subparsers(dest="lite_command", required=True)
+    p = lite.add_parser("auto_awq", help="4-bit AWQ weights: calibrate, scale, round; writes an AWQ checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="HF checkpoint dir or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--work-dir", required=True, help="where the quantized checkpoint goes")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--w-group-size", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration blocks (at most)")
+    p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration block")
+    p.add_argument("--calib-file", default=None, help="calibration text (paragraphs); default: built-in text")
+    p.add_argument("--no-search", action="store_true", help="plain round-to-nearest, no activation-aware scales")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=auto_awq_main)
 
     try:
         from cluster.serve import add_serve_args

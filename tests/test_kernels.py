@@ -29,8 +29,8 @@ def _load(name: str):
 from cluster import kernels  # noqa: E402
 from cluster.kernels import reference as ref  # noqa: E402
 
-attn, norm, act, rot, kv, gemv, moe = (_load(n) for n in ("attention", "norm", "activation", "rotary", "kvcache",
-                                                            "gemv", "moe"))
+attn, norm, act, rot, kv, gemv, moe, w4 = (_load(n) for n in ("attention", "norm", "activation", "rotary",
+                                                                "kvcache", "gemv", "moe", "w4a16"))
 
 
 
@@ -126,6 +126,22 @@ def test_gemv_gated_is_gemv_then_silu_and_mul(dtype, bias, n, k):
     want = ref.silu_and_mul(gemv.gemv(x, w, b))  # the product rounded to the dtype first, as unfused
     got = gemv.gemv(x, w, b, gated=True)
     assert got.shape == (1, n) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K, group", [(1, 40, 64, 32), (5, 24, 128, 64), (20, 33, 32, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_w4_matches_the_reference(dtype, M, N, K, group, bias):
+    """4-bit weights dequantized tile by tile (N not a multiple of the block; groups of 16 to 64 channels)."""
+    from cluster.quant import int4
+
+    q, zeros, scales = int4.quantize(torch.randn(N, K), group)
+    qweight, zeros, scales = int4.pack(q), zeros.to(dtype), scales.to(dtype)
+    x = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    got = w4.linear_w4(x, qweight, zeros, scales, b)
+    want = ref.linear_w4(x.float(), qweight, zeros, scales, None if b is None else b.float())
+    assert got.shape == (M, N) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("T, k, E", [(40, 2, 3), (1, 2, 8)])

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from cluster.convert.awq import AWQReader, awq_config, merge_shards
 from cluster.models.config import ModelConfig
 
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "internlm2", "internlm", "smollm", "mixtral", "qwen2_moe"}
@@ -152,8 +153,11 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str) -> ModelConfig:
         tp=tp,
         source=source,
         hf_model_type=model_type,
+        quant=awq_config(hf),
         **_moe_fields(hf, model_type),
     )
+    if cfg.quant and cfg.num_experts:
+        raise ValueError("4-bit (AWQ) mixture-of-experts checkpoints are not supported yet")
     cfg.check_tp(tp)
     return cfg
 
@@ -313,8 +317,15 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
             shards[r]["lm_head.weight"] = _vocab_rows(head, cfg, r, tp)
         shards[r]["norm.weight"] = get("model.norm.weight")
         shards[r]["rotary.inv_freq"] = inv_freq.to(embed.device)
+    awq = AWQReader(get) if cfg.quant else None
     for i in tqdm(range(cfg.num_layers), desc=f"converting {Path(cfg.source).name} (tp={tp}, {cfg.dtype})",
                   disable=not progress, unit="layer"):
+        if awq is not None:  # the 4-bit q values, zeros and scales slice over ranks like the weight they make
+            parts = [_hf_layer_tensors(view, hf, cfg, i) for view in (awq.q, awq.zeros, awq.scales)]
+            awq.clear()
+            for r in range(tp):
+                shards[r].update(merge_shards(*(shard_layer(t, cfg, r, tp, i) for t in parts)))
+            continue
         t = _hf_layer_tensors(get, hf, cfg, i)
         for r in range(tp):
             shards[r].update(shard_layer(t, cfg, r, tp, i))
@@ -342,7 +353,8 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         cfg.vision = vision
         llava.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
-        save_file({k: (v if k == "rotary.inv_freq" else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
+        keep = {k for k, v in shard.items() if k == "rotary.inv_freq" or not v.is_floating_point()}  # + 4-bit q
+        save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
                   str(out_dir / f"rank{r}.safetensors"))
     _save_tokenizer(src, out_dir)
     cfg.save(out_dir / "config.json")

@@ -11,7 +11,7 @@ import torch
 
 from cluster.kernels import reference
 
-__all__ = ["linear", "moe_experts", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
+__all__ = ["linear", "linear_w4", "moe_experts", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
            "silu_and_mul", "store_kvcache"]
 
 _modules: dict[str, ModuleType | None] = {}
@@ -41,6 +41,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if mod is not None:
             return mod.gemv(x, weight, bias, gated)
     y = torch.nn.functional.linear(x, weight, bias)
+    return silu_and_mul(y) if gated else y
+
+
+def linear_w4(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """x @ W.T + bias for a 4-bit weight (reference.linear_w4); the Triton path dequantizes tile by tile, so the
+    weight crosses memory at a quarter of its bf16 bytes. gated: silu_and_mul of the result."""
+    y = (_triton("w4a16", x) or reference).linear_w4(x, qweight, zeros, scales, bias)
     return silu_and_mul(y) if gated else y
 
 

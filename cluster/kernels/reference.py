@@ -189,3 +189,12 @@ def moe_experts_dense(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weig
     for e in range(w13.shape[0]):
         out += F.linear(silu_and_mul(F.linear(x, w13[e])), w2[e]).float() * dense[:, e:e + 1]
     return out.to(x.dtype)
+
+
+def linear_w4(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) with W [N, K] 4-bit: qweight uint8 [N, K / 2] (even k in the low nibble), zeros and scales
+    [N, K / group]; W = (q - zero) * scale (see cluster/quant/int4.py)."""
+    from cluster.quant.int4 import dequantize, unpack
+
+    return F.linear(x, dequantize(unpack(qweight), zeros, scales, x.dtype), bias)

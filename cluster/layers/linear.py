@@ -39,7 +39,7 @@ def pack_cpu_weights(model: nn.Module) -> None:
     """Give every linear layer of a CPU model its packed weight, and free the plain copy it replaces, so the
     weights are not held twice (a tied LM head packs the embedding's weight, which the lookup still needs)."""
     for m in model.modules():
-        if isinstance(m, PackableLinear):
+        if isinstance(m, PackableLinear) and not m.w4:
             m.packed = cpu_pack(m.matmul_weight())
             if m.packed is not None and isinstance(m.weight, nn.Parameter):
                 m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
@@ -47,30 +47,46 @@ def pack_cpu_weights(model: nn.Module) -> None:
 
 class PackableLinear(nn.Module):
     packed: torch.Tensor | None = None
+    w4 = False  # 4-bit weight (qweight, zeros, scales) instead of `weight`; see cluster/quant/int4.py
 
     def matmul_weight(self) -> torch.Tensor:
         return self.weight
+
+    def _make_weight(self, out_features: int, in_features: int, group: int) -> None:
+        if group:
+            self.w4 = True
+            self.qweight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8),
+                                        requires_grad=False)
+            self.zeros = nn.Parameter(torch.empty(out_features, in_features // group), requires_grad=False)
+            self.scales = nn.Parameter(torch.empty(out_features, in_features // group), requires_grad=False)
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+        if self.w4:
+            return kernels.linear_w4(x, self.qweight, self.zeros, self.scales, bias, gated)
+        return matmul(x, self.weight, bias, self.packed, gated)
 
 
 class ColumnLinear(PackableLinear):
     """Output features split over ranks (fused qkv, fused gate/up): each rank computes its own slice."""
 
-    def __init__(self, in_features: int, out_features_per_rank: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features_per_rank: int, bias: bool = False, group: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features_per_rank, in_features), requires_grad=False)
+        self._make_weight(out_features_per_rank, in_features, group)
         self.bias = nn.Parameter(torch.empty(out_features_per_rank), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """gated: the weight is the MLP's [gate; up] and the result silu(gate) * up (fused into the one-row GEMV)."""
-        return matmul(x, self.weight, self.bias, self.packed, gated)
+        return self._matmul(x, self.bias, gated)
 
 
 class RowLinear(PackableLinear):
     """Input features split over ranks (o_proj, down_proj): partial sums all-reduced into the full output."""
 
-    def __init__(self, in_features_per_rank: int, out_features: int):
+    def __init__(self, in_features_per_rank: int, out_features: int, group: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank), requires_grad=False)
+        self._make_weight(out_features, in_features_per_rank, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(matmul(x, self.weight, None, self.packed))
+        return all_reduce(self._matmul(x, None))

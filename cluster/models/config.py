@@ -37,6 +37,8 @@ class ModelConfig:
     sparse_layers: list[int] = field(default_factory=list)  # the layers whose MLP is the experts
     # LLaVA: the vision tower's HF config, the image token and how many it stands for (cluster/convert/llava.py)
     vision: dict = field(default_factory=dict)
+    # 4-bit weights (AWQ): {"method": "awq", "bits": 4, "group_size": G}; empty: weights in `dtype`
+    quant: dict = field(default_factory=dict)
 
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in self.sparse_layers
@@ -54,10 +56,16 @@ class ModelConfig:
         """Fail early, naming the sizes that work, when heads don't split over `tp` ranks."""
         valid = [n for n in range(1, self.num_heads + 1)
                  if self.num_heads % n == 0 and (self.num_kv_heads % n == 0 or n % self.num_kv_heads == 0)
-                 and all(f % n == 0 for f in self.ffn_widths())]
+                 and all(f % n == 0 for f in self.ffn_widths())
+                 and self._groups_split(n)]
         if tp not in valid:
             raise ValueError(f"tp={tp} does not divide this model ({self.num_heads} heads, {self.num_kv_heads} KV heads, "
                              f"FFN {'/'.join(map(str, self.ffn_widths()))}); valid tp sizes: {valid}")
+
+    def _groups_split(self, n: int) -> bool:
+        """4-bit weights: each rank's share of o_proj's and down_proj's input is whole groups."""
+        g = self.quant.get("group_size", 0)
+        return not g or all((w // n) % g == 0 for w in (self.num_heads * self.head_dim, self.intermediate_size))
 
     def ffn_widths(self) -> list[int]:
         """Every MLP width that tensor parallelism slices: dense, per expert, shared expert."""

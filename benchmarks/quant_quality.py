@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""What 4-bit weights cost in quality: held-out perplexity of a model in full precision, rounded to 4 bits
+(round to nearest) and with AWQ's activation-aware scales, as `cluster lite auto_awq` makes them.
+
+    python benchmarks/quant_quality.py [MODEL] [--group 64] [--json OUT]
+
+MODEL: an HF checkpoint or .gguf (default: the embedded SmolLM2-135M-Instruct). Runs on the CPU in fp32. The
+held-out text below is not in the calibration text (cluster/quant/calibration.txt)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+
+import torch
+
+HELD_OUT = """The lighthouse keeper climbed the spiral stairs twice each night, once to light the lamp and once, just before dawn, to put it out. In winter the wind found every crack in the old stone tower, and the glass of the lantern room rattled in its frame. He kept a log of every ship that passed, its name if he could read it, and the direction it was heading.
+Sorting algorithms differ in how they trade time for memory. Merge sort always takes time proportional to n log n but needs extra space for the merged output, while heapsort works in place with the same bound. Quicksort is usually fastest in practice, because its inner loop is simple and it uses the cache well, although a poor choice of pivot can make it quadratic.
+The human heart beats about one hundred thousand times a day, pumping blood through a network of vessels long enough to circle the Earth more than twice. Its four chambers work in two pairs: the right side sends blood to the lungs to collect oxygen, and the left side pushes the oxygen-rich blood out to the rest of the body.
+A budget is a plan for money. Start by writing down what comes in each month and what goes out, including small purchases that are easy to forget. Then decide which costs are fixed, such as rent, and which can change, such as eating out, and set a limit for each category before the month begins."""
+
+
+def perplexity(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return math.exp(model(ids, labels=ids).loss.item())
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.convert.hf import resolve_source
+    from cluster.quant import awq, int4
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default=None)
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    src = resolve_source(args.model)
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    base = AutoModelForCausalLM.from_pretrained(str(src.path), dtype=torch.float32, **kw).eval()
+    tok = AutoTokenizer.from_pretrained(str(src.path), **kw)
+    held = tok(HELD_OUT, return_tensors="pt").input_ids
+    calib = awq.calibration_ids(tok, awq.default_calibration_text(), 64, 128)
+    rows = [{"weights": "fp32", "ppl": perplexity(base, held), "seconds": 0.0}]
+    for name, search in (("int4 round-to-nearest", False), ("int4 AWQ", True)):
+        model = copy.deepcopy(base)
+        t0 = time.time()
+        quantized = awq.quantize_model(model, calib, args.group, search=search, progress=True)
+        seconds = time.time() - t0
+        with torch.no_grad():
+            for mod, (q, zeros, scales) in quantized.items():  # through the checkpoint's fp16 scales
+                model.get_submodule(mod).weight.copy_(int4.dequantize(q, zeros, scales.half().float()))
+        rows.append({"weights": name, "ppl": perplexity(model, held), "seconds": seconds})
+    print(f"\n{src.gguf_file or src.path.name}: held-out perplexity ({held.shape[1]} tokens), group {args.group}, "
+          f"calibration {calib.shape[0]} x {calib.shape[1]} tokens")
+    print("| weights | perplexity | vs fp32 | quantize time |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['weights']} | {r['ppl']:.2f} | {r['ppl'] / rows[0]['ppl'] - 1:+.1%} | {r['seconds']:.0f} s |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": str(src.gguf_file or src.path), "group": args.group, "held_out_tokens": held.shape[1],
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
