@@ -293,17 +293,18 @@ def bench_decode(B: int, ctx_len: int, page: int = 16, dtype=torch.bfloat16, gra
 
 
 @guarded
-def bench_decode_int8(B: int, ctx_len: int, page: int = 16) -> None:
-    """Decode over an int8 cache (quant_policy 8): half the K/V bytes of bf16, plus a 4-byte scale per row. Checked
-    against the reference reading the same int8 cache; rated by the bytes it reads."""
+def bench_decode_quant(B: int, ctx_len: int, bits: int, page: int = 16) -> None:
+    """Decode over a quantized cache (quant_policy 8 or 4): a half or a quarter of bf16's K/V bytes, plus 4 or 8
+    bytes of scales per row. Checked against the reference reading the same cache; rated by the bytes it reads."""
     q, [(kc, vc)], tables, ctx, cu = make_cache([ctx_len] * B, [1] * B, page, torch.bfloat16)
-    (kq, ks), (vq, vs) = reference.quantize_int8(kc), reference.quantize_int8(vc)
+    quantize = reference.quantize_int8 if bits == 8 else reference.quantize_int4
+    (kq, ks), (vq, vs) = quantize(kc), quantize(vc)
     scale = D ** -0.5
     want = reference.paged_attention(q.float(), kq, vq, tables, ctx, cu, scale, ks, vs)
     with poisoned():
         out = attention.paged_decode_attention(q, kq, vq, tables, ctx, scale, ctx_len, k_scale=ks, v_scale=vs)
-    nbytes = 2.0 * B * ctx_len * HKV * (D + 4)
-    record("paged_decode int8", f"B={B} ctx={ctx_len} page={page}", rel_err(out, want), torch.bfloat16,
+    nbytes = 2.0 * B * ctx_len * HKV * (D + 4 if bits == 8 else D // 2 + 8)
+    record(f"paged_decode int{bits}", f"B={B} ctx={ctx_len} page={page}", rel_err(out, want), torch.bfloat16,
            bench(lambda: attention.paged_decode_attention(q, kq, vq, tables, ctx, scale, ctx_len, k_scale=ks,
                                                           v_scale=vs)), nbytes=nbytes, note="eager")
 
@@ -445,7 +446,8 @@ def main() -> None:
             bench_decode(B, c)
     bench_decode(64, 2048, page=64)
     for B, c in ((1, 8192), (64, 2048)):
-        bench_decode_int8(B, c)
+        for bits in (8, 4):
+            bench_decode_quant(B, c, bits)
     bench_decode(64, 2048, page=256, graph=False)
     bench_decode(8, 1000, dtype=torch.float16, graph=False)
     bench_decode(3, 777, page=32, dtype=torch.float32, graph=False)

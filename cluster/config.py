@@ -28,13 +28,6 @@ class EngineConfig(BaseModel):
     seed: int = 0
     cache_dir: str | None = Field(None, description="where converted weights go; default ~/.cache/cluster")
 
-    @field_validator("quant_policy")
-    @classmethod
-    def _kv_quant_built(cls, v: int) -> int:
-        if v == 4:
-            raise ValueError("quant_policy=4 (int4 KV cache) is not implemented yet; use 8 (int8 KV cache) or 0")
-        return v
-
     @field_validator("block_size")
     @classmethod
     def _power_of_two(cls, v: int) -> int:

@@ -16,7 +16,6 @@ from cluster.config import EngineConfig, GenerationConfig
     ({"block_size": 24}, "block_size"),
     ({"max_batch_size": -1}, "max_batch_size"),
     ({"no_such_option": 1}, "no_such_option"),
-    ({"quant_policy": 4}, "quant_policy"),
     ({"quant_policy": 2}, "quant_policy"),
 ])
 def test_engine_config_rejects(kw, field):

@@ -211,49 +211,63 @@ def test_store_kvcache_skips_minus_one():
     assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
 
 
+def kv_cache(bits: int, blocks: int, page: int, h: int, d: int, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized cache and its scales, as the model runner allocates them (bits 8: int8; 4: two values a byte)."""
+    if bits == 8:
+        return torch.full((blocks, page, h, d), fill, dtype=torch.int8), torch.full((blocks, page, h), float("nan"))
+    return torch.full((blocks, page, h, d // 2), fill, dtype=torch.uint8), torch.full((blocks, page, h, 2), float("nan"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kvcache_int8_matches_reference(dtype):
-    """Rows quantized with their own scale, identically to the reference; slot -1 and other slots untouched; the
-    round trip errs by at most half a step."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_store_kvcache_quantized_matches_reference(dtype, bits):
+    """Rows quantized with their own scale (and min, for 4 bits), identically to the reference; slot -1 and other
+    slots untouched; the round trip errs by at most half a step."""
     T, h, d = 7, 2, 64
     k, v = torch.randn(T, h, d, dtype=dtype) * 3, torch.randn(T, h, d, dtype=dtype)
     k[2, 1] = 0.0  # an all-zero row still gets a finite scale
     slots = torch.tensor([3, -1, 40, 17, -1, 95, 0])
-    caches = [torch.full((6, 16, h, d), 99, dtype=torch.int8) for _ in range(4)]
-    scales = [torch.full((6, 16, h), float("nan")) for _ in range(4)]
+    caches, scales = zip(*(kv_cache(bits, 6, 16, h, d, 99) for _ in range(4)))
     ref.store_kvcache(k, v, caches[0], caches[1], slots, scales[0], scales[1])
     kv.store_kvcache(k, v, caches[2], caches[3], slots, scales[2], scales[3])
     for i in (0, 1):
         assert torch.equal(caches[i], caches[i + 2])
         assert torch.equal(scales[i].nan_to_num(-1.0), scales[i + 2].nan_to_num(-1.0))
     written = slots[slots >= 0]
-    deq = ref.dequantize(caches[2].view(-1, h, d)[written], scales[2].view(-1, h)[written], torch.float32)
-    step = scales[2].view(-1, h)[written].unsqueeze(-1)
-    assert ((deq - k[slots >= 0].float()).abs() <= step / 2 + 1e-6).all()
-    assert scales[2].isnan().sum() == (6 * 16 - written.numel()) * h
+    rows = scales[2].view(6 * 16, h, -1)[written]
+    deq = ref.dequantize(caches[2].view(6 * 16, h, -1)[written], rows.squeeze(-1) if bits == 8 else rows, torch.float32)
+    step = rows[..., :1]
+    assert ((deq - k[slots >= 0].float()).abs() <= step / 2 + 1e-5).all()
+    assert scales[2].isnan().sum() == (6 * 16 - written.numel()) * h * (1 if bits == 8 else 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_and_store_int8_matches_reference(dtype):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rotary_and_store_quantized_matches_reference(dtype, bits):
     T, hq, hkv, d = 6, 4, 2, 64
     q, k, v = torch.randn(T, hq, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype), torch.randn(T, hkv, d, dtype=dtype)
     positions, slots, cos_sin = torch.randint(0, 32, (T,)), torch.tensor([3, -1, 40, 17, 95, 0]), torch.randn(32, d)
-    caches = [torch.zeros((6, 16, hkv, d), dtype=torch.int8) for _ in range(4)]
-    scales = [torch.zeros((6, 16, hkv)) for _ in range(4)]
+    caches, scales = zip(*(kv_cache(bits, 6, 16, hkv, d, 0) for _ in range(4)))
+    for s in scales:
+        s.zero_()
     want_q = ref.rotary_and_store(q.clone(), k, v, positions, cos_sin, caches[0], caches[1], slots, scales[0], scales[1])
     got_q = rot.rotary_and_store(q.clone(), k, v, positions, cos_sin, caches[2], caches[3], slots, scales[2], scales[3])
     assert rel_err(got_q, want_q) < TOL[dtype]
-    for i in (0, 1):  # the rotated key may round one model-dtype step apart, so compare what the cache holds
+    for i in (0, 1):  # the rotated key may round one model-dtype step apart, which may move a value one
+        # quantization step: compare what the cache holds, within a step
         got = ref.dequantize(caches[i + 2], scales[i + 2], torch.float32)
-        assert rel_err(got, ref.dequantize(caches[i], scales[i], torch.float32)) < TOL[dtype]
+        want = ref.dequantize(caches[i], scales[i], torch.float32)
+        step = torch.maximum(scales[i], scales[i + 2])[..., :1] if bits == 4 else torch.maximum(
+            scales[i], scales[i + 2]).unsqueeze(-1)
+        assert ((got - want).abs() <= 1.01 * step + TOL[dtype] * want.abs()).all()
     assert torch.equal(caches[1], caches[3]) and torch.equal(scales[1], scales[3])  # v is stored unrotated: exact
 
 
-def quantized(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An int8 copy of a make_batch cache: rows outside every context get garbage values and NaN scales."""
+def quantized(cache: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized copy of a make_batch cache: rows outside every context get garbage values and NaN scales."""
     finite = torch.isfinite(cache).all(dim=-1)
-    q, s = ref.quantize_int8(cache.nan_to_num(0.0))
-    q[~finite] = torch.randint(-127, 128, (int((~finite).sum()), cache.shape[-1]), dtype=torch.int8)
+    q, s = (ref.quantize_int8 if bits == 8 else ref.quantize_int4)(cache.nan_to_num(0.0))
+    q[~finite] = torch.randint(0, 128, (int((~finite).sum()), q.shape[-1]), dtype=torch.uint8).to(q.dtype)
     s[~finite] = float("nan")
     return q, s
 
@@ -393,26 +407,28 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tiles", ["small", "default"])
-def test_paged_attention_int8_cache(dtype, tiles, monkeypatch):
-    """Prefill, chunk over a cached prefix and decodes, reading an int8 cache: against the reference reading the
-    same int8 cache (so the comparison is the kernel's, not the quantization's)."""
+@pytest.mark.parametrize("bits, close", [(8, 2e-2), (4, 0.2)])
+def test_paged_attention_quantized_cache(dtype, tiles, bits, close, monkeypatch):
+    """Prefill, chunk over a cached prefix and decodes, reading an int8 or 4-bit cache: against the reference
+    reading the same cache (so the comparison is the kernel's, not the quantization's)."""
     if tiles == "small":
         use_prefill_config(monkeypatch, SMALL_PREFILL)
     q_lens, ctx_lens = [21, 1, 13, 1], [21, 37, 50, 32]
     q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, 4, 2, 64, 16, dtype)
-    (kq, ks), (vq, vs) = quantized(kc), quantized(vc)
+    (kq, ks), (vq, vs) = quantized(kc, bits), quantized(vc, bits)
     out = attn.paged_attention(q, kq, vq, tables, ctx, cu, 0.125, ks, vs)
     want = ref.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.125, ks, vs)
     assert out.dtype == dtype and rel_err(out, want) < TOL[dtype]
-    # and the int8 cache is close to the unquantized one
-    assert rel_err(want, ref_attention(q, kc, vc, tables, ctx, cu, 0.125)) < 2e-2
+    # and the quantized cache is close to the unquantized one (random rows: 4 bits are coarse)
+    assert rel_err(want, ref_attention(q, kc, vc, tables, ctx, cu, 0.125)) < close
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_paged_decode_attention_int8_cache(splits, monkeypatch):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_paged_decode_attention_quantized_cache(splits, bits, monkeypatch):
     monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
     q, kc, vc, tables, ctx, cu = make_batch([1] * 4, [1, 45, 16, 70], 4, 2, 64, 16, torch.bfloat16)
-    (kq, ks), (vq, vs) = quantized(kc), quantized(vc)
+    (kq, ks), (vq, vs) = quantized(kc, bits), quantized(vc, bits)
     want = ref.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.125, ks, vs)
     out = attn.paged_decode_attention(q, kq, vq, tables, ctx, 0.125, tables.shape[1] * 16, num_splits=splits,
                                       k_scale=ks, v_scale=vs)

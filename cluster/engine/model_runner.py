@@ -98,21 +98,26 @@ class ModelRunner:
         return shard_sizes(self.cfg, self.tp_size)["kv_heads"]
 
     @property
-    def kv_int8(self) -> bool:
-        return self.engine_cfg.quant_policy == 8
+    def kv_bits(self) -> int:
+        """8 or 4 for a quantized KV cache (quant_policy), else 0."""
+        return self.engine_cfg.quant_policy
 
     @property
     def block_bytes(self) -> int:
-        """K and V of one block in every layer: model-dtype rows, or int8 rows plus an fp32 scale each."""
-        row = self.cfg.head_dim * (1 if self.kv_int8 else torch.tensor([], dtype=self.dtype).element_size())
-        row += 4 if self.kv_int8 else 0
+        """K and V of one block in every layer: model-dtype rows; int8 rows and an fp32 scale each; or 4-bit rows
+        and an fp32 (scale, min) each."""
+        d = self.cfg.head_dim
+        row = {0: d * torch.tensor([], dtype=self.dtype).element_size(), 8: d + 4, 4: d // 2 + 8}[self.kv_bits]
         return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (2, self.cfg.num_layers, num_blocks, self.block_size, self.kv_heads_per_rank, self.cfg.head_dim)
+        bits, d = self.kv_bits, self.cfg.head_dim
+        shape = (2, self.cfg.num_layers, num_blocks, self.block_size, self.kv_heads_per_rank)
         # zero-filled: padded decode reads slots past a context, which must be finite (see reference.py)
-        self.kv_cache = torch.zeros(shape, dtype=torch.int8 if self.kv_int8 else self.dtype, device=self.device)
-        self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if self.kv_int8 else None
+        dtype = {0: self.dtype, 8: torch.int8, 4: torch.uint8}[bits]
+        self.kv_cache = torch.zeros(shape + (d // 2 if bits == 4 else d,), dtype=dtype, device=self.device)
+        self.kv_scales = (torch.zeros(shape + ((2,) if bits == 4 else ()), dtype=torch.float32, device=self.device)
+                          if bits else None)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if self.kv_scales is not None:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from cluster.kernels import pdl
+from cluster.kernels.kvcache import quant_bits
 from cluster.kernels.pdl import wait_for_previous
 
 LOG2E = 1.4426950408889634
@@ -53,7 +54,8 @@ def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start
     """Online-softmax update of (acc, l_i, m_i) with keys [start, start + BLOCK_N).
 
     MASK: 0 = every key valid and visible (interior tiles), 1 = keys must be < ctx, 2 = also causal (key <= pos).
-    QUANT: the cache is int8 with a scale per (slot, kv head) row, [num_blocks, PAGE, kv heads] contiguous.
+    QUANT 8: the cache is int8 with a scale per (slot, kv head) row, [num_blocks, PAGE, kv heads] contiguous;
+    4: the cache is two 4-bit values a byte with (scale, min) per row, [num_blocks, PAGE, kv heads, 2].
     """
     n = start + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
@@ -63,23 +65,39 @@ def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start
         n_ok = n < ctx
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)  # unused table entries are arbitrary
     off = page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch
-    ptrs = off[:, None] + d[None, :]
+    if QUANT == 4:
+        ptrs = off[:, None] + d[None, :] // 2  # the byte holding value d
+    else:
+        ptrs = off[:, None] + d[None, :]
     if MASK == 0:
         k = tl.load(kc_ptr + ptrs)
         v = tl.load(vc_ptr + ptrs)
     else:  # masked loads: never-written slots past ctx may hold NaN
         k = tl.load(kc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
         v = tl.load(vc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
-    if QUANT:
+    if QUANT != 0:
         srow = (page * PAGE + n % PAGE) * tl.num_programs(1) + kv_head  # grid axis 1 is the kv head in both kernels
+        if QUANT == 4:
+            srow = 2 * srow
         if MASK == 0:
             ks = tl.load(ks_ptr + srow)
             vs = tl.load(vs_ptr + srow)
         else:
             ks = tl.load(ks_ptr + srow, mask=n_ok, other=0.0)
             vs = tl.load(vs_ptr + srow, mask=n_ok, other=0.0)
-        k = k.to(tl.float32) * ks[:, None]
-        v = v.to(tl.float32) * vs[:, None]
+        if QUANT == 4:
+            if MASK == 0:
+                k_lo = tl.load(ks_ptr + srow + 1)
+                v_lo = tl.load(vs_ptr + srow + 1)
+            else:
+                k_lo = tl.load(ks_ptr + srow + 1, mask=n_ok, other=0.0)
+                v_lo = tl.load(vs_ptr + srow + 1, mask=n_ok, other=0.0)
+            shift = (d[None, :] % 2) * 4
+            k = ((k >> shift) & 0xF).to(tl.float32) * ks[:, None] + k_lo[:, None]
+            v = ((v >> shift) & 0xF).to(tl.float32) * vs[:, None] + v_lo[:, None]
+        else:
+            k = k.to(tl.float32) * ks[:, None]
+            v = v.to(tl.float32) * vs[:, None]
     s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
     if MASK == 1:
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -206,11 +224,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, ctx_pt
                     GROUP, D, PAGE, BLOCK_M, BLOCK_Q, BLOCK_N, QUANT)
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
-           v_scale: torch.Tensor | None = None) -> tuple[int, int, int]:
-    if k_scale is not None:
-        assert k_cache.dtype == torch.int8 and k_scale.shape == k_cache.shape[:3] and k_scale.is_contiguous()
-        assert v_scale is not None and v_scale.is_contiguous() and v_scale.shape == k_scale.shape
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     assert hq % hkv == 0, "q heads must be a multiple of kv heads"
@@ -224,9 +238,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal varlen attention of q [T, Hq, D] (any token/head strides) over the paged cache -> [T, Hq, D].
-    With k_scale/v_scale the cache is int8 (see reference)."""
-    group, hkv, d = _check(q, k_cache, v_cache, k_scale, v_scale)
-    quant = k_scale is not None
+    With k_scale/v_scale the cache is int8 or 4-bit (see reference)."""
+    group, hkv, d = _check(q, k_cache, v_cache)
+    quant = quant_bits(k_cache, k_scale, v_scale, d)
     T, B = q.shape[0], context_lens.shape[0]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if T == 0 or B == 0:
@@ -238,7 +252,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_q = block_m // group
     grid = (T // block_q + B, hkv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, out, block_tables, context_lens, cu_seqlens_q, scale * LOG2E, B,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, out, block_tables,
+        context_lens, cu_seqlens_q, scale * LOG2E, B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
@@ -333,8 +348,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sync); each sequence's real length is read on the device, so a graph captured at the bound stays correct.
     num_splits overrides the split count (tests, benchmarks).
     """
-    group, hkv, d = _check(q, k_cache, v_cache, k_scale, v_scale)
-    quant = k_scale is not None
+    group, hkv, d = _check(q, k_cache, v_cache)
+    quant = quant_bits(k_cache, k_scale, v_scale, d)
     B, hq = q.shape[0], q.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
@@ -348,7 +363,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         mid_o = mid_lse = out  # unused
     _decode_split_kernel[(B, hkv, splits)](
-        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, block_tables, context_lens, out, mid_o, mid_lse, scale * LOG2E,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, block_tables, context_lens,
+        out, mid_o, mid_lse, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1],

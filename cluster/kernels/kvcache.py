@@ -19,9 +19,43 @@ def to_int8(x, scale):
 
 
 @triton.jit
+def store_int4_rows(ae, ao, be, bo, cache_ptr, param_ptr, dst, srow, mask, QUARTER: tl.constexpr):
+    """Store rows [H, D] given as the even/odd values of their first half (ae, ao) and of their second half (be, bo),
+    each [H, D / 4] fp32, as 4-bit: bytes [dst, dst + D / 4) hold the first half, the next D / 4 the second (value
+    2j in the low nibble of byte j); (scale, min) of each row at param_ptr + 2 * srow (reference.quantize_int4)."""
+    big = float("inf")
+    lo = tl.minimum(tl.minimum(tl.min(tl.where(mask, ae, big), 1), tl.min(tl.where(mask, ao, big), 1)),
+                    tl.minimum(tl.min(tl.where(mask, be, big), 1), tl.min(tl.where(mask, bo, big), 1)))
+    hi = tl.maximum(tl.maximum(tl.max(tl.where(mask, ae, -big), 1), tl.max(tl.where(mask, ao, -big), 1)),
+                    tl.maximum(tl.max(tl.where(mask, be, -big), 1), tl.max(tl.where(mask, bo, -big), 1)))
+    scale = tl.maximum(hi - lo, 1e-6) / 15.0  # reference.MIN_AMAX, reference.INT4_MAX
+    tl.store(cache_ptr + dst, _nibbles(ae, ao, lo, scale), mask=mask)
+    tl.store(cache_ptr + dst + QUARTER, _nibbles(be, bo, lo, scale), mask=mask)
+    row_ok = tl.max(mask.to(tl.int32), axis=1) > 0
+    tl.store(param_ptr + 2 * srow, scale, mask=row_ok)
+    tl.store(param_ptr + 2 * srow + 1, lo, mask=row_ok)
+
+
+@triton.jit
+def _nibbles(xe, xo, lo, scale):
+    """Two values a byte: round((x - min) / scale) in 0..15 (x >= min, so +0.5 and truncation round half up)."""
+    qe = tl.minimum(((xe - lo[:, None]) / scale[:, None] + 0.5).to(tl.int32), 15)
+    qo = tl.minimum(((xo - lo[:, None]) / scale[:, None] + 0.5).to(tl.int32), 15)
+    return (qe | (qo << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _store_int4_token(row, cache_ptr, param_ptr, dst, srow, mask, D: tl.constexpr):
+    """row: pointers to values 2j of each head's row, j < D / 4."""
+    store_int4_rows(tl.load(row, mask=mask).to(tl.float32), tl.load(row + 1, mask=mask).to(tl.float32),
+                    tl.load(row + D // 2, mask=mask).to(tl.float32), tl.load(row + D // 2 + 1, mask=mask).to(tl.float32),
+                    cache_ptr, param_ptr, dst, srow, mask, D // 4)
+
+
+@triton.jit
 def _store_rows(x, cache_ptr, scale_ptr, dst, srow, mask, QUANT: tl.constexpr):
-    """Store rows x [H, D] at dst; QUANT: as int8 with their scales at srow [H] (mask [H, D])."""
-    if QUANT:
+    """Store rows x [H, D] at dst; QUANT 8: as int8 with their scales at srow [H] (mask [H, D])."""
+    if QUANT == 8:
         xf = x.to(tl.float32)
         scale = row_scale(tl.max(tl.where(mask, tl.abs(xf), 0.0), axis=1))
         tl.store(cache_ptr + dst, to_int8(xf, scale), mask=mask)
@@ -42,14 +76,32 @@ def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr
     if slot < 0:  # padding token (e.g. a CUDA-graph batch slot): nothing to store
         return
     h = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < H) & (d < D)
-    dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + d
-    srow = slot * H + tl.arange(0, BLOCK_H)  # scales: [num_blocks, PAGE, H] contiguous
-    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-    _store_rows(k, kc_ptr, ks_ptr, dst, srow, mask, QUANT)
-    _store_rows(v, vc_ptr, vs_ptr, dst, srow, mask, QUANT)
+    srow = slot * H + tl.arange(0, BLOCK_H)  # scales: [num_blocks, PAGE, H(, 2)] contiguous
+    if QUANT == 4:  # pairs (2j, 2j + 1) of each half of the row, packed into bytes
+        j = tl.arange(0, BLOCK_D // 4)[None, :]
+        mask = (h < H) & (j < D // 4)
+        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + j
+        _store_int4_token(k_ptr + t * stride_kt + h * stride_kh + 2 * j, kc_ptr, ks_ptr, dst, srow, mask, D)
+        _store_int4_token(v_ptr + t * stride_vt + h * stride_vh + 2 * j, vc_ptr, vs_ptr, dst, srow, mask, D)
+    else:
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < H) & (d < D)
+        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + d
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+        _store_rows(k, kc_ptr, ks_ptr, dst, srow, mask, QUANT)
+        _store_rows(v, vc_ptr, vs_ptr, dst, srow, mask, QUANT)
+
+
+def quant_bits(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, D: int) -> int:
+    """0 (model dtype), 8 (int8 cache) or 4 (uint8 cache, two values a byte), with the scales' shapes checked."""
+    if k_scale is None:
+        return 0
+    bits = 4 if k_cache.dtype == torch.uint8 else 8
+    want = tuple(k_cache.shape[:3]) + ((2,) if bits == 4 else ())
+    assert k_scale.is_contiguous() and v_scale is not None and v_scale.is_contiguous()
+    assert tuple(k_scale.shape) == want == tuple(v_scale.shape) and k_cache.shape[3] * (2 if bits == 4 else 1) == D
+    return bits
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -63,9 +115,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     if T == 0:
         return
     assert k.stride(2) == 1 and v.stride(2) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
-    quant = k_scale is not None
-    if quant:
-        assert k_scale.is_contiguous() and v_scale.is_contiguous() and k_scale.shape == k_cache.shape[:3]
+    quant = quant_bits(k_cache, k_scale, v_scale, D)
     _store_kvcache_kernel[(T,)](
         k, v, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -6,8 +6,11 @@ Shapes (T = tokens in the step, B = sequences, Hq/Hkv = heads, D = head dim):
   context_lens:     [B] int32, tokens of each sequence in the cache once this step's K/V are stored
   cu_seqlens_q:     [B+1] int32, prefix sums of this step's query tokens per sequence
   slot_mapping:     [T] int64, flat cache slot (block * block_size + offset) of each new token; -1 skips
-  k_scale, v_scale: [num_blocks, block_size, Hkv] fp32 when the cache is int8 (quant_policy 8), else None:
-                    each cached (token, head) row of D values is int8 times its own scale (max |x| / 127)
+  k_scale, v_scale: None for a cache in the model dtype. quant_policy 8: the cache is int8 and these are
+                    [num_blocks, block_size, Hkv] fp32, each (token, head) row int8 times its own scale
+                    (max |x| / 127). quant_policy 4: the cache is uint8 [..., D / 2] (value 2j in the low nibble,
+                    2j + 1 in the high one) and these are [num_blocks, block_size, Hkv, 2] fp32, (scale, min) of
+                    each row: x = q * scale + min, q in 0..15
 """
 from __future__ import annotations
 
@@ -58,10 +61,26 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+INT4_MAX = 15.0
+
+
+def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (uint8 [..., D / 2] two values a byte, fp32 [..., 2] (scale, min)): asymmetric per row."""
+    xf = x.float()
+    lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
+    scale = (hi - lo).clamp_min(MIN_AMAX) / INT4_MAX
+    q = ((xf - lo.unsqueeze(-1)) / scale.unsqueeze(-1) + 0.5).floor().clamp(0, INT4_MAX).to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4), torch.stack((scale, lo), dim=-1)
+
+
 def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of the cache in `dtype`: int8 times its row scale, or the cache as it is."""
+    """Rows of the cache in `dtype`: as they are, int8 times the row's scale, or 4-bit (uint8 cache) with the
+    row's (scale, min)."""
     if scale is None:
         return cache.to(dtype)
+    if cache.dtype == torch.uint8:
+        q = torch.stack((cache & 0xF, cache >> 4), dim=-1).flatten(-2).float()
+        return (q * scale[..., :1] + scale[..., 1:]).to(dtype)
     return (cache.float() * scale.unsqueeze(-1)).to(dtype)
 
 
@@ -77,9 +96,9 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         if scale is None:
             cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, x.to(cache.dtype))
         else:
-            xq, xs = quantize_int8(x)
+            xq, xs = (quantize_int4 if cache.dtype == torch.uint8 else quantize_int8)(x)
             cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, xq)
-            scale.view(nb * bs, h).index_copy_(0, slot_mapping, xs)
+            scale.view(nb * bs, h, -1).index_copy_(0, slot_mapping, xs.view(xs.shape[0], h, -1))
 
 
 def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

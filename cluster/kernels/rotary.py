@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from cluster.kernels import pdl
-from cluster.kernels.kvcache import row_scale, to_int8
+from cluster.kernels.kvcache import quant_bits, row_scale, store_int4_rows, to_int8
 from cluster.kernels.pdl import wait_for_previous
 
 
@@ -34,6 +34,36 @@ def _store_int8_halves(x1, x2, cache_ptr, scale_ptr, dst, srow, mask, HALF: tl.c
 
 
 @triton.jit
+def _rotate_store_int4(k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, t, pos, slot, h, stride_kt, stride_kh,
+                       stride_vt, stride_vh, stride_cs, stride_cb, stride_cslot, stride_ch, HK,
+                       BLOCK_HK: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE: tl.constexpr):
+    """The 4-bit store (kvcache.store_int4_rows): values taken in (even, odd) pairs of each half, rotated there."""
+    j = tl.arange(0, BLOCK_HALF // 2)[None, :]
+    de = 2 * j
+    j_ok = j < HALF // 2
+    mask = (h < HK) & j_ok
+    cs = cs_ptr + pos * stride_cs + de
+    ce, co = tl.load(cs, mask=j_ok, other=0.0).to(tl.float32), tl.load(cs + 1, mask=j_ok, other=0.0).to(tl.float32)
+    se = tl.load(cs + HALF, mask=j_ok, other=0.0).to(tl.float32)
+    so = tl.load(cs + HALF + 1, mask=j_ok, other=0.0).to(tl.float32)
+    kb = k_ptr + t * stride_kt + h * stride_kh + de
+    k1e, k1o = tl.load(kb, mask=mask, other=0.0).to(tl.float32), tl.load(kb + 1, mask=mask, other=0.0).to(tl.float32)
+    k2e = tl.load(kb + HALF, mask=mask, other=0.0).to(tl.float32)
+    k2o = tl.load(kb + HALF + 1, mask=mask, other=0.0).to(tl.float32)
+    in_ty = k_ptr.dtype.element_ty  # the rotated key rounded to the model dtype, as the reference's
+    r1e, r1o = (k1e * ce - k2e * se).to(in_ty).to(tl.float32), (k1o * co - k2o * so).to(in_ty).to(tl.float32)
+    r2e, r2o = (k2e * ce + k1e * se).to(in_ty).to(tl.float32), (k2o * co + k1o * so).to(in_ty).to(tl.float32)
+    dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cslot + h * stride_ch + j
+    srow = slot * HK + tl.arange(0, BLOCK_HK)
+    store_int4_rows(r1e, r1o, r2e, r2o, kc_ptr, ks_ptr, dst, srow, mask, HALF // 2)
+    vb = v_ptr + t * stride_vt + h * stride_vh + de
+    store_int4_rows(tl.load(vb, mask=mask, other=0.0).to(tl.float32), tl.load(vb + 1, mask=mask, other=0.0).to(tl.float32),
+                    tl.load(vb + HALF, mask=mask, other=0.0).to(tl.float32),
+                    tl.load(vb + HALF + 1, mask=mask, other=0.0).to(tl.float32), vc_ptr, vs_ptr, dst, srow, mask,
+                    HALF // 2)
+
+
+@triton.jit
 def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                          stride_cb, stride_cslot, stride_ch, HQ, HK,
@@ -55,7 +85,11 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, k
         k2 = tl.load(kp + HALF, mask=mask, other=0.0).to(tl.float32)
         vp = v_ptr + t * stride_vt + h * stride_vh + d
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cslot + h * stride_ch + d
-        if QUANT:
+        if QUANT == 4:
+            _rotate_store_int4(k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, t, pos, slot, h, stride_kt,
+                               stride_kh, stride_vt, stride_vh, stride_cs, stride_cb, stride_cslot, stride_ch, HK,
+                               BLOCK_HK, HALF, BLOCK_HALF, PAGE)
+        elif QUANT == 8:
             srow = slot * HK + tl.arange(0, BLOCK_HK)  # scales: [num_blocks, PAGE, HK] contiguous
             in_ty = k_ptr.dtype.element_ty  # the rotated key rounded to the model dtype, as the reference's
             r1 = (k1 * cos - k2 * sin).to(in_ty).to(tl.float32)
@@ -82,9 +116,7 @@ def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     HK = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and cos_sin.stride(1) == 1 and D % 2 == 0
     assert k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
-    quant = k_scale is not None
-    if quant:
-        assert k_scale.is_contiguous() and v_scale.is_contiguous() and k_scale.shape == k_cache.shape[:3]
+    quant = quant_bits(k_cache, k_scale, v_scale, D)
     if T:
         _rotary_store_kernel[(T,)](
             q, k, v, positions, cos_sin, k_cache, v_cache, k_scale if quant else k_cache,

@@ -29,7 +29,7 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
-        self.k_scale: torch.Tensor | None = None  # int8 cache (quant_policy 8): each row's scale
+        self.k_scale: torch.Tensor | None = None  # quantized cache (quant_policy 8 or 4): each row's scale(s)
         self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
