@@ -427,6 +427,25 @@ async def test_webui_page():
     c.engine.shutdown()
 
 
+def test_webui_script_sends_images_as_parts(tmp_path):
+    """The page's script, run by node against a fake DOM: an attached image goes out as an image_url part."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from cluster.deployments.webui import page
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    html = page("")
+    script = tmp_path / "page.js"
+    script.write_text(html[html.index("<script>") + len("<script>"):html.index("</script>")])
+    harness = Path(__file__).with_name("webui_harness.js")
+    done = subprocess.run([node, str(harness), str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
 async def test_stream_never_started_is_cleaned_up():
     """A streamed response whose body is never read (client gone before it started) still aborts its request."""
     import gc

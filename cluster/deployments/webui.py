@@ -37,6 +37,7 @@ _PAGE = r"""<!doctype html>
 </header>
 <div id="log"></div>
 <form id="f"><textarea id="in" placeholder="Say something (Enter sends, Shift+Enter for a new line)"></textarea>
+<label title="attach an image (vision-language models)">&#128247;<input id="img" type="file" accept="image/*" style="width:7em"></label>
 <button id="send">Send</button><button id="stop" type="button" disabled>Stop</button></form>
 <script>
 const API = "__API_BASE__";
@@ -46,6 +47,7 @@ $("key").value = localStorage.getItem("cluster_key") || "";
 $("key").onchange = () => { localStorage.setItem("cluster_key", $("key").value); loadModels(); };
 function headers(){ const h = {"Content-Type":"application/json"}; if ($("key").value) h["Authorization"] = "Bearer " + $("key").value; return h; }
 function add(cls, text){ const d = document.createElement("div"); d.className = "msg " + cls; d.textContent = text; $("log").appendChild(d); $("log").scrollTop = 1e9; return d; }
+function readImage(file){ return new Promise((ok, fail) => { const r = new FileReader(); r.onload = () => ok(r.result); r.onerror = () => fail(new Error("cannot read " + file.name)); r.readAsDataURL(file); }); }
 async function loadModels(){
   try { const r = await fetch(API + "/v1/models", {headers: headers()}); const j = await r.json();
         if (!r.ok) throw new Error(j.error ? j.error.message : r.status);
@@ -57,7 +59,14 @@ $("stop").onclick = () => { if (ctrl) ctrl.abort(); };
 $("in").addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey){ e.preventDefault(); $("f").requestSubmit(); } });
 $("f").onsubmit = async e => {
   e.preventDefault(); const text = $("in").value.trim(); if (!text || ctrl) return;
-  $("in").value = ""; add("user", text); history.push({role:"user", content:text});
+  const file = $("img").files[0]; let content = text;
+  if (file){  // an image goes inline as a data: URL, before the text (as LLaVA was trained)
+    let url; try { url = await readImage(file); } catch(err){ add("error", err.message); return; }
+    content = [{type: "image_url", image_url: {url}}, {type: "text", text}];
+    const im = document.createElement("img"); im.src = url; im.style.maxHeight = "8em"; im.style.display = "block";
+    add("user", "").appendChild(im); $("img").value = "";
+  }
+  $("in").value = ""; add("user", text); history.push({role:"user", content});
   const out = add("assistant", ""); const stats = document.createElement("div"); stats.className = "stats";
   const msgs = ($("system").value ? [{role:"system", content:$("system").value}] : []).concat(history);
   ctrl = new AbortController(); $("stop").disabled = false; $("send").disabled = true;
