@@ -86,21 +86,36 @@ def random_hf_model(shape: str, dtype: torch.dtype, max_pos: int, device: str = 
     return model
 
 
-def engine_from_hf(hf_model, dtype: str, **engine_kw):
-    """Our engine on the same weights: the converter's mapping applied to the in-memory state dict."""
+def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | None = None, hf: dict | None = None,
+                   **engine_kw):
+    """Our engine on the same weights: the converter's mapping applied to the in-memory state dict (or to `state`,
+    a checkpoint's tensors, with `hf` its config)."""
     from cluster.config import EngineConfig
     from cluster.convert.hf import build_shards, engine_config
     from cluster.engine.engine import LLMEngine
     from cluster.engine.model_runner import ModelRunner
 
-    hf = hf_model.config.to_dict()
+    hf = hf or hf_model.config.to_dict()
+    state = state if state is not None else hf_model.state_dict()
+    get = state.__getitem__
+    get_names = _Getter(get, set(state))
     cfg = engine_config(hf, dtype, 1, "random")
-    weights = build_shards(hf_model.state_dict().__getitem__, hf, cfg, 1)[0]
-    weights = {k: (v if k == "rotary.inv_freq" else v.contiguous()) for k, v in weights.items()}
-    ec = EngineConfig(**engine_kw)
+    weights = build_shards(get_names, hf, cfg, 1)[0]
+    weights = {k: (v if k == "rotary.inv_freq" else v.contiguous()).to(device) for k, v in weights.items()}
+    ec = EngineConfig(**engine_kw, device=device)
     session_len = ec.session_len or cfg.max_position_embeddings
-    runner = ModelRunner(cfg, weights, ec, torch.device("cuda"), session_len)
+    runner = ModelRunner(cfg, weights, ec, torch.device(device), session_len)
     return LLMEngine(runner=runner, tokenizer=None, engine_config=ec)
+
+
+class _Getter:
+    """A checkpoint reader over a dict, with the tensor names (the converter looks some layouts up by name)."""
+
+    def __init__(self, get, names: set[str]):
+        self.get, self.names = get, names
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.get(name)
 
 
 def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

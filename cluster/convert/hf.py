@@ -184,8 +184,9 @@ def _hf_expert_tensors(get, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]
     and Qwen2-MoE's shared expert. Reads per-expert checkpoints (what Mixtral and Qwen ship, and what transformers
     saves) and transformers' fused 3D layout."""
     mixtral = cfg.hf_model_type == "mixtral"
-    p = f"model.layers.{i}." + ("block_sparse_moe." if mixtral else "mlp.")
     names = getattr(get, "names", set())
+    legacy = f"model.layers.{i}.block_sparse_moe.gate.weight"  # Mixtral's checkpoints; transformers 5 says mlp.
+    p = f"model.layers.{i}." + ("block_sparse_moe." if mixtral and (legacy in names or not names) else "mlp.")
     if p + "experts.gate_up_proj" in names:
         gate_up = get(p + "experts.gate_up_proj")
         gate, up = gate_up.chunk(2, dim=1)
