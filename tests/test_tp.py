@@ -44,12 +44,12 @@ def test_step_plan_roundtrip():
                      block_tables=torch.tensor([[1, 0], [2, 3]], dtype=torch.int32),
                      context_lens=torch.tensor([3, 10], dtype=torch.int32),
                      cu_seqlens_q=torch.tensor([0, 3, 4], dtype=torch.int32), logit_indices=torch.tensor([2, 3]),
-                     max_context_len=10, decode_only=False)
+                     max_context_len=10, decode_only=False, embeds=torch.randn(2, 8), embed_rows=torch.tensor([1, 2]))
     header, payload = tpmod.pack_step(step)
     assert header.shape == (tpmod.HEADER_LEN,) and payload.numel() == tpmod.payload_len(header)
-    back = tpmod.unpack_step(header, payload)
+    back = tpmod.unpack_step(header, payload, tpmod.embeds_message(step))
     for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "cu_seqlens_q",
-                 "logit_indices"):
+                 "logit_indices", "embed_rows", "embeds"):
         a, b = getattr(step, name), getattr(back, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert (back.max_context_len, back.decode_only) == (10, False)

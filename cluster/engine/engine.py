@@ -89,8 +89,6 @@ class LLMEngine:
             model_dir = ensure_converted(model, ec.tp, dtype, ec.cache_dir)
             cfg = ModelConfig.load(model_dir / "config.json")
             self.session_len = self._session_len(cfg, ec)
-            if cfg.vision and ec.tp > 1:
-                raise ValueError("vision-language models run at tp=1 for now; use --tp 1 (and --replicas to scale)")
             if ec.tp > 1:
                 from cluster.workers.tp import TPExecutor  # the other ranks run in worker processes
 

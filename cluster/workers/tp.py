@@ -65,7 +65,8 @@ from cluster.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-HEADER_LEN = 8  # [cmd, T tokens, B seqs, W block-table width, N sampled rows, max_context_len, decode_only, spare]
+HEADER_LEN = 8  # [cmd, T tokens, B seqs, W block-table width, N sampled rows, max_context_len, decode_only,
+#                   M image-embedding rows (LLaVA: sent as a second, float message)]
 CMD_SHUTDOWN, CMD_STEP = 0, 1
 IDLE_TIMEOUT = timedelta(days=36500)  # a follower waits for rank 0's next step as long as the engine idles
 
@@ -96,28 +97,35 @@ def rank_device(engine_cfg: EngineConfig, local_rank: int) -> torch.device:
 
 # -- the step plan on the wire ---------------------------------------------------------------------------------------
 def pack_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
-    """(header int64[HEADER_LEN], payload int64[...]): every index tensor of the step, flattened into one."""
+    """(header int64[HEADER_LEN], payload int64[...]): every index tensor of the step, flattened into one (the
+    image embeddings' rows included; the embeddings themselves go as a float message, `embeds_message`)."""
     t, (b, w), n = step.input_ids.numel(), step.block_tables.shape, step.logit_indices.numel()
-    header = torch.tensor([CMD_STEP, t, b, w, n, step.max_context_len, int(step.decode_only), 0], dtype=torch.long)
+    m = 0 if step.embed_rows is None else step.embed_rows.numel()
+    header = torch.tensor([CMD_STEP, t, b, w, n, step.max_context_len, int(step.decode_only), m], dtype=torch.long)
     parts = [step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
-             step.cu_seqlens_q, step.logit_indices]
+             step.cu_seqlens_q, step.logit_indices] + ([step.embed_rows] if m else [])
     payload = torch.cat([p.reshape(-1).to("cpu", torch.long) for p in parts])
     return header, payload
 
 
+def embeds_message(step: StepInput) -> torch.Tensor | None:
+    """The step's image embeddings as the CPU fp32 tensor every follower receives, or None."""
+    return None if step.embeds is None else step.embeds.to("cpu", torch.float32).contiguous()
+
+
 def payload_len(header: torch.Tensor) -> int:
     _, t, b, w, n = header[:5].tolist()
-    return 3 * t + b * w + b + (b + 1) + n
+    return 3 * t + b * w + b + (b + 1) + n + int(header[7])
 
 
-def unpack_step(header: torch.Tensor, payload: torch.Tensor) -> StepInput:
-    _, t, b, w, n, max_ctx, decode_only, _ = header.tolist()
-    sizes = [t, t, t, b * w, b, b + 1, n]
-    ids, pos, slots, tables, ctx, cu, rows = payload.split(sizes)
+def unpack_step(header: torch.Tensor, payload: torch.Tensor, embeds: torch.Tensor | None = None) -> StepInput:
+    _, t, b, w, n, max_ctx, decode_only, m = header.tolist()
+    sizes = [t, t, t, b * w, b, b + 1, n, m]
+    ids, pos, slots, tables, ctx, cu, rows, embed_rows = payload.split(sizes)
     return StepInput(input_ids=ids, positions=pos, slot_mapping=slots,
                      block_tables=tables.view(b, w).to(torch.int32), context_lens=ctx.to(torch.int32),
                      cu_seqlens_q=cu.to(torch.int32), logit_indices=rows, max_context_len=max_ctx,
-                     decode_only=bool(decode_only))
+                     decode_only=bool(decode_only), embeds=embeds, embed_rows=embed_rows if m else None)
 
 
 # -- process groups ---------------------------------------------------------------------------------------------------
@@ -253,7 +261,11 @@ def follower_loop(runner: ModelRunner, groups: TPGroups) -> int:
                 return steps
             payload = torch.empty(payload_len(header), dtype=torch.long)
             dist.broadcast(payload, 0, group=groups.cpu_group)
-            runner.execute(unpack_step(header, payload))  # logits are rank 0's business
+            embeds = None
+            if int(header[7]):
+                embeds = torch.empty(int(header[7]), runner.cfg.hidden_size, dtype=torch.float32)
+                dist.broadcast(embeds, 0, group=groups.cpu_group)
+            runner.execute(unpack_step(header, payload, embeds))  # logits are rank 0's business
             steps += 1
 
 
@@ -455,10 +467,13 @@ class TPExecutor:
         if err:
             raise self._fail(RuntimeError(err))
         header, payload = pack_step(step)
+        embeds = embeds_message(step)
         try:
             with self._lock, tp_scope(self.groups), _threads(self._cpu_threads):
                 dist.broadcast(header, 0, group=self.groups.cpu_group)
                 dist.broadcast(payload, 0, group=self.groups.cpu_group)
+                if embeds is not None:
+                    dist.broadcast(embeds, 0, group=self.groups.cpu_group)
                 logits = self.runner.execute(step)
                 if self.groups.backend == "nccl":
                     # wait here, not in the sampler: if a peer died, abort() has broken the collective and these
