@@ -106,10 +106,14 @@ class Pipeline:
     infer = __call__
 
     def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
-             stream: bool = False):
-        """One turn of a conversation; returns the session (or, with stream=True, an iterator of text pieces)."""
+             stream: bool = False, images: list | None = None):
+        """One turn of a conversation; returns the session (or, with stream=True, an iterator of text pieces).
+        images: paths, data: URLs or PIL images shown with this turn's text (vision-language models). A turn that
+        fails before its first token (a bad image, a prompt too long) leaves the session as it was."""
         session = session or Session()
-        session.messages.append({"role": "user", "content": prompt})
+        parts = [{"type": "image", "image": im} for im in images or []]
+        session.messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}]
+                                 if parts else prompt})
 
         def run() -> Iterator[str]:
             result = Response("", [], 0, 0, None)
@@ -118,8 +122,11 @@ class Pipeline:
                     _accumulate(result, chunk)
                     yield chunk.text
             finally:
-                session.messages.append({"role": "assistant", "content": result.text})
-                session.last = result
+                if result.token_ids or result.finish_reason:
+                    session.messages.append({"role": "assistant", "content": result.text})
+                    session.last = result
+                else:  # nothing came back: the turn did not happen
+                    session.messages.pop()
 
         if stream:
             return run()

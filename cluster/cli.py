@@ -30,6 +30,7 @@ def chat_main(args: argparse.Namespace) -> int:
     """Multi-turn chat: history kept, streamed answers; `exit` or Ctrl-D leaves, Ctrl-C stops only the answer."""
     from cluster.api import Pipeline, Session
     from cluster.config import GenerationConfig
+    from cluster.engine.multimodal import image_command, load_image
 
     pipe = Pipeline(args.model, engine_config_from_args(args))
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -37,7 +38,9 @@ def chat_main(args: argparse.Namespace) -> int:
     session = Session()
     if args.system:
         session.messages.append({"role": "system", "content": args.system})
-    print("chat with the model; 'exit' or Ctrl-D to leave, Ctrl-C stops an answer", flush=True)
+    print("chat with the model; 'exit' or Ctrl-D to leave, Ctrl-C stops an answer, '/image PATH' attaches an image "
+          "to your next message", flush=True)
+    images: list[str] = []
     try:
         while True:
             try:
@@ -50,15 +53,27 @@ def chat_main(args: argparse.Namespace) -> int:
                 continue
             if prompt.strip() in ("exit", "quit"):
                 break
+            path = image_command(prompt)
+            if path is not None:
+                try:
+                    load_image(path)
+                    images.append(path)
+                    print(f"[image attached: {path}; it goes with your next message]", flush=True)
+                except ValueError as e:
+                    print(f"[error: {e}]", flush=True)
+                continue
             if not prompt.strip():
                 continue
-            pieces = pipe.chat(prompt, session, gen, stream=True)
+            pieces = pipe.chat(prompt, session, gen, stream=True, images=images)
+            images = []
             try:
                 for text in pieces:
                     print(text, end="", flush=True)
             except KeyboardInterrupt:
                 pieces.close()  # aborts the request; the partial answer stays in the history
                 print(" [stopped]", end="")
+            except ValueError as e:  # this turn's input (an image, a prompt too long): the chat goes on
+                print(f"[error: {e}]", end="")
             print(flush=True)
     finally:
         pipe.close()

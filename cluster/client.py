@@ -1,7 +1,8 @@
 """`cluster client URL`: multi-turn chat in the terminal against a running OpenAI-compatible server (streamed).
 
 History is kept and re-sent each turn (the server's prefix cache makes old turns cheap); `exit` or Ctrl-D leaves,
-Ctrl-C stops the current answer (closing the stream aborts it on the server), `/clear` starts over."""
+Ctrl-C stops the current answer (closing the stream aborts it on the server), `/clear` starts over, `/image PATH`
+attaches an image to the next message (sent inline as a data: URL, for vision-language models)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import sys
 from typing import Iterator
 
 import httpx
+
+from cluster.engine.multimodal import data_url, image_command, user_content
 
 
 class APIClient:
@@ -70,7 +73,9 @@ def chat_loop(client: APIClient, model: str | None = None, system: str | None = 
               **params) -> int:
     model = model or client.models()[0]
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    print(f"chat with {model}; 'exit' or Ctrl-D to leave, Ctrl-C stops an answer, '/clear' starts over", flush=True)
+    print(f"chat with {model}; 'exit' or Ctrl-D to leave, Ctrl-C stops an answer, '/clear' starts over, "
+          "'/image PATH' attaches an image to your next message", flush=True)
+    images: list[str] = []
     while True:
         try:
             prompt = input("\n>>> ")
@@ -85,9 +90,18 @@ def chat_loop(client: APIClient, model: str | None = None, system: str | None = 
         if prompt.strip() == "/clear":
             history = history[:1] if system else []
             continue
+        path = image_command(prompt)
+        if path is not None:
+            try:
+                images.append(data_url(path))
+                print(f"[image attached: {path}; it goes with your next message]", flush=True)
+            except ValueError as e:
+                print(f"[error: {e}]", flush=True)
+            continue
         if not prompt.strip():
             continue
-        history.append({"role": "user", "content": prompt})
+        history.append({"role": "user", "content": user_content(prompt, images)})
+        images = []
         answer, info = "", None
         stream = client.chat_stream(model, history, **params)
         try:

@@ -117,6 +117,32 @@ def test_bad_images_are_refused_with_the_reason(llava, prompt, message):
     assert not engine.seqs and engine.bm.num_free == engine.bm.num_blocks
 
 
+def test_chat_turns_with_images(llava, engine_cache, tmp_path, monkeypatch, capsys):
+    """Pipeline.chat with images; a turn with a bad image fails and leaves the session as it was; `cluster chat`
+    takes `/image PATH` and keeps going after an error."""
+    path, _, engine = llava
+    img = _image(9)
+    img.save(tmp_path / "pic.png")
+    with pipeline(str(path), engine_config=EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32")) as pipe:
+        session = pipe.chat("What is this?", gen_config=GREEDY, images=[str(tmp_path / "pic.png")])
+        want = engine.generate([_ask("What is this?", img)], GREEDY)[0].token_ids
+        assert session.response.token_ids == want and len(session.messages) == 2
+        with pytest.raises(ValueError, match="does not exist"):
+            pipe.chat("And this?", session, GREEDY, images=[str(tmp_path / "missing.png")])
+        assert len(session.messages) == 2  # the failed turn left no trace
+        pipe.chat("Describe it more.", session, GREEDY)
+        assert len(session.messages) == 4 and session.response.cached_token_len > 0
+
+    from cluster.cli import main
+
+    lines = iter([f"/image {tmp_path}/missing.png", f"/image {tmp_path}/pic.png", "What is this?", "exit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    monkeypatch.setenv("CLUSTER_CACHE_DIR", engine_cache)
+    assert main(["chat", str(path), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "[error: image file" in out and "[image attached" in out
+
+
 def test_text_model_refuses_images(tiny_models, engine_cache):
     path, _ = tiny_models("llama")
     engine = LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32"))

@@ -3,6 +3,7 @@ engine served by uvicorn in a thread (real HTTP, no Ray, no model)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import json
 import socket
@@ -71,6 +72,34 @@ def test_terminal_client_keeps_history(api_url, monkeypatch):
     assert text.count(" t1 t2 t3") == 2
     prompts = [int(x) for x in __import__("re").findall(r"\[(\d+) prompt", text)]
     assert len(prompts) == 2 and prompts[1] > prompts[0]  # the second turn carries the first
+
+
+def test_terminal_client_attaches_images(monkeypatch, tmp_path, capsys):
+    """`/image PATH` attaches a file (inline, as a data: URL) to the next message only; a bad path is a one-line
+    error and sends nothing."""
+    from PIL import Image
+
+    from cluster.client import APIClient, chat_loop
+
+    Image.new("RGB", (8, 6), "red").save(tmp_path / "red.png")
+    lines = iter([f"/image {tmp_path}/nope.png", f"/image {tmp_path}/red.png", "what colour?", "and now?", "exit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    sent = []
+
+    def chat_stream(model, messages, **params):
+        sent.append(copy.deepcopy(messages))
+        yield {"text": "red"}
+
+    client = APIClient("http://127.0.0.1:1")
+    monkeypatch.setattr(client, "chat_stream", chat_stream)
+    assert chat_loop(client, "m") == 0
+    out = capsys.readouterr().out
+    assert "[error: image file" in out and "[image attached" in out
+    assert len(sent) == 2
+    first = sent[0][-1]["content"]
+    assert first[0]["type"] == "image_url" and first[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert first[1] == {"type": "text", "text": "what colour?"}
+    assert sent[1][-1]["content"] == "and now?" and sent[1][0]["content"] == first  # history keeps the image
 
 
 def test_client_cli_errors_are_one_line(api_url, capsys):

@@ -11,9 +11,10 @@ import base64
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the terminal client imports this module without needing torch
+    import torch
 
 IMAGE_TYPES = ("image_url", "image")
 
@@ -115,3 +116,31 @@ def from_tuple(text: str, images: Any) -> list[dict]:
         images = [images]
     parts = [{"type": "image", "image": img} for img in images]
     return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+IMAGE_COMMAND = "/image"  # in `cluster chat` and `cluster client`: attach a file to the next message
+
+
+def image_command(line: str) -> str | None:
+    """The path of a `/image PATH` line, else None."""
+    line = line.strip()
+    if line == IMAGE_COMMAND or line.startswith(IMAGE_COMMAND + " "):
+        return line[len(IMAGE_COMMAND):].strip()
+    return None
+
+
+def data_url(path: str) -> str:
+    """A local image file as a data: URL, checked to decode (ValueError says what is wrong)."""
+    from PIL import Image
+
+    load_image(path)
+    data = Path(path).expanduser().read_bytes()
+    fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
+    return f"data:image/{fmt};base64,{base64.b64encode(data).decode()}"
+
+
+def user_content(text: str, images: list[str]) -> str | list[dict]:
+    """A user turn: the text alone, or the images (paths or data: URLs) as image_url parts, then the text."""
+    if not images:
+        return text
+    return [{"type": "image_url", "image_url": {"url": u}} for u in images] + [{"type": "text", "text": text}]
