@@ -130,7 +130,7 @@ def _rope_inv_freq(hf: dict) -> tuple[torch.Tensor, float]:
 def engine_config(hf: dict, dtype: str, tp: int, source: str) -> ModelConfig:
     model_type = hf.get("model_type", "")
     if model_type not in LLAMA_FAMILY:
-        raise ValueError(f"model type {model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY)}")
+        raise ValueError(f"model type {model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY | {'llava'})}")
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     cfg = ModelConfig(
