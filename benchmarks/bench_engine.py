@@ -97,25 +97,18 @@ def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | Non
 
     hf = hf or hf_model.config.to_dict()
     state = state if state is not None else hf_model.state_dict()
-    get = state.__getitem__
-    get_names = _Getter(get, set(state))
+
+    def get(name: str) -> torch.Tensor:
+        return state[name]
+
+    get.names = set(state)  # the converter looks some layouts up by name
     cfg = engine_config(hf, dtype, 1, "random")
-    weights = build_shards(get_names, hf, cfg, 1)[0]
+    weights = build_shards(get, hf, cfg, 1)[0]
     weights = {k: (v if k == "rotary.inv_freq" else v.contiguous()).to(device) for k, v in weights.items()}
     ec = EngineConfig(**engine_kw, device=device)
     session_len = ec.session_len or cfg.max_position_embeddings
     runner = ModelRunner(cfg, weights, ec, torch.device(device), session_len)
     return LLMEngine(runner=runner, tokenizer=None, engine_config=ec)
-
-
-class _Getter:
-    """A checkpoint reader over a dict, with the tensor names (the converter looks some layouts up by name)."""
-
-    def __init__(self, get, names: set[str]):
-        self.get, self.names = get, names
-
-    def __call__(self, name: str) -> torch.Tensor:
-        return self.get(name)
 
 
 def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

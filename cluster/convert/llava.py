@@ -54,7 +54,7 @@ def text_reader(get: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Ten
                 return get(cand)
         raise KeyError(f"LLaVA checkpoint has no language-model tensor {name!r}")
 
-    text_get.names = {n for n in names}  # type: ignore[attr-defined]
+    text_get.names = names  # type: ignore[attr-defined]
     return text_get
 
 

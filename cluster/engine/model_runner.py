@@ -2,6 +2,7 @@
 into flat tensors, and replays captured CUDA graphs for decode-only steps."""
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from dataclasses import dataclass, fields
@@ -314,8 +315,6 @@ def _mem_available() -> int:
 
 def _image_rows(plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The image embeddings this step's tokens need, and the rows of the flat batch they go to."""
-    import bisect
-
     parts, rows, row0 = [], [], 0
     for seq, n in plan:
         if seq.image_embeds is not None:

@@ -62,7 +62,6 @@ class Tokenizer:
             return self.expand_images(self.encode(text, add_special_tokens=False), n_images)
         raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
 
-
     def expand_images(self, ids: list[int], n_images: int) -> list[int]:
         """Each image token -> image_seq_len of them, one per image embedding (what the model was trained on)."""
         if self.image_token_id is None:

@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def row_scale(amax):
     """Scale of a row whose largest |value| is amax (reference.quantize_int8)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster import kernels
+from cluster.layers.linear import ColumnLinear
 from cluster.layers.parallel import all_reduce
 
 
@@ -37,15 +38,15 @@ class SparseMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn_per_rank), requires_grad=False)
         self.shared_expert: nn.ModuleDict | None = None
         if shared_ffn_per_rank:
-            self.shared_expert = nn.ModuleDict({
-                "gate_up_proj": nn.Linear(hidden, 2 * shared_ffn_per_rank, bias=False).requires_grad_(False),
-                "down_proj": nn.Linear(shared_ffn_per_rank, hidden, bias=False).requires_grad_(False)})
+            self.shared_expert = nn.ModuleDict({  # a dense gated MLP whose down_proj's partial sum is not reduced
+                "gate_up_proj": ColumnLinear(hidden, 2 * shared_ffn_per_rank),
+                "down_proj": ColumnLinear(shared_ffn_per_rank, hidden)})
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(x, self.gate.weight, self.top_k, self.normalize)
         out = kernels.moe_experts(x, self.w13, self.w2, weights, experts)
         if self.shared_expert is not None:  # a partial sum over this rank's FFN slice, like the experts'
-            h = kernels.silu_and_mul(self.shared_expert["gate_up_proj"](x))
+            h = self.shared_expert["gate_up_proj"](x, gated=True)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert["down_proj"](h)
         return all_reduce(out)
