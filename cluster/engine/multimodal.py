@@ -17,6 +17,10 @@ if TYPE_CHECKING:  # the terminal client imports this module without needing tor
     import torch
 
 IMAGE_TYPES = ("image_url", "image")
+MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image, inline or read from a file
+MAX_IMAGE_PIXELS = 40_000_000  # decoded width x height: a decompression bomb is refused before it is decoded
+INLINE_ONLY = ("image_url must be an inline data:image/...;base64 URL: over HTTP the server neither reads its own "
+               "files nor fetches URLs")
 
 
 @dataclass
@@ -59,15 +63,42 @@ def load_image(obj: Any):
         path = Path(obj).expanduser()
         if not path.is_file():
             raise ValueError(f"image file {str(obj)[:200]!r} does not exist")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise ValueError(f"image file is over {MAX_IMAGE_BYTES >> 20} MiB")
         data = path.read_bytes()
     else:
         raise ValueError(f"an image must be a PIL image, bytes, a data: URL or a file path, not {type(obj).__name__}")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"image is over {MAX_IMAGE_BYTES >> 20} MiB")
     try:
         img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image is {img.width} x {img.height} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are "
+                             "accepted: scale it down")
+        if img.width == 0 or img.height == 0:
+            raise ValueError("image has no pixels")
         img.load()
-    except (UnidentifiedImageError, OSError):
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ValueError("image could not be decoded (PNG, JPEG, GIF, BMP and WebP are read)") from None
     return img.convert("RGB")
+
+
+def check_inline_images(prompt: Any) -> None:
+    """For prompts from remote callers: every image is an inline data: URL of bounded size (ValueError, one message
+    whatever the URL was, so no caller learns which of the server's paths exist). Local paths, bytes and PIL images
+    stay a Python-API feature."""
+    if not isinstance(prompt, list):
+        return
+    for m in prompt:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if not is_image_part(part):
+                continue
+            url = _part_image(part) if part.get("type") == "image_url" else None
+            if not isinstance(url, str) or not url.startswith("data:"):
+                raise ValueError(INLINE_ONLY)
+            if len(url) > MAX_IMAGE_BYTES * 4 // 3 + 100:
+                raise ValueError(f"image is over {MAX_IMAGE_BYTES >> 20} MiB")
 
 
 def _part_image(part: dict) -> Any:

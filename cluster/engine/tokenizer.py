@@ -5,6 +5,7 @@ shows a stop word, or the start of one, until it is known not to be one."""
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Union
 
@@ -27,6 +28,13 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.hf.eos_token_id
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """At least the characters of text any one token stands for (a vocabulary entry is spelled with one
+        character per byte, or per character, of its text), so len(text) / this bounds a text's token count from
+        below without tokenizing it: the router uses it to refuse prompts that cannot fit, cheaply."""
+        return max((len(t) for t in self.hf.get_vocab()), default=1) or 1
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)

@@ -91,7 +91,9 @@ class RankZeroHost:
 
     # -- calls ---------------------------------------------------------------------------------------------------------
     def info(self) -> dict:
-        return {"model_name": self.engine.model_name, "session_len": self.engine.session_len}
+        tok = self.engine.tokenizer
+        return {"model_name": self.engine.model_name, "session_len": self.engine.session_len,
+                "max_token_chars": getattr(tok, "max_token_chars", None)}
 
     def add_requests(self, items: list[dict]) -> list[dict]:
         """items: {"rid", "prompt", "gen" (GenerationConfig fields; max_new_tokens None = rest of the session),
