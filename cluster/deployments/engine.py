@@ -9,9 +9,10 @@ A replica owns the streams back to the router. Its traffic with rank 0 is batche
     outputs  one long poll in flight at a time: each reply holds every new output of every request of the replica
 
 `ReplicaCore` is that logic without Ray or Serve (tests run it in-process over a local engine); `EngineReplica` is
-the Serve deployment class around it. When rank 0 (or any rank) dies, every in-flight request fails at once with an
-"engine unavailable" error, the group is torn down and built again, and the replica serves again; if it cannot be
-rebuilt, `check_health` fails and Serve replaces the whole replica.
+the Serve deployment class around it. When rank 0 (or any rank) dies, or rank 0 stops answering, every in-flight
+request fails at once with an "engine unavailable" error (a generic one: the cause is logged, and kept in
+`last_error` for operators), the group is torn down and built again, and the replica serves again; if it cannot be
+rebuilt, `check_health` fails and Serve replaces the whole replica. No request waits on rank 0 without a bound.
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.protocol import error_dict
+from cluster.workers.worker import ENGINE_FAILED
 
 log = logging.getLogger(__name__)
+
+NO_ANSWER = "engine replica did not answer; retry shortly"
 
 WORKER_PREFIX = "cluster-rank"  # named actors: cluster-rank{r}|{app}|{deployment}|{replica}|{generation}
 
@@ -106,7 +110,7 @@ class LocalWorkerClient:
         self.host = host
 
     async def add_requests(self, items):
-        return self.host.add_requests(items)
+        return await self.host.add_requests_async(items)
 
     async def abort(self, rids):
         self.host.abort(rids)
@@ -130,6 +134,11 @@ class _Stream:
         self.q, self.index = q, index
 
 
+def _reason(e: BaseException) -> str:
+    """One line for the log and `last_error` (operator-facing, never sent to clients)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _merge(acc: dict | None, out: dict) -> dict:
     if acc is None:
         return {"text": out["text"], "token_ids": list(out["token_ids"]), "logprobs": out.get("logprobs"),
@@ -146,17 +155,21 @@ def _merge(acc: dict | None, out: dict) -> dict:
 
 
 class ReplicaCore:
-    """Request fan-out (n choices), batched traffic with rank 0, per-request streams, failure and recovery."""
+    """Request fan-out (n choices), batched traffic with rank 0, per-request streams, failure and recovery.
+
+    Every request ends, answered or with an error: a rank 0 that fails, or takes longer than `call_timeout_s` to
+    answer a call (beyond a poll's own wait), fails the replica, and with it every request in flight."""
 
     def __init__(self, connect: Callable[[], Awaitable[Connection]], *, replica_id: str = "local",
                  restart: bool = True, max_restart_attempts: int = 5, poll_timeout: float = 1.0,
-                 recovery_timeout_s: float = 600.0):
+                 recovery_timeout_s: float = 600.0, call_timeout_s: float = 60.0):
         self.connect = connect
         self.replica_id = replica_id
         self.restart = restart
         self.max_restart_attempts = max_restart_attempts
         self.poll_timeout = poll_timeout
         self.recovery_timeout_s = recovery_timeout_s
+        self.call_timeout_s = call_timeout_s
         self.state = "starting"  # starting | ready | recovering | dead | closed
         self.state_since = time.monotonic()
         self.conn: Connection | None = None
@@ -167,7 +180,8 @@ class ReplicaCore:
         self.pending_work = 0
         self.restarts = 0
         self.streams: dict[str, _Stream] = {}
-        self._adds: list[tuple[dict, asyncio.Future]] = []
+        self._adds: list[tuple[dict, asyncio.Future]] = []  # queued for the next add_requests call
+        self._sending: list[tuple[dict, asyncio.Future]] = []  # in the add_requests call in flight
         self._aborts: list[str] = []
         self._outbox = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -185,28 +199,39 @@ class ReplicaCore:
         self.generation += 1
         gen = self.generation
         self._outbox = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._poll_loop(gen, conn)), asyncio.create_task(self._send_loop(gen, conn))]
+        loops = [self._poll_loop(gen, conn), self._send_loop(gen, conn)]
         if conn.watch is not None:
-            self._tasks.append(asyncio.create_task(self._watch(gen, conn)))
+            loops.append(self._watch(gen, conn))
+        self._tasks = [asyncio.create_task(self._guarded(gen, loop)) for loop in loops]
         self._set_state("ready")
         if self._adds or self._aborts:
             self._outbox.set()
 
     def _fail(self, gen: int, reason: str) -> None:
-        """Rank 0 (or the group) is gone: fail everything in flight now, then rebuild."""
+        """Rank 0 (or the group) is gone: fail everything in flight now, then rebuild. Clients get a generic
+        message: `reason` may hold another request's text; it goes to the log and `last_error`."""
         if gen != self.generation or self.state != "ready":
             return
         log.error("engine replica %s failed: %s", self.replica_id, reason)
         self.last_error = reason
         self._set_state("recovering" if self.restart else "dead")
-        err = error_dict("engine_dead", f"engine replica failed ({reason}); the request was not completed, retry it",
-                         retry_after=5)
+        self._end_requests(error_dict("engine_dead", ENGINE_FAILED, retry_after=5))
+        self._disconnect()
+        if self.restart:
+            self._tasks = [asyncio.create_task(self._recover())]
+
+    def _end_requests(self, err: dict) -> None:
+        """Every stream and every add not yet answered (queued or in flight) gets `err`: nothing waits on."""
         for s in list(self.streams.values()):
             s.q.put_nowait(("error", s.index, err))
-        adds, self._adds, self._aborts = self._adds, [], []
+        adds = self._adds + self._sending
+        self._adds, self._sending, self._aborts = [], [], []
         for _, fut in adds:
             if not fut.done():
                 fut.set_result({"ok": False, "error": err})
+
+    def _disconnect(self) -> None:
+        """Stop this generation's loops and close its group."""
         for t in self._tasks:
             if t is not asyncio.current_task():
                 t.cancel()
@@ -215,9 +240,7 @@ class ReplicaCore:
             try:
                 conn.close()
             except Exception:  # noqa: BLE001
-                log.exception("closing the failed worker group")
-        if self.restart:
-            self._tasks = [asyncio.create_task(self._recover())]
+                log.exception("closing the worker group of engine replica %s", self.replica_id)
 
     async def _recover(self) -> None:
         for attempt in range(self.max_restart_attempts):
@@ -229,7 +252,7 @@ class ReplicaCore:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
-                self.last_error = f"restart failed: {type(e).__name__}: {e}"
+                self.last_error = f"restart failed: {_reason(e)}"
                 log.error("engine replica %s: %s", self.replica_id, self.last_error)
                 await asyncio.sleep(min(30.0, 2.0 ** attempt))
         self._set_state("dead")
@@ -242,23 +265,34 @@ class ReplicaCore:
             raise RuntimeError(f"engine replica has been recovering for too long: {self.last_error}")
 
     async def close(self) -> None:
+        if self.state == "closed":
+            return
         self._set_state("closed")
-        for t in self._tasks:
-            t.cancel()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.close()
+        self._end_requests(error_dict("unavailable", "engine replica is shutting down; retry", retry_after=5))
+        self._disconnect()
 
     # -- background loops -----------------------------------------------------------------------------------------
+    async def _guarded(self, gen: int, loop: Awaitable[None]) -> None:
+        """Run one of a generation's loops; whatever breaks it (the actor died, a reply made no sense) fails the
+        replica, so no stream is left waiting on a loop that is gone."""
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self._fail(gen, _reason(e))
+
+    async def _answer(self, call: Awaitable, what: str, wait: float = 0.0):
+        """Rank 0's answer to one call, or TimeoutError once it is `call_timeout_s` late (beyond its own `wait`)."""
+        limit = wait + self.call_timeout_s
+        try:
+            return await asyncio.wait_for(call, limit)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"rank 0 did not answer {what} within {limit:.1f} s") from None
+
     async def _poll_loop(self, gen: int, conn: Connection) -> None:
         while gen == self.generation and self.state == "ready":
-            try:
-                res = await conn.client.poll(self.poll_timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the actor died or cannot be reached
-                self._fail(gen, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                return
+            res = await self._answer(conn.client.poll(self.poll_timeout), "a poll", self.poll_timeout)
             if gen != self.generation:
                 return
             if res.get("stats"):
@@ -279,22 +313,17 @@ class ReplicaCore:
         while gen == self.generation:
             await self._outbox.wait()
             self._outbox.clear()
-            adds, self._adds = self._adds, []
             aborts, self._aborts = self._aborts, []
-            try:
-                if adds:
-                    results = await conn.client.add_requests([item for item, _ in adds])
-                    for (_, fut), r in zip(adds, results):
-                        if not fut.done():
-                            fut.set_result(r)
-                if aborts:
-                    await conn.client.abort(aborts)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                self._adds = adds + self._adds  # _fail answers them
-                self._fail(gen, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                return
+            if self._adds:
+                adds, self._adds = self._adds, []
+                self._sending = adds  # where _fail finds them while the call is in flight
+                results = await self._answer(conn.client.add_requests([item for item, _ in adds]), "add_requests")
+                self._sending = []
+                for (_, fut), r in zip(adds, results):
+                    if not fut.done():
+                        fut.set_result(r)
+            if aborts:
+                await self._answer(conn.client.abort(aborts), "abort")
 
     async def _watch(self, gen: int, conn: Connection) -> None:
         reason = await conn.watch()
@@ -319,9 +348,9 @@ class ReplicaCore:
                                            "completion_tokens", "cached_tokens"}]}
             {"type": "error", "error": {"kind", "message", ...}}             instead of start, or mid-stream
         Closing the iterator early (client gone) aborts every choice still running."""
-        if self.state != "ready":
-            msg = f"engine replica is {self.state}" + (f" ({self.last_error})" if self.last_error else "")
-            yield {"type": "error", "error": error_dict("unavailable", msg + "; retry shortly", retry_after=5)}
+        if self.state != "ready":  # last_error is the operator's (see EngineReplica.info), not the client's
+            msg = f"engine replica is {self.state}; retry shortly"
+            yield {"type": "error", "error": error_dict("unavailable", msg, retry_after=5)}
             return
         base = job["request_id"]
         q: asyncio.Queue = asyncio.Queue()
@@ -333,14 +362,19 @@ class ReplicaCore:
             self.streams[rid] = _Stream(q, c["index"])
             items.append({"rid": rid, "prompt": c["prompt"], "gen": c["gen"], "logprobs": job.get("logprobs", False),
                           "param": job.get("param")})
-        running: set[int] = set()
+        running = set(rids)  # aborted on the way out, unless rank 0 says they never started
         work = int(job.get("work", 0))
         self.pending_work += work
         try:
-            results = await asyncio.gather(*[self._add(it) for it in items])
-            for idx, r in zip(rids, results):
-                if r.get("ok"):
-                    running.add(idx)
+            try:
+                results = await asyncio.wait_for(asyncio.gather(*[self._add(it) for it in items]),
+                                                 self.call_timeout_s)
+            except asyncio.TimeoutError:
+                log.error("engine replica %s: no answer to the add of %s within %.1f s", self.replica_id, base,
+                          self.call_timeout_s)
+                yield {"type": "error", "error": error_dict("unavailable", NO_ANSWER, retry_after=5)}
+                return
+            running = {idx for idx, r in zip(rids, results) if r.get("ok")}
             errors = [r["error"] for r in results if not r.get("ok")]
             if errors:
                 yield {"type": "error", "error": errors[0]}

@@ -4,7 +4,8 @@ Rank 0 runs the engine's step loop on a thread of its own process (cluster.engin
 1..N-1 run the tensor-parallel follower loop (cluster.workers.tp.run_follower) and get each step's plan from rank 0
 over torch.distributed, never through Ray. Ray carries only requests in and tokens out, batched:
 
-    add_requests([...])  many requests in one call (the deployment coalesces concurrent arrivals)
+    add_requests([...])  many requests in one call (the deployment coalesces concurrent arrivals); prompts are
+                         tokenized on a thread of their own, never on the actor's event loop
     abort([...])         many aborts in one call
     poll(timeout)        every new output of every request since the last poll, in one reply; waits up to
                          `timeout` when there is none yet (a long poll), so an idle replica costs ~nothing
@@ -15,20 +16,49 @@ concatenated), so the size of a reply is bounded by the number of requests, not 
 from __future__ import annotations
 
 import asyncio
+import dis
 import logging
 import os
 import threading
 import time
 import traceback
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cluster.config import GenerationConfig
+    from cluster.engine.multimodal import ImagePrompt
 
 log = logging.getLogger(__name__)
 
 # The shortest gap between two poll replies while outputs keep coming (see RankZeroHost.poll).
 REPLY_INTERVAL_S = 0.02
 
+# What clients are told when the text at hand is not theirs to read (a library's, a bug's, another request's).
+BAD_PROMPT = "the prompt could not be tokenized: pass a string, token ids, or messages"
+ENGINE_FAILED = "engine replica failed; the request was not completed, retry it"
+INTERNAL = "internal error"
 
-def _error_for(e: BaseException, param: str | None) -> dict:
+
+def _written_for_users(e: BaseException) -> bool:
+    """True when `e` came from a `raise` statement in the cluster package: those messages are written for callers.
+    A library's error is not, nor a C extension's (its innermost Python frame is our call, not a raise)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    if module != "cluster" and not module.startswith("cluster."):
+        return False
+    code = tb.tb_frame.f_code.co_code
+    return 0 <= tb.tb_lasti < len(code) and dis.opname[code[tb.tb_lasti]] == "RAISE_VARARGS"
+
+
+def _error_for(e: BaseException, rid: str, param: str | None = None, *, preparing: bool = False) -> dict:
+    """The error request `rid`'s client gets for `e`. Our own messages go as they are; any other text stays in the
+    log, and the client gets a generic message (naming `param` when the prompt was being prepared)."""
     from pydantic import ValidationError
 
     from cluster.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
@@ -39,15 +69,19 @@ def _error_for(e: BaseException, param: str | None) -> dict:
                           session_len=e.session_len, param=param)
     if isinstance(e, EngineOverloadedError):
         return error_dict("overloaded", str(e), retry_after=1)
-    if isinstance(e, EngineDeadError):
-        return error_dict("engine_dead", str(e), retry_after=5)
+    if isinstance(e, EngineDeadError):  # its text is the engine's death, logged where it died
+        return error_dict("engine_dead", ENGINE_FAILED, retry_after=5)
     if isinstance(e, ValidationError):
         return error_dict("bad_request", validation_error(e).message)
-    if isinstance(e, (ValueError, TypeError)):
+    if isinstance(e, (ValueError, TypeError)) and _written_for_users(e):
         return error_dict("bad_request", str(e) or type(e).__name__, param=param)
     if type(e).__name__ in ("TemplateError", "TemplateSyntaxError", "UndefinedError"):  # jinja chat templates
         return error_dict("bad_request", f"chat template: {e}", param="messages")
-    return error_dict("internal", f"{type(e).__name__}: {e}")
+    if preparing and isinstance(e, (ValueError, TypeError, OverflowError)):  # the tokenizer's word on the input
+        log.warning("request %s: prompt refused by the tokenizer: %s: %s", rid, type(e).__name__, e)
+        return error_dict("bad_request", BAD_PROMPT, param=param)
+    log.error("request %s failed", rid, exc_info=e)
+    return error_dict("internal", INTERNAL)
 
 
 class _Sink:
@@ -60,6 +94,17 @@ class _Sink:
 
     def put(self, item) -> None:
         self.host._deliver(self.rid, item)
+
+
+@dataclass
+class _Prepared:
+    """A request ready for engine.submit (see RankZeroHost._prepare)."""
+
+    rid: str
+    ids: list[int] | ImagePrompt
+    gen: GenerationConfig
+    logprobs: bool
+    param: str | None
 
 
 class RankZeroHost:
@@ -77,6 +122,9 @@ class RankZeroHost:
         self._tok_cache: dict[int, str] = {}
         self._last_reply = 0.0
         self._urgent = False  # the inbox holds a finished request or an error: reply without holding
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-prompt")
+        self._preparing: set[str] = set()  # request ids whose add is on the prepare thread
+        self._aborted_early: set[str] = set()  # ... and that were aborted meanwhile
 
     # -- the engine thread side ----------------------------------------------------------------------------------
     def _deliver(self, rid: str, item) -> None:
@@ -97,31 +145,71 @@ class RankZeroHost:
 
     def add_requests(self, items: list[dict]) -> list[dict]:
         """items: {"rid", "prompt", "gen" (GenerationConfig fields; max_new_tokens None = rest of the session),
-        "logprobs": bool, "param"}. Returns per item {"ok": True, "prompt_tokens": n} or {"ok": False, "error": {..}}."""
-        from cluster.config import GenerationConfig
+        "logprobs": bool, "param"}. Returns per item {"ok": True, "prompt_tokens": n} or {"ok": False, "error": {..}}.
+        Tokenizes on the calling thread: the Ray actor uses add_requests_async."""
+        return [self._submit(p) for p in self._prepare_all(items)]
 
-        results = []
-        for it in items:
-            rid = it["rid"]
-            try:
-                ids = self.engine.prepare_prompt(it["prompt"])  # token ids, or token ids and images
-                gen = dict(it["gen"])
-                if gen.get("max_new_tokens") is None:
-                    gen["max_new_tokens"] = max(1, self.engine.session_len - len(ids))
-                g = GenerationConfig(**gen)
-                if it.get("logprobs"):
-                    self._want_lp.add(rid)
-                self.engine.submit(ids, g, rid, None, _Sink(rid, self))
-                results.append({"ok": True, "prompt_tokens": len(ids)})
-            except Exception as e:  # noqa: BLE001 - each request gets its own error
-                self._want_lp.discard(rid)
-                results.append({"ok": False, "error": _error_for(e, it.get("param"))})
+    async def add_requests_async(self, items: list[dict]) -> list[dict]:
+        """add_requests with the prompts prepared on the host's one prepare thread, so a big prompt never stalls
+        this loop (the poll replies of every other stream); one thread, so adds reach the engine in order."""
+        rids = [it["rid"] for it in items]
+        self._preparing.update(rids)
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(self._prep, self._prepare_all, items)
+        finally:
+            self._preparing.difference_update(rids)
+        results = [self._submit(p) for p in prepared]
+        self._aborted_early.difference_update(rids)
         return results
+
+    def _prepare_all(self, items: list[dict]) -> list[_Prepared | dict]:
+        return [self._prepare(it) for it in items]
+
+    def _prepare(self, it: dict) -> _Prepared | dict:
+        """One item made ready for the engine (tokens, images, GenerationConfig), or its error result. Any thread:
+        this is the part that can take long."""
+        from cluster.config import GenerationConfig
+        from cluster.engine.multimodal import check_inline_images
+        from cluster.protocol import error_dict
+
+        rid, param = it["rid"], it.get("param")
+        try:  # a remote caller's prompt: never one of this server's files
+            check_inline_images(it["prompt"])
+        except ValueError as e:
+            return {"ok": False, "error": error_dict("bad_request", str(e), param="messages")}
+        try:
+            ids = self.engine.prepare_prompt(it["prompt"])  # token ids, or token ids and images
+            gen = dict(it["gen"])
+            if gen.get("max_new_tokens") is None:
+                gen["max_new_tokens"] = max(1, self.engine.session_len - len(ids))
+            return _Prepared(rid, ids, GenerationConfig(**gen), bool(it.get("logprobs")), param)
+        except Exception as e:  # noqa: BLE001 - each request gets its own error
+            return {"ok": False, "error": _error_for(e, rid, param, preparing=True)}
+
+    def _submit(self, p: _Prepared | dict) -> dict:
+        """On the host's loop: a prepared request into the engine, unless it was aborted while it was prepared."""
+        from cluster.protocol import error_dict
+
+        if isinstance(p, dict):
+            return p
+        if p.rid in self._aborted_early:
+            return {"ok": False, "error": error_dict("aborted", "the request was aborted before it started")}
+        try:
+            if p.logprobs:
+                self._want_lp.add(p.rid)
+            self.engine.submit(p.ids, p.gen, p.rid, None, _Sink(p.rid, self))
+            return {"ok": True, "prompt_tokens": len(p.ids)}
+        except Exception as e:  # noqa: BLE001 - each request gets its own error
+            self._want_lp.discard(p.rid)
+            return {"ok": False, "error": _error_for(e, p.rid, p.param, preparing=True)}
 
     def abort(self, rids: list[str]) -> None:
         for rid in rids:
             self._want_lp.discard(rid)
-            self.engine.abort(rid)
+            if rid in self._preparing:
+                self._aborted_early.add(rid)  # not in the engine yet: _submit drops it
+            else:
+                self.engine.abort(rid)
 
     async def poll(self, timeout: float = 1.0) -> dict:
         if not self._inbox:
@@ -151,7 +239,7 @@ class RankZeroHost:
         errors: dict[str, dict] = {}
         for rid, item in items:
             if isinstance(item, BaseException):
-                errors[rid] = _error_for(item, None)
+                errors[rid] = _error_for(item, rid)
                 outputs.pop(rid, None)
                 self._want_lp.discard(rid)
                 continue
@@ -198,6 +286,7 @@ class RankZeroHost:
             return {"ok": False, "error": str(e) or type(e).__name__}
 
     def shutdown(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
 
 
@@ -313,12 +402,12 @@ class RankWorker:
                 runner.abort(reason)
 
     # -- rank 0's request interface (batched) --------------------------------------------------------------------
-    def add_requests(self, items: list[dict]) -> list[dict]:
+    async def add_requests(self, items: list[dict]) -> list[dict]:
         if self.host is None:
             from cluster.protocol import error_dict
 
             return [{"ok": False, "error": error_dict("unavailable", f"engine is {self.state}")}] * len(items)
-        return self.host.add_requests(items)
+        return await self.host.add_requests_async(items)
 
     def abort(self, rids: list[str]) -> None:
         if self.host is not None:
