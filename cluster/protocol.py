@@ -16,12 +16,18 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_N = 16  # choices per request (n x prompts); more is "n too large"
 MAX_STOP = 16
+MAX_STOP_LEN = 256  # characters of one stop sequence
+# Strict, like OpenAI: an unknown field is a 400 (never silently ignored), and "10" is not an integer nor "yes" a
+# boolean. Fields OpenAI documents that change nothing here are accepted and ignored (see _Sampling).
+STRICT = ConfigDict(extra="forbid", strict=True)
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # the engine checks the model's own vocabulary size
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
 # -- errors -----------------------------------------------------------------------------------------------------------
@@ -67,34 +73,49 @@ def error_dict(kind: str, message: str, **extra) -> dict:
 def validation_error(e: ValidationError) -> APIError:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body",))
+    if err.get("type") == "json_invalid":  # includes nesting too deep to parse
+        return APIError(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}",
+                        code="invalid_json")
+    if err.get("type") in ("model_type", "model_attributes_type", "dict_type") and not loc:
+        return APIError(400, "request body must be a JSON object", code="invalid_json")
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {loc}", param=loc or None,
+                        code="unknown_parameter")
     msg = err.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     value = err.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {_short(value)})"
     return APIError(400, f"{loc}: {msg}{shown}" if loc else msg, param=loc or None, code="invalid_value")
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 # -- requests ---------------------------------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
+    include_obfuscation: Optional[bool] = Field(None, description="accepted, ignored")
+    continuous_usage_stats: Optional[bool] = Field(None, description="accepted, ignored (vLLM's name)")
 
 
 class _Sampling(BaseModel):
     """Sampling parameters shared by chat and completions (OpenAI names, plus vLLM's top_k/min_p/repetition_penalty)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    model: str = Field(..., min_length=1)
+    model: str = Field(..., min_length=1, max_length=256)
     max_tokens: Optional[int] = Field(None, ge=1, description="tokens to generate; default: the rest of the session")
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=-1, description="-1 or 0 disables")
     min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    seed: Optional[int] = None
+    seed: Optional[Int64] = None
     stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[TokenId]] = Field(None, max_length=64)
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
@@ -103,9 +124,15 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None
     best_of: Optional[int] = None
+    # documented by OpenAI, no effect here: accepted and ignored
+    user: Optional[str] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
 
     @field_validator("stop")
     @classmethod
@@ -117,6 +144,8 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(words)}")
         if any(not w for w in words):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(w) > MAX_STOP_LEN for w in words):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_LEN} characters")
         return v
 
     @model_validator(mode="after")
@@ -157,10 +186,23 @@ class _Sampling(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[dict]]] = None
     name: Optional[str] = None
+    # what an SDK sends back when it replays an assistant message: accepted while empty
+    refusal: Optional[str] = None
+    tool_calls: Optional[list] = None
+    tool_call_id: Optional[str] = None
+    function_call: Optional[dict] = None
+    annotations: Optional[list] = None
+    audio: Optional[dict] = None
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        if self.tool_calls or self.function_call or self.tool_call_id:
+            raise ValueError("tool calls are not supported")
+        return self
 
     def plain(self) -> dict:
         """Text parts joined into one string; with image_url parts the list stays, for a vision-language model's
@@ -186,6 +228,13 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     response_format: Optional[dict] = None
     tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    functions: Optional[list] = None
+    function_call: Optional[Union[str, dict]] = None
+    parallel_tool_calls: Optional[bool] = Field(None, description="accepted, ignored")
+    modalities: Optional[list[str]] = None
+    reasoning_effort: Optional[str] = Field(None, description="accepted, ignored")
+    verbosity: Optional[str] = Field(None, description="accepted, ignored")
 
     @model_validator(mode="after")
     def _chat(self):
@@ -195,8 +244,12 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported")
-        if self.tools:
+        if self.tools or self.functions:
             raise ValueError("tools are not supported")
+        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
+            raise ValueError("tool_choice is not supported (tools are not)")
+        if self.modalities and set(self.modalities) != {"text"}:
+            raise ValueError("only the text modality is supported")
         return self
 
     def plain_messages(self) -> list[dict]:
@@ -207,10 +260,42 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
+        ..., description="a string, token ids, or a list of either")
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: Optional[str] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        """One clear message for a wrong shape (a union's errors name every branch it tried)."""
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("prompt must be a string, a list of token ids, or a list of strings or of token-id lists")
+        if not v:
+            raise ValueError("prompt is empty")
+        kinds = {type(x) for x in v}
+        if kinds == {int}:
+            bad = next((x for x in v if not 0 <= x < 2**31), None)
+            if bad is not None:
+                raise ValueError(f"token id {_short(bad)} is out of range")
+            return v
+        if kinds == {str}:
+            return v
+        if kinds == {list}:
+            for p in v:
+                if not p:
+                    raise ValueError("prompt is empty")
+                if any(type(x) is not int for x in p):
+                    raise ValueError("a token-id prompt must hold integers only")
+                bad = next((x for x in p if not 0 <= x < 2**31), None)
+                if bad is not None:
+                    raise ValueError(f"token id {_short(bad)} is out of range")
+            return v
+        raise ValueError("prompt must be a string, a list of token ids, or a list of strings or of token-id lists "
+                         "(not a mix)")
 
     @model_validator(mode="after")
     def _completion(self):
@@ -232,19 +317,32 @@ class CompletionRequest(_Sampling):
 
 
 def parse(model_cls: type[BaseModel], raw: bytes) -> Any:
-    """Body bytes -> validated request, or APIError 400 (never a 500 for the caller's mistake)."""
+    """Body bytes -> validated request, or APIError 400 (never a 500 for the caller's mistake). Parsed by pydantic's
+    own JSON reader: strict JSON types, and nesting too deep is a 400, not a RecursionError."""
+    if not raw:
+        raise APIError(400, "request body is empty: send a JSON object", code="invalid_json")
     try:
-        data = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate_json(raw)
     except ValidationError as e:
         raise validation_error(e) from None
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, str(e) if isinstance(e, ValueError) else "request body is nested too deeply") from None
+
+
+def prompt_chars(prompt: Any) -> int:
+    """Characters of a prompt's text (token-id prompts: their length), for a cheap lower bound on its tokens."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        n = 0
+        for m in prompt:
+            c = m.get("content")
+            if isinstance(c, str):
+                n += len(c)
+            elif isinstance(c, list):
+                n += sum(len(p["text"]) for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return n
+    return len(prompt) if isinstance(prompt, list) else 0
 
 
 # -- jobs ---------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,10 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import Request  # module level: FastAPI resolves the routes' (string) annotations here
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.admission import MAX_REQUEST_BYTES, Cached, check_fits, inline_images, read_body
+from cluster.engine.multimodal import has_images
 from cluster.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, completion_logprobs,
-                              error_dict, make_job, new_id, now, parse, sse, usage_dict)
+                              make_job, new_id, now, parse, sse, usage_dict)
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +210,21 @@ class ServeBackend:
 
 
 # -- the server -------------------------------------------------------------------------------------------------------
+UNKNOWN_MODEL = "unknown"  # the metrics label of requests for models that are not served: clients pick the name
+STATS_TTL_S = 1.0  # /health and /metrics reuse the engines' answers this long
+
+
 class OpenAIServer:
-    def __init__(self, backends: list, api_key: str | None = None):
+    def __init__(self, backends: list, api_key: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 image_dir: str | None = None):
         self.backends = backends
         self.api_key = api_key or None
+        self.max_request_bytes = max_request_bytes
+        self.image_dir = image_dir
         self.metrics = Metrics()
+        self._health = Cached(self._health_now, STATS_TTL_S)
+        self._engine_stats = Cached(self._engine_stats_now, STATS_TTL_S)
+        self._info: dict[int, dict] = {}  # id(backend) -> its engine's facts (session_len, max_token_chars)
         self.draining = False
         self.in_flight = 0
         self._names: dict[str, Any] = {}  # model id (and aliases) -> backend
@@ -238,6 +250,7 @@ class OpenAIServer:
                 if not served:
                     continue
                 listed.append((served, b, info))
+                self._info[id(b)] = info
                 names[served] = b
                 if info.get("model_name"):
                     names.setdefault(info["model_name"], b)
@@ -262,11 +275,14 @@ class OpenAIServer:
              "max_model_len": info.get("session_len")} for name, _, info in self._listed]}
 
     # -- auth, drain -------------------------------------------------------------------------------------------------
-    def check_auth(self, authorization: str | None) -> None:
+    def authorized(self, authorization: str | None) -> bool:
         if not self.api_key:
-            return
+            return True
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    def check_auth(self, authorization: str | None) -> None:
+        if not self.authorized(authorization):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
@@ -296,7 +312,7 @@ class OpenAIServer:
     async def completion(self, raw: bytes, chat: bool) -> tuple[dict | None, AsyncIterator[bytes] | None]:
         """Returns (JSON body, None) or (None, SSE byte stream)."""
         endpoint = "chat" if chat else "completions"
-        model = ""
+        model = UNKNOWN_MODEL
         self._admit()
         self.in_flight += 1  # from here on, a drain waits for this request
         self.metrics.in_flight.inc()
@@ -304,10 +320,12 @@ class OpenAIServer:
         try:
             t0 = time.perf_counter()
             req = parse(ChatCompletionRequest if chat else CompletionRequest, raw)
-            model = req.model
             backend = await self.backend_for(req.model)
+            model = req.model
             if chat:
                 prompts = [req.plain_messages()]
+                if has_images(prompts[0]):
+                    prompts = [await inline_images(prompts[0], self.image_dir)]
                 top = (req.top_logprobs or 0) if req.logprobs else None
                 want_lp = bool(req.logprobs)
                 default_max = None  # the rest of the session, like vLLM
@@ -321,12 +339,16 @@ class OpenAIServer:
                 want_lp = req.logprobs is not None
                 default_max = 16  # OpenAI's default for /v1/completions
                 rid = new_id("cmpl")
+            param = "messages" if chat else "prompt"
+            check_fits(prompts, req.max_tokens, self._info.get(id(backend), {}), param)
             job = make_job(rid, prompts, req, default_max, top, want_lp)
-            job["param"] = "messages" if chat else "prompt"
+            job["param"] = param
             events, first = await self._start(backend, job)
             ctx = _Ctx(self, req, job, first, endpoint, t0, chat, prompts)  # owns the in-flight count now
         except APIError as e:
             self.metrics.requests.labels(model, endpoint, str(e.status)).inc()
+            if e.status >= 500:
+                self.stats_changed()
             raise
         finally:
             if ctx is None:
@@ -343,12 +365,26 @@ class OpenAIServer:
             ctx.done()
 
     # -- health, metrics ----------------------------------------------------------------------------------------------
-    async def health(self) -> tuple[int, dict]:
+    async def health(self, detail: bool = True) -> tuple[int, dict]:
+        """(status, body); without `detail` (a caller without the API key) the body says only ok or not: the
+        reasons name replicas and carry engine errors, which are for operators."""
+        status, body = await self._health.get()
+        if self.draining:
+            status, body = 503, {**body, "status": "draining"}
+        return status, body if detail else {"status": body["status"]}
+
+    def stats_changed(self) -> None:
+        """An engine replica just failed a request: /health and /metrics ask the engines again."""
+        self._health.invalidate()
+        self._engine_stats.invalidate()
+
+    async def _health_now(self) -> tuple[int, dict]:
         await self._resolve()
         models = {}
-        ok = not self.draining
+        ok = True
+        per_model = await self._engine_stats.get()  # the same engine calls as /metrics, shared
         for name, b, _ in self._listed or [(b.name or "?", b, {}) for b in self.backends]:
-            reps = await b.replicas()
+            reps = per_model[name] if name in per_model else await b.replicas()
             dep_ok, dep_status = await b.deployment_ok()
             bad = [r for r in reps if not r.get("ok")]
             m_ok = dep_ok and bool(reps) and not bad
@@ -358,10 +394,13 @@ class OpenAIServer:
                             ([] if reps else ["no engine replica is running"])}
         if not self.backends:
             ok = False
-        body = {"status": "ok" if ok else ("draining" if self.draining else "unhealthy"), "models": models}
+        body = {"status": "ok" if ok else "unhealthy", "models": models}
         return (200 if ok else 503), body
 
     async def metrics_text(self) -> str:
+        return self.metrics.text() + engine_metrics_text(await self._engine_stats.get())
+
+    async def _engine_stats_now(self) -> dict[str, list[dict]]:
         await self._resolve()
         per_model = {}
         for name, b, _ in self._listed:
@@ -369,7 +408,7 @@ class OpenAIServer:
                 per_model[name] = await b.replicas()
             except Exception as e:  # noqa: BLE001
                 log.warning("engine stats unavailable for %s: %s", name, e)
-        return self.metrics.text() + engine_metrics_text(per_model)
+        return per_model
 
 
 def _backend_error(e: BaseException) -> APIError:
@@ -381,9 +420,9 @@ def _backend_error(e: BaseException) -> APIError:
                 "DeploymentUnavailableError", "RayServeException"):
         return APIError(503, f"engine replica unavailable ({name}); retry", type="server_error",
                         code="engine_unavailable", retry_after=5)
-    log.exception("backend error")
-    return APIError(500, f"internal error: {name}: {str(e).splitlines()[0] if str(e) else ''}",
-                    type="server_error", code="internal_error")
+    log.error("backend error: %s", e, exc_info=e)
+    return APIError(500, f"internal error ({name}); retry, and report it if it persists", type="server_error",
+                    code="internal_error")
 
 
 class _Ctx:
@@ -454,6 +493,7 @@ class _Ctx:
             async for ev in events:
                 if ev["type"] == "error":
                     self.status = "error"
+                    self.server.stats_changed()
                     raise APIError.from_dict(ev["error"])
                 for c in ev["choices"]:
                     self._see(c)
@@ -516,6 +556,7 @@ class _Ctx:
             async for ev in events:
                 if ev["type"] == "error":
                     self.status = "error"
+                    self.server.stats_changed()
                     yield sse(APIError.from_dict(ev["error"]).body())
                     return
                 out = []
@@ -560,8 +601,17 @@ def create_app(server: OpenAIServer):
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="cluster OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+    from cluster.openapi import build_spec
+
+    app = FastAPI(title="cluster OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_spec(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     def err(e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
@@ -582,7 +632,7 @@ def create_app(server: OpenAIServer):
 
     async def completion(request: Request, chat: bool):
         server.check_auth(request.headers.get("authorization"))
-        body, stream = await server.completion(await request.body(), chat)
+        body, stream = await server.completion(await read_body(request, server.max_request_bytes), chat)
         if stream is not None:
             return StreamingResponse(stream, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -612,12 +662,13 @@ def create_app(server: OpenAIServer):
         return JSONResponse({"id": model_id, "object": "model", "owned_by": "cluster"})
 
     @app.get("/health")
-    async def health():
-        status, body = await server.health()
+    async def health(request: Request):
+        status, body = await server.health(detail=server.authorized(request.headers.get("authorization")))
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
+        server.check_auth(request.headers.get("authorization"))
         return PlainTextResponse(await server.metrics_text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
@@ -717,6 +768,9 @@ class ServeArgs(BaseModel):
 
     models: list[Any] = Field(default_factory=lambda: [{}], description="ModelSpec entries (cluster.deployments.engine)")
     api_key: Optional[str] = Field(None, description="require 'Authorization: Bearer <key>'; default: $CLUSTER_API_KEY")
+    max_request_bytes: int = Field(MAX_REQUEST_BYTES, ge=1024, description="larger request bodies get 413")
+    image_dir: Optional[str] = Field(None, description="image_url may name files under this directory (relative "
+                                     "to it); otherwise only inline data: URLs are accepted over HTTP")
     router_replicas: int = Field(1, ge=1)
     router_max_ongoing_requests: int = Field(10000, ge=1)
 
@@ -742,7 +796,8 @@ class RouterIngress:
         ctx = serve.get_replica_context()
         backends = [ServeBackend(h, spec.name, ctx.app_name, spec.deployment_name)
                     for h, spec in zip(engines, a.specs())]
-        self.server = OpenAIServer(backends, api_key=a.api_key or os.environ.get("CLUSTER_API_KEY"))
+        self.server = OpenAIServer(backends, api_key=a.api_key or os.environ.get("CLUSTER_API_KEY"),
+                                   max_request_bytes=a.max_request_bytes, image_dir=a.image_dir)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.server)
