@@ -66,7 +66,7 @@ class Pipeline:
         """Validate everything first, so a bad prompt fails the call before any request starts."""
         prompts = [self.engine.prepare_prompt(self._preprocess(p)) for p in prompts]
         for p, g in zip(prompts, gens):
-            self.engine.validate(len(p), g)
+            self.engine.validate(p, g)
         sink: queue.Queue = queue.Queue()
         rids = []
         for p, g in zip(prompts, gens):

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Iterator
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine, RequestOutput
 from cluster.engine.errors import EngineDeadError, EngineOverloadedError
+from cluster.engine.multimodal import ImagePrompt
 from cluster.engine.tokenizer import Prompt
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,9 @@ class AsyncEngine:
         src = self.engine.model_config.source
         return Path(src).stem if src else "default"
 
-    def validate(self, prompt_token_len: int, gen_config: GenerationConfig) -> None:
-        self.engine.validate(prompt_token_len, gen_config)
+    def validate(self, prompt: list[int] | ImagePrompt, gen_config: GenerationConfig) -> None:
+        """See LLMEngine.validate: `prompt` as prepare_prompt returns it."""
+        self.engine.validate(prompt, gen_config)
 
     def prepare_prompt(self, prompt: Prompt):
         """See LLMEngine.prepare_prompt: runs on the caller's thread."""
@@ -83,8 +85,12 @@ class AsyncEngine:
         return s
 
     def check_health(self) -> None:
-        if self._error is not None or not self._thread.is_alive():
-            raise EngineDeadError(f"engine step loop died: {self._error!r}")
+        """Raise if the step loop is gone. Clients see the message (/health), so it names the exception's class at
+        most: the traceback was logged when the loop died, and `_error` keeps it for operators."""
+        if self._error is not None:
+            raise EngineDeadError(f"engine step loop died ({type(self._error).__name__}); see the server log")
+        if not self._thread.is_alive():
+            raise EngineDeadError("engine step loop is not running")
 
     # -- requests --------------------------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, gen_config: GenerationConfig | None, request_id: str | None,
@@ -96,7 +102,7 @@ class AsyncEngine:
             raise EngineOverloadedError(waiting, self.max_waiting)
         gen = gen_config or GenerationConfig()
         ids = self.engine.prepare_prompt(prompt)  # token ids, or token ids and images
-        self.engine.validate(len(ids), gen)
+        self.engine.validate(ids, gen)
         rid = request_id or f"req-{next(_ids)}"
         stream = _Stream(loop, sink)
         with self._lock:
@@ -191,17 +197,29 @@ class AsyncEngine:
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
-                    with self._lock:
-                        stream = self._streams.get(out.request_id)
-                        if out.finish_reason is not None:
-                            self._streams.pop(out.request_id, None)
-                    if stream is not None:
-                        stream.put(out)
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - fails only the requests to blame, if any
+                    blamed = self.engine.recover(e)
+                    if not blamed:
+                        raise
+                    for rid, error in blamed:
+                        self._close(rid, error)
+                    continue
+                for out in outputs:
+                    self._deliver(out)
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
             self._error = e
             log.error("engine loop died: %s", traceback.format_exc())
             with self._lock:
                 streams, self._streams = list(self._streams.values()), {}
-            for s in streams:
-                s.put(EngineDeadError(f"engine failed: {e!r}"))
+            for s in streams:  # not the exception's text: it may come from another user's request
+                s.put(EngineDeadError("engine step loop failed; the request was not completed, retry it"))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+            if out.finish_reason is not None:
+                self._streams.pop(out.request_id, None)
+        if stream is not None:
+            stream.put(out.error if out.error is not None else out)

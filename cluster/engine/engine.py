@@ -12,12 +12,12 @@ import torch
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.convert.cache import ensure_converted, resolve_dtype
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.errors import PromptTooLongError
+from cluster.engine.errors import PromptTooLongError, RequestFailedError
 from cluster.engine.model_runner import ModelRunner, default_device, load_shard
 from cluster.engine.multimodal import ImagePrompt, has_images, prompt_images
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.sequence import Sequence
+from cluster.engine.sequence import Sequence, Status
 from cluster.engine.tokenizer import IncrementalDetokenizer, Prompt, Tokenizer
 from cluster.models.config import ModelConfig
 
@@ -37,6 +37,7 @@ class RequestOutput:
     input_token_len: int
     generate_token_len: int
     cached_token_len: int = 0
+    error: Exception | None = None  # set when this request failed (finish_reason "error"): what its caller gets
 
 
 @dataclass
@@ -73,6 +74,7 @@ class EngineStats:
     steps_ahead: int = 0  # decode steps launched before the previous step's tokens were read
     finished: int = 0
     aborted: int = 0
+    failed: int = 0  # requests failed alone (finish_reason "error") while the engine went on
     started: float = field(default_factory=time.time)
 
 
@@ -129,18 +131,29 @@ class LLMEngine:
         return ec.session_len or cfg.max_position_embeddings
 
     # -- requests ------------------------------------------------------------------------------------------------
-    def validate(self, prompt_token_len: int, gen: GenerationConfig) -> None:
-        if prompt_token_len == 0:
+    def validate(self, prompt: list[int] | ImagePrompt, gen: GenerationConfig) -> None:
+        """Admission checks, on the caller's thread: a request that passes cannot break a step, which would fail
+        every request in it."""
+        ids = prompt.token_ids if isinstance(prompt, ImagePrompt) else prompt
+        if not ids:
             raise ValueError("prompt is empty")
-        if prompt_token_len + gen.max_new_tokens > self.session_len:
-            raise PromptTooLongError(prompt_token_len, gen.max_new_tokens, self.session_len)
+        if len(ids) + gen.max_new_tokens > self.session_len:
+            raise PromptTooLongError(len(ids), gen.max_new_tokens, self.session_len)
+        self._check_token_ids(ids, gen)  # after the length check: at most session_len ids
+
+    def _check_token_ids(self, prompt_ids: list[int], gen: GenerationConfig) -> None:
+        """Ids outside the vocabulary fail inside a step: in the embedding (prompt ids; image tokens are real ids
+        too) or in the sampler's min_new_tokens mask (stop_token_ids)."""
+        vocab = self.model_config.vocab_size
+        _check_vocab(prompt_ids, "prompt token id", vocab)
+        _check_vocab(gen.stop_token_ids, "stop_token_ids entry", vocab)
 
     def add_request(self, prompt: Prompt, gen_config: GenerationConfig | None = None,
                     request_id: str | None = None) -> str:
         gen = gen_config or GenerationConfig()
         prepared = self.prepare_prompt(prompt)
         ids = list(prepared.token_ids) if isinstance(prepared, ImagePrompt) else prepared
-        self.validate(len(ids), gen)
+        self.validate(ids, gen)
         rid = request_id or f"req-{next(_ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -206,6 +219,34 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()  # a step in flight only holds running sequences
 
+    def recover(self, error: Exception) -> list[tuple[str, ValueError]]:
+        """After step() raised `error`: the requests to blame, found by re-running the token-id admission checks on
+        every live sequence (one that bypassed admission, or a check that missed), each with its own error. They are
+        finished and their blocks freed; the step in flight is dropped and every other running sequence is
+        preempted, to be recomputed from its tokens: its output so far and its detokenizer stay on it, so its
+        stream goes on. Empty when nobody is to blame (a device fault): the engine is then not to be trusted."""
+        blamed: list[tuple[Sequence, ValueError]] = []
+        for seq in self.seqs.values():
+            try:
+                self._check_token_ids(seq.token_ids[:seq.num_prompt_tokens], seq.gen)
+            except ValueError as e:
+                blamed.append((seq, e))
+        if not blamed:
+            return []
+        log.warning("step failed (%r); failing the request(s) to blame: %s", error,
+                    ", ".join(seq.request_id for seq, _ in blamed))
+        self._in_flight = None
+        sched = self.scheduler
+        sched.running = []  # all put back below, even one a half-done schedule() had taken off the list
+        for seq in self.seqs.values():
+            if seq.status == Status.RUNNING:
+                sched._preempt(seq)  # what the failed step left half-done (K/V, blocks) is dropped
+        for seq, _ in blamed:
+            sched.finish(seq, "error")
+            del self.seqs[seq.request_id]
+            self.stats.failed += 1
+        return [(seq.request_id, e) for seq, e in blamed]
+
     # -- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step and return what it produced.
@@ -253,9 +294,24 @@ class LLMEngine:
         if launched.drawn is None:
             return []
         result = read_out(launched.drawn, launched.sampled)
-        return [self._append_token(seq, token, lp)
-                for seq, token, lp in zip(launched.sampled, result.tokens, result.logprobs)
-                if not seq.is_finished]  # aborted while its step was in flight
+        outputs = []
+        for seq, token, lp in zip(launched.sampled, result.tokens, result.logprobs):
+            if seq.is_finished:
+                continue  # aborted while its step was in flight
+            try:
+                outputs.append(self._append_token(seq, token, lp))
+            except Exception as e:  # noqa: BLE001 - this request's own post-processing: it alone fails
+                outputs.append(self._fail(seq, e))
+        return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Finish a request whose host-side post-processing (detokenizer, stop checks) raised; the others go on."""
+        log.error("request %s failed after %d output tokens", seq.request_id, seq.num_output_tokens, exc_info=error)
+        self.scheduler.finish(seq, "error")
+        self.seqs.pop(seq.request_id, None)
+        self.stats.failed += 1
+        return RequestOutput(seq.request_id, "", [], None, "error", seq.num_prompt_tokens, seq.num_output_tokens,
+                             seq.num_cached_prompt_tokens, RequestFailedError(error))
 
     def _plan_ahead(self, prev: Launched, dry_run: bool = False) -> list[tuple[Sequence, int]]:
         """The decode step that can run before `prev`'s tokens reach the host: every running sequence decodes one
@@ -317,6 +373,8 @@ class LLMEngine:
         try:
             while pending:
                 for out in self.step():
+                    if out.error is not None:
+                        raise out.error
                     r = acc.get(out.request_id)
                     if r is None:
                         continue
@@ -344,6 +402,19 @@ class LLMEngine:
             "steps": self.stats.steps,
             "steps_ahead": self.stats.steps_ahead,
         }
+
+
+def _check_vocab(ids: list[int], what: str, vocab_size: int) -> None:
+    """Every id an int in [0, vocab_size); min and max run in C over the list."""
+    if not ids:
+        return
+    if not all(map(isinstance, ids, itertools.repeat(int))):
+        raise ValueError(f"every {what} must be an integer")
+    lo, hi = min(ids), max(ids)
+    bad = lo if lo < 0 else hi if hi >= vocab_size else None
+    if bad is not None:
+        raise ValueError(f"{what} {bad} is out of range: this model's vocabulary has {vocab_size} ids "
+                         f"(0..{vocab_size - 1}); use ids from this model's tokenizer")
 
 
 def _accumulate(r: Response, out: RequestOutput) -> None:
