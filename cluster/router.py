@@ -211,7 +211,7 @@ class ServeBackend:
 
 # -- the server -------------------------------------------------------------------------------------------------------
 UNKNOWN_MODEL = "unknown"  # the metrics label of requests for models that are not served: clients pick the name
-STATS_TTL_S = 1.0  # /health and /metrics reuse the engines' answers this long
+STATS_TTL_S = 0.5  # /health and /metrics reuse the engines' answers this long
 
 
 class OpenAIServer:

@@ -37,6 +37,11 @@ def add_serve_args(subparsers) -> None:
     p.add_argument("--replicas", type=int, default=1, help="model replicas (data parallelism)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the engine's model name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $CLUSTER_API_KEY)")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="larger request bodies get 413 (default: 16 MiB)")
+    p.add_argument("--image-dir", default=None,
+                   help="let image_url name files under this directory (relative to it); by default HTTP callers "
+                        "send images inline as data: URLs only")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else start one)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a Ray cluster started here")
     p.add_argument("--cpus-per-worker", type=float, default=None,
@@ -83,7 +88,11 @@ def _serve_args(args: argparse.Namespace, local: bool):
             "engine": ec.model_dump(exclude_defaults=True), "cpus_per_worker": float(cpus),
             "max_waiting": args.max_waiting, "max_queued_requests": args.max_queued_requests}
     spec = {k: v for k, v in spec.items() if v is not None}
-    a = ServeArgs(models=[spec], api_key=args.api_key or os.environ.get("CLUSTER_API_KEY"))
+    extra = {k: v for k, v in (("max_request_bytes", getattr(args, "max_request_bytes", None)),
+                                ("image_dir", getattr(args, "image_dir", None))) if v is not None}
+    if extra.get("image_dir") and not Path(extra["image_dir"]).is_dir():
+        raise SystemExit(f"--image-dir {extra['image_dir']}: no such directory")
+    a = ServeArgs(models=[spec], api_key=args.api_key or os.environ.get("CLUSTER_API_KEY"), **extra)
     a.specs()  # fail here, with a clear message, not inside a replica
     return a
 

@@ -52,7 +52,7 @@ class Server:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, timeout=120, **kw)
 
     def metrics(self) -> dict[str, list[float]]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
         out: dict[str, list[float]] = {}
         for line in text.splitlines():
             m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+(\S+)$", line)
@@ -106,7 +106,9 @@ def server(tmp_path_factory):
 
 def test_api_basics(server):
     assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 401
-    h = httpx.get(server.url + "/health", timeout=30)
+    assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
+    assert httpx.get(server.url + "/health", timeout=30).json() == {"status": "ok"}  # no internals without the key
+    h = httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert h.status_code == 200, h.text
     assert h.json()["models"][server.model]["replicas"] == 2
     m = server.metrics()
@@ -241,6 +243,69 @@ def test_200_concurrent_streams(server):
         time.sleep(0.1)
     m = server.metrics()
     assert all(v > 0 for v in m["cluster_engine_generation_tokens_total"])  # both replicas got work
+
+
+def test_hostile_requests_leave_a_concurrent_stream_untouched(server):
+    """What once killed an engine or froze every stream: out-of-vocabulary prompt and stop ids, a server file as an
+    image, a megabyte prompt, a 20 MB body, sent while a greedy stream runs (each four times, so both replicas get
+    them). Each gets its 4xx (the 413 at once); the stream's text is the same request's text alone, and no gap
+    between its chunks reaches 1 s."""
+    m = server.model
+    body = {"model": m, "messages": [{"role": "user", "content": "Write a poem about the sea."}], "max_tokens": 40,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    bad = [("/v1/completions", {"model": m, "prompt": [1, 49152], "max_tokens": 4}, 400),
+           ("/v1/completions", {"model": m, "prompt": [1, 2], "max_tokens": 4, "min_tokens": 2,
+                                "stop_token_ids": [10**6]}, 400),
+           ("/v1/completions", {"model": m, "prompt": [-1], "max_tokens": 4}, 400),
+           ("/v1/chat/completions", {"model": m, "max_tokens": 4, "messages": [{"role": "user", "content": [
+               {"type": "image_url", "image_url": {"url": "/etc/hostname"}}, {"type": "text", "text": "hi"}]}]}, 400),
+           ("/v1/completions", {"model": m, "prompt": "x " * 500_000, "max_tokens": 4}, 400)]
+    big = b'{"model": "' + m.encode() + b'", "prompt": "' + b"x" * (20 * 2**20) + b'"}'
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    async def stream(c, started: asyncio.Event | None = None) -> tuple[str, list[float]]:
+        text, times = "", []
+        async with c.stream("POST", server.url + "/v1/chat/completions", json=body, headers=auth) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    ch = json.loads(line[6:])["choices"]
+                    if ch and ch[0]["delta"].get("content"):
+                        text += ch[0]["delta"]["content"]
+                        times.append(time.perf_counter())
+                        if started is not None:
+                            started.set()
+        return text, [b - a for a, b in zip(times, times[1:])]
+
+    async def hostile(c, started: asyncio.Event) -> list[float]:
+        await started.wait()
+        took = []
+        for _ in range(4):
+            for path, b, code in bad:
+                r = await c.post(server.url + path, json=b, headers=auth)
+                assert r.status_code == code, (b, r.text[:300])
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            t0 = time.perf_counter()
+            r = await c.post(server.url + "/v1/completions", content=big,
+                             headers={**auth, "content-type": "application/json"})
+            took.append(time.perf_counter() - t0)
+            assert r.status_code == 413, r.text[:300]
+        return took
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as c:
+            alone, _ = await stream(c)
+            started = asyncio.Event()
+            (text, gaps), took = await asyncio.gather(stream(c, started), hostile(c, started))
+            return alone, text, gaps, took
+
+    alone, text, gaps, took = asyncio.run(go())
+    print(f"hostile requests: stream's largest gap {max(gaps) * 1000:.0f} ms; 20 MB body refused in "
+          f"{max(took) * 1000:.0f} ms at most")
+    assert text == alone and len(text) > 20
+    assert max(gaps) < 1.0, gaps
+    assert max(took) < 2.0, took
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200
 
 
 def _ray(server, code: str) -> dict:

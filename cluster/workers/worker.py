@@ -61,7 +61,7 @@ def _error_for(e: BaseException, rid: str, param: str | None = None, *, preparin
     log, and the client gets a generic message (naming `param` when the prompt was being prepared)."""
     from pydantic import ValidationError
 
-    from cluster.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
+    from cluster.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError, RequestFailedError
     from cluster.protocol import error_dict, validation_error
 
     if isinstance(e, PromptTooLongError):
@@ -71,6 +71,8 @@ def _error_for(e: BaseException, rid: str, param: str | None = None, *, preparin
         return error_dict("overloaded", str(e), retry_after=1)
     if isinstance(e, EngineDeadError):  # its text is the engine's death, logged where it died
         return error_dict("engine_dead", ENGINE_FAILED, retry_after=5)
+    if isinstance(e, RequestFailedError):  # written for the client: it names the exception's class only
+        return error_dict("internal", str(e))
     if isinstance(e, ValidationError):
         return error_dict("bad_request", validation_error(e).message)
     if isinstance(e, (ValueError, TypeError)) and _written_for_users(e):
