@@ -247,7 +247,7 @@ def test_200_concurrent_streams(server):
 
 def test_hostile_requests_leave_a_concurrent_stream_untouched(server):
     """What once killed an engine or froze every stream: out-of-vocabulary prompt and stop ids, a server file as an
-    image, a megabyte prompt, a 20 MB body, sent while a greedy stream runs (each four times, so both replicas get
+    image, a megabyte prompt, a prompt just short enough to be tokenized (then too long), a 20 MB body, sent while a greedy stream runs (each four times, so both replicas get
     them). Each gets its 4xx (the 413 at once); the stream's text is the same request's text alone, and no gap
     between its chunks reaches 1 s."""
     m = server.model
@@ -259,7 +259,8 @@ def test_hostile_requests_leave_a_concurrent_stream_untouched(server):
            ("/v1/completions", {"model": m, "prompt": [-1], "max_tokens": 4}, 400),
            ("/v1/chat/completions", {"model": m, "max_tokens": 4, "messages": [{"role": "user", "content": [
                {"type": "image_url", "image_url": {"url": "/etc/hostname"}}, {"type": "text", "text": "hi"}]}]}, 400),
-           ("/v1/completions", {"model": m, "prompt": "x " * 500_000, "max_tokens": 4}, 400)]
+           ("/v1/completions", {"model": m, "prompt": "x " * 500_000, "max_tokens": 4}, 400),  # refused unread
+           ("/v1/completions", {"model": m, "prompt": "x " * 30_000, "max_tokens": 4}, 400)]  # tokenized, too long
     big = b'{"model": "' + m.encode() + b'", "prompt": "' + b"x" * (20 * 2**20) + b'"}'
     auth = {"Authorization": f"Bearer {KEY}"}
 
