@@ -207,15 +207,17 @@ class ReplicaCore:
         if self._adds or self._aborts:
             self._outbox.set()
 
-    def _fail(self, gen: int, reason: str) -> None:
+    def _fail(self, gen: int, reason: str, public: bool = False) -> None:
         """Rank 0 (or the group) is gone: fail everything in flight now, then rebuild. Clients get a generic
-        message: `reason` may hold another request's text; it goes to the log and `last_error`."""
+        message, unless the reason is `public` (written by us: which rank was lost): other reasons may hold another
+        request's text, and go to the log and `last_error` only."""
         if gen != self.generation or self.state != "ready":
             return
         log.error("engine replica %s failed: %s", self.replica_id, reason)
         self.last_error = reason
         self._set_state("recovering" if self.restart else "dead")
-        self._end_requests(error_dict("engine_dead", ENGINE_FAILED, retry_after=5))
+        message = f"{ENGINE_FAILED} ({reason})" if public else ENGINE_FAILED
+        self._end_requests(error_dict("engine_dead", message, retry_after=5))
         self._disconnect()
         if self.restart:
             self._tasks = [asyncio.create_task(self._recover())]
@@ -327,7 +329,7 @@ class ReplicaCore:
 
     async def _watch(self, gen: int, conn: Connection) -> None:
         reason = await conn.watch()
-        self._fail(gen, reason)
+        self._fail(gen, reason, public=True)  # WorkerGroup.watch says which rank ended, and how
 
     # -- requests ----------------------------------------------------------------------------------------------------
     def _add(self, item: dict) -> asyncio.Future:

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Iterator
 
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine, RequestOutput
-from cluster.engine.errors import EngineDeadError, EngineOverloadedError
+from cluster.engine.errors import EngineDeadError, EngineOverloadedError, RankLostError
 from cluster.engine.multimodal import ImagePrompt
 from cluster.engine.tokenizer import Prompt
 
@@ -87,6 +87,8 @@ class AsyncEngine:
     def check_health(self) -> None:
         """Raise if the step loop is gone. Clients see the message (/health), so it names the exception's class at
         most: the traceback was logged when the loop died, and `_error` keeps it for operators."""
+        if isinstance(self._error, RankLostError):  # its message is written for clients
+            raise EngineDeadError(f"engine step loop died: {self._error}")
         if self._error is not None:
             raise EngineDeadError(f"engine step loop died ({type(self._error).__name__}); see the server log")
         if not self._thread.is_alive():
@@ -209,12 +211,15 @@ class AsyncEngine:
                 for out in outputs:
                     self._deliver(out)
         except BaseException as e:  # noqa: BLE001 - every waiting caller must hear about it
-            self._error = e
             log.error("engine loop died: %s", traceback.format_exc())
             with self._lock:
                 streams, self._streams = list(self._streams.values()), {}
-            for s in streams:  # not the exception's text: it may come from another user's request
-                s.put(EngineDeadError("engine step loop failed; the request was not completed, retry it"))
+            # not the exception's text, which may come from another user's request; a lost rank's is written for them
+            why = f": {e}" if isinstance(e, RankLostError) else ""
+            for s in streams:
+                s.put(RankLostError(f"engine step loop failed{why}; the request was not completed, retry it")
+                      if why else EngineDeadError("engine step loop failed; the request was not completed, retry it"))
+            self._error = e  # after the streams' errors: a health check that sees it finds them already sent
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:

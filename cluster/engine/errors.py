@@ -23,6 +23,11 @@ class EngineDeadError(EngineError):
     pass
 
 
+class RankLostError(EngineDeadError):
+    """A tensor-parallel rank is gone. Its message (which rank, how it ended) is written by the executor for the
+    clients whose requests it ends; other EngineDeadErrors may wrap text that is not theirs to read."""
+
+
 class RequestFailedError(EngineError):
     """One request failed inside the engine (its output's post-processing); the others go on. The message names the
     exception's class only: the details are in the server log."""

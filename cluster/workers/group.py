@@ -124,8 +124,9 @@ class WorkerGroup:
             fut.result()
             reason = f"tensor-parallel rank {rank} exited"
         except Exception as e:  # noqa: BLE001
-            first = str(e).splitlines()[0] if str(e) else ""
-            reason = f"tensor-parallel rank {rank} failed: {type(e).__name__}: {first}"
+            # the class only: the text may be a request's (a follower's step failed on its input); the log has it
+            log.error("tensor-parallel rank %d failed: %s", rank, e)
+            reason = f"tensor-parallel rank {rank} failed ({type(e).__name__})"
         try:
             self.rank0.abort_group.remote(reason)
         except Exception:  # noqa: BLE001

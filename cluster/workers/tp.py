@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.config import EngineConfig
-from cluster.engine.errors import EngineDeadError
+from cluster.engine.errors import EngineDeadError, RankLostError
 from cluster.engine.model_runner import ModelRunner, StepInput, load_shard
 from cluster.layers import parallel
 from cluster.models.config import ModelConfig
@@ -421,7 +421,7 @@ class TPExecutor:
     def _raise_if_follower_died(self) -> None:
         err = self._follower_failure()
         if err:
-            raise EngineDeadError(err)
+            raise RankLostError(err)
 
     def _watch(self) -> None:
         """NCCL does not notice a dead peer: abort the communicator so a rank 0 blocked in a collective wakes up."""
@@ -443,9 +443,12 @@ class TPExecutor:
                 self.groups.model_group._get_backend(self.device).abort()
 
     def _fail(self, e: BaseException) -> EngineDeadError:
-        reason = self._dead or self._follower_failure(wait=2.0) or f"tensor-parallel step failed on rank 0: {e!r}"
+        reason = self._dead or self._follower_failure(wait=2.0)
+        if reason is None:  # rank 0's own step failed: its text may be a request's, so only the log has it
+            log.error("tensor-parallel step failed on rank 0: %r", e)
+            reason = f"tensor-parallel step failed on rank 0 ({type(e).__name__})"
         self.abort(reason)
-        return EngineDeadError(reason)
+        return RankLostError(reason)
 
     # -- the ModelRunner interface -----------------------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -460,7 +463,7 @@ class TPExecutor:
 
     def execute(self, step: StepInput) -> torch.Tensor:
         if self._dead is not None:
-            raise EngineDeadError(self._dead)
+            raise RankLostError(self._dead)
         if self._closed:
             raise EngineDeadError("tensor-parallel executor is closed")
         err = self._follower_failure()
@@ -480,7 +483,7 @@ class TPExecutor:
                     # logits are garbage -- the step must fail rather than hand out a token
                     torch.cuda.current_stream(self.device).synchronize()
                     if self._dead is not None:
-                        raise EngineDeadError(self._dead)
+                        raise RankLostError(self._dead)
                 return logits
         except Exception as e:  # a step that failed part-way leaves the ranks out of step: the replica is done
             raise self._fail(e) from e

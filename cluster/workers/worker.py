@@ -61,7 +61,8 @@ def _error_for(e: BaseException, rid: str, param: str | None = None, *, preparin
     log, and the client gets a generic message (naming `param` when the prompt was being prepared)."""
     from pydantic import ValidationError
 
-    from cluster.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError, RequestFailedError
+    from cluster.engine.errors import (EngineDeadError, EngineOverloadedError, PromptTooLongError, RankLostError,
+                                       RequestFailedError)
     from cluster.protocol import error_dict, validation_error
 
     if isinstance(e, PromptTooLongError):
@@ -69,6 +70,8 @@ def _error_for(e: BaseException, rid: str, param: str | None = None, *, preparin
                           session_len=e.session_len, param=param)
     if isinstance(e, EngineOverloadedError):
         return error_dict("overloaded", str(e), retry_after=1)
+    if isinstance(e, RankLostError):  # which rank was lost, and how: written for the clients it fails
+        return error_dict("engine_dead", str(e), retry_after=5)
     if isinstance(e, EngineDeadError):  # its text is the engine's death, logged where it died
         return error_dict("engine_dead", ENGINE_FAILED, retry_after=5)
     if isinstance(e, RequestFailedError):  # written for the client: it names the exception's class only
