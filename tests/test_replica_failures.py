@@ -11,7 +11,6 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ from cluster.deployments.engine import Connection, LocalWorkerClient, ReplicaCor
 from cluster.engine import multimodal
 from cluster.engine.errors import EngineDeadError
 from cluster.workers.worker import BAD_PROMPT, RankWorker, RankZeroHost
+from test_router_protocol import Out  # the fields RankZeroHost.poll reads from an engine output
 
 pytestmark = pytest.mark.anyio
 SECRET = "secret-death-text 0xdead"  # in the engine's death: operators may read it, clients may not
@@ -33,20 +33,6 @@ def anyio_backend():
 
 
 # -- a fake engine ----------------------------------------------------------------------------------------------------
-@dataclass
-class Out:
-    """The fields RankZeroHost.poll reads from an engine output."""
-
-    request_id: str
-    text: str
-    token_ids: list
-    logprobs: list | None
-    finish_reason: str | None
-    input_token_len: int
-    generate_token_len: int
-    cached_token_len: int = 0
-
-
 class FakeTokenizer:
     max_token_chars = 8
 
