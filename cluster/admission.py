@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from cluster.engine.multimodal import INLINE_ONLY, MAX_IMAGE_BYTES, is_image_part
+from cluster.engine.multimodal import INLINE_ONLY, MAX_IMAGE_BYTES, check_inline_url, is_image_part
 from cluster.protocol import APIError, prompt_chars
 
 MAX_REQUEST_BYTES = 16 * 2**20  # default body cap: a few large inline images, or a prompt far past any context
@@ -89,9 +89,10 @@ async def _inline_url(part: dict, image_dir: Optional[str]) -> str:
     url = part.get("image_url")
     url = url.get("url") if isinstance(url, dict) else url
     if isinstance(url, str) and url.startswith("data:"):
-        if len(url) > MAX_IMAGE_BYTES * 4 // 3 + 100:
-            raise APIError(400, f"image is over {MAX_IMAGE_BYTES >> 20} MiB", param="messages",
-                           code="invalid_image_url")
+        try:
+            check_inline_url(url)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_image_url") from None
         return url
     if not isinstance(url, str) or not image_dir or "://" in url:
         raise image_error(image_dir)

@@ -17,7 +17,7 @@ from cluster.engine.model_runner import ModelRunner, default_device, load_shard
 from cluster.engine.multimodal import ImagePrompt, has_images, prompt_images
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
-from cluster.engine.sequence import Sequence, Status
+from cluster.engine.sequence import Sequence
 from cluster.engine.tokenizer import IncrementalDetokenizer, Prompt, Tokenizer
 from cluster.models.config import ModelConfig
 
@@ -236,13 +236,9 @@ class LLMEngine:
         log.warning("step failed (%r); failing the request(s) to blame: %s", error,
                     ", ".join(seq.request_id for seq, _ in blamed))
         self._in_flight = None
-        sched = self.scheduler
-        sched.running = []  # all put back below, even one a half-done schedule() had taken off the list
-        for seq in self.seqs.values():
-            if seq.status == Status.RUNNING:
-                sched._preempt(seq)  # what the failed step left half-done (K/V, blocks) is dropped
+        self.scheduler.requeue(self.seqs.values())
         for seq, _ in blamed:
-            sched.finish(seq, "error")
+            self.scheduler.finish(seq, "error")
             del self.seqs[seq.request_id]
             self.stats.failed += 1
         return [(seq.request_id, e) for seq, e in blamed]

@@ -94,11 +94,15 @@ def check_inline_images(prompt: Any) -> None:
         for part in content if isinstance(content, list) else []:
             if not is_image_part(part):
                 continue
-            url = _part_image(part) if part.get("type") == "image_url" else None
-            if not isinstance(url, str) or not url.startswith("data:"):
-                raise ValueError(INLINE_ONLY)
-            if len(url) > MAX_IMAGE_BYTES * 4 // 3 + 100:
-                raise ValueError(f"image is over {MAX_IMAGE_BYTES >> 20} MiB")
+            check_inline_url(_part_image(part) if part.get("type") == "image_url" else None)
+
+
+def check_inline_url(url: Any) -> None:
+    """An image URL a remote caller may send: an inline data: URL of bounded size, else ValueError."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise ValueError(INLINE_ONLY)
+    if len(url) > MAX_IMAGE_BYTES * 4 // 3 + 100:
+        raise ValueError(f"image is over {MAX_IMAGE_BYTES >> 20} MiB")
 
 
 def _part_image(part: dict) -> Any:

@@ -4,6 +4,7 @@ sequence is preempted: its blocks are freed and it is recomputed later from its 
 from __future__ import annotations
 
 from collections import deque
+from typing import Iterable
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.sequence import Sequence, Status
@@ -79,6 +80,15 @@ class Scheduler:
         while idx < len(self.waiting) and self.waiting[idx].arrival < seq.arrival:
             idx += 1
         self.waiting.insert(idx, seq)
+
+    def requeue(self, seqs: Iterable[Sequence]) -> None:
+        """A step failed halfway: every running one of `seqs` goes back to waiting, to be recomputed from its tokens
+        (what the step left half-done, K/V and blocks, is dropped). `running` is rebuilt from `seqs`, since the
+        failed schedule() may have taken some off it."""
+        self.running = []
+        for seq in seqs:
+            if seq.status == Status.RUNNING:
+                self._preempt(seq)
 
     def after_step(self, plan: list[tuple[Sequence, int]]) -> None:
         """Account the computed tokens and publish full blocks to the prefix cache."""
