@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 from cluster.engine.multimodal import INLINE_ONLY, MAX_IMAGE_BYTES, check_inline_url, is_image_part
+from cluster.messages import ReplicaInfo
 from cluster.protocol import APIError, prompt_chars
 
 MAX_REQUEST_BYTES = 16 * 2**20  # default body cap: a few large inline images, or a prompt far past any context
@@ -38,12 +39,12 @@ def too_large(size: int, limit: int) -> APIError:
                          f"{limit:,} (--max-request-bytes)", code="request_too_large")
 
 
-def check_fits(prompts: list, max_tokens: Optional[int], info: dict, param: str) -> None:
+def check_fits(prompts: list, max_tokens: Optional[int], info: ReplicaInfo, param: str) -> None:
     """400 for a prompt that cannot fit the session whatever the tokenizer makes of it. No token stands for more
     than `max_token_chars` characters, so a text of C characters is at least C / max_token_chars tokens; token-id
     prompts are counted exactly. The engine checks the exact count later; this only saves it from tokenizing
     megabytes that could never run."""
-    session_len, per_token = info.get("session_len"), info.get("max_token_chars")
+    session_len, per_token = info.session_len, info.max_token_chars
     if not session_len:
         return
     for p in prompts:

@@ -1,24 +1,16 @@
 """The OpenAI HTTP protocol: request models (validated by pydantic), error bodies, and the mapping from an OpenAI
-request to engine work.
+request to engine work (a cluster.messages.Job).
 
 No torch, no Ray: the router process imports this and nothing heavier.
-
-What travels from the router to an engine replica is a plain dict, a *job*:
-
-    {"request_id": str, "work": int,                       # work: estimated tokens, for replica choice
-     "choices": [{"index": i, "prompt": str | list[int] | list[message], "gen": GenerationConfig fields}],
-     "logprobs": bool}                                       # convert per-token logprobs for the response
-
-`gen["max_new_tokens"]` may be None: the worker fills in what is left of the session after the prompt.
 """
 from __future__ import annotations
 
-import json
-import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.messages import Choice, ErrorInfo, Job
 
 MAX_N = 16  # choices per request (n x prompts); more is "n too large"
 MAX_STOP = 16
@@ -47,27 +39,22 @@ class APIError(Exception):
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
     @classmethod
-    def from_dict(cls, err: dict) -> "APIError":
-        """An error as an engine replica reports it (see `error_dict`)."""
-        kind = err.get("kind", "internal")
-        msg = err.get("message", "internal error")
-        if kind == "prompt_too_long":
-            p, m, s = err["prompt_tokens"], err["max_tokens"], err["session_len"]
-            return cls(400, f"This model's maximum context length is {s} tokens. However, you requested {p + m} "
+    def from_error(cls, err: ErrorInfo) -> "APIError":
+        """An error as an engine replica reports it."""
+        if err.kind == "prompt_too_long":
+            p, m, n = err.prompt_tokens, err.max_tokens, err.session_len
+            return cls(400, f"This model's maximum context length is {n} tokens. However, you requested {p + m} "
                             f"tokens ({p} in the prompt, {m} for the completion, max_tokens). Please reduce the "
-                            "length of the prompt or max_tokens.", param=err.get("param") or "messages",
+                            "length of the prompt or max_tokens.", param=err.param or "messages",
                        code="context_length_exceeded")
-        if kind == "bad_request":
-            return cls(400, msg, param=err.get("param"))
-        if kind == "overloaded":
-            return cls(503, msg, type="server_overloaded", code="overloaded", retry_after=err.get("retry_after", 1))
-        if kind in ("engine_dead", "unavailable"):
-            return cls(503, msg, type="server_error", code="engine_unavailable", retry_after=err.get("retry_after", 5))
-        return cls(500, msg, type="server_error", code="internal_error")
-
-
-def error_dict(kind: str, message: str, **extra) -> dict:
-    return {"kind": kind, "message": message, **extra}
+        if err.kind == "bad_request":
+            return cls(400, err.message, param=err.param)
+        if err.kind == "overloaded":
+            return cls(503, err.message, type="server_overloaded", code="overloaded", retry_after=err.retry_after or 1)
+        if err.kind in ("engine_dead", "unavailable"):
+            return cls(503, err.message, type="server_error", code="engine_unavailable",
+                       retry_after=err.retry_after or 5)
+        return cls(500, err.message, type="server_error", code="internal_error")
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -301,6 +288,12 @@ class CompletionRequest(_Sampling):
     def _completion(self):
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (the prompt's logprobs are not computed); "
+                             "drop echo, or logprobs")
+        if self.echo and not all(isinstance(p, str) for p in self.prompts()):
+            raise ValueError("echo needs text prompts (token-id prompts are not echoed); send the prompt as text, "
+                             "or drop echo")
         if len(self.prompts()) * self.n > MAX_N:
             raise ValueError(f"n x number of prompts must be at most {MAX_N}, got {len(self.prompts()) * self.n}")
         return self
@@ -359,53 +352,9 @@ def _estimate_tokens(prompt) -> int:
 
 
 def make_job(request_id: str, prompts: list, req: _Sampling, default_max_tokens: int | None,
-             top_logprobs: int | None, want_logprobs: bool) -> dict:
-    choices = []
-    for pi, prompt in enumerate(prompts):
-        for j in range(req.n):
-            idx = pi * req.n + j
-            choices.append({"index": idx, "prompt": prompt, "gen": req.gen_dict(default_max_tokens, top_logprobs, j)})
-    work = sum(_estimate_tokens(c["prompt"]) + (c["gen"]["max_new_tokens"] or 256) for c in choices)
-    return {"request_id": request_id, "choices": choices, "logprobs": want_logprobs, "work": work}
-
-
-# -- responses ----------------------------------------------------------------------------------------------------------
-def now() -> int:
-    return int(time.time())
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-def chat_logprobs(entries: list[dict] | None) -> dict | None:
-    """Worker logprob entries -> OpenAI chat `logprobs` object."""
-    if entries is None:
-        return None
-    content = []
-    for e in entries:
-        content.append({"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8")),
-                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-                                         for t, lp in e["top"]]})
-    return {"content": content}
-
-
-def completion_logprobs(entries: list[dict] | None, offset: int) -> dict | None:
-    """Worker logprob entries -> legacy completions `logprobs` object (text_offset counted from `offset`)."""
-    if entries is None:
-        return None
-    tokens, lps, tops, offsets = [], [], [], []
-    for e in entries:
-        offsets.append(offset)
-        offset += len(e["token"])
-        tokens.append(e["token"])
-        lps.append(e["logprob"])
-        tops.append({t: lp for t, lp in e["top"]})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def sse(obj: dict | str) -> bytes:
-    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+             top_logprobs: int | None, want_logprobs: bool, param: str) -> Job:
+    """n choices per prompt, indexed prompt-major (OpenAI's order)."""
+    choices = [Choice(pi * req.n + j, prompt, req.gen_dict(default_max_tokens, top_logprobs, j))
+               for pi, prompt in enumerate(prompts) for j in range(req.n)]
+    work = sum(_estimate_tokens(c.prompt) + (c.gen["max_new_tokens"] or 256) for c in choices)
+    return Job(request_id, choices, want_logprobs, work, param)

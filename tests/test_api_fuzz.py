@@ -20,11 +20,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
 from cluster.config import EngineConfig  # noqa: E402
-from cluster.deployments.engine import Connection, LocalWorkerClient, ReplicaCore  # noqa: E402
+from cluster.deployments.replica import Connection, LocalWorkerClient, ReplicaCore  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import LLMEngine  # noqa: E402
-from cluster.router import LocalBackend, OpenAIServer, create_app  # noqa: E402
-from cluster.workers.worker import RankZeroHost  # noqa: E402
+from cluster.serving.app import create_app  # noqa: E402
+from cluster.serving.backends import LocalBackend  # noqa: E402
+from cluster.serving.server import OpenAIServer  # noqa: E402
+from cluster.workers.host import RankZeroHost  # noqa: E402
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

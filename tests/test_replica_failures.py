@@ -16,10 +16,13 @@ from typing import Callable
 
 import pytest
 
-from cluster.deployments.engine import Connection, LocalWorkerClient, ReplicaCore
+from cluster.deployments.replica import Connection, LocalWorkerClient, ReplicaCore
 from cluster.engine import multimodal
 from cluster.engine.errors import EngineDeadError
-from cluster.workers.worker import BAD_PROMPT, RankWorker, RankZeroHost
+from cluster.messages import Choice, Deltas, EngineRequest, Failed, Job, PollReply, Started
+from cluster.workers.client_errors import BAD_PROMPT
+from cluster.workers.host import RankZeroHost
+from cluster.workers.worker import RankWorker
 from test_router_protocol import Out  # the fields RankZeroHost.poll reads from an engine output
 
 pytestmark = pytest.mark.anyio
@@ -68,6 +71,9 @@ class FakeEngine:
             return [1, 2, 3]
         return list(prompt)
 
+    def validate(self, ids, gen):
+        pass
+
     def submit(self, ids, gen, rid, loop, sink):
         self.check_health()
         with self.lock:
@@ -114,13 +120,15 @@ class FakeEngine:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def job(request_id: str, prompt="a b", max_new_tokens: int = 4) -> dict:
-    return {"request_id": request_id, "choices": [{"index": 0, "prompt": prompt, "gen": {
-        "max_new_tokens": max_new_tokens}}], "logprobs": False, "param": "prompt", "work": 0}
+def job(request_id: str, prompt="a b", max_new_tokens: int = 4) -> Job:
+    return Job(request_id, [Choice(0, prompt, {"max_new_tokens": max_new_tokens})], param="prompt")
 
 
-def item(rid: str, prompt, max_new_tokens: int = 4, param: str | None = "prompt") -> dict:
-    return {"rid": rid, "prompt": prompt, "gen": {"max_new_tokens": max_new_tokens}, "param": param}
+def item(rid: str, prompt, max_new_tokens: int = 4, param: str | None = "prompt") -> EngineRequest:
+    return EngineRequest(rid, prompt, {"max_new_tokens": max_new_tokens}, param=param)
+
+
+KIND = {Started: "start", Deltas: "delta", Failed: "error"}
 
 
 async def core_over(engine: FakeEngine, client_type=LocalWorkerClient, **kw) -> ReplicaCore:
@@ -141,7 +149,7 @@ async def events_of(stream, until: str | None = None) -> list[dict]:
     out = []
     async for ev in stream:
         out.append(ev)
-        if ev["type"] == until:
+        if KIND[type(ev)] == until:
             break
     return out
 
@@ -149,15 +157,15 @@ async def events_of(stream, until: str | None = None) -> list[dict]:
 async def started(core: ReplicaCore, request_id: str):
     """A running request: its stream, past `start` and a first delta."""
     stream = core.generate(job(request_id, max_new_tokens=5000))
-    assert [ev["type"] for ev in await asyncio.wait_for(events_of(stream, "delta"), BOUND_S)] == ["start", "delta"]
+    assert [KIND[type(ev)] for ev in await asyncio.wait_for(events_of(stream, "delta"), BOUND_S)] == ["start", "delta"]
     return stream
 
 
 async def ends_in_error(stream) -> dict:
     """The stream's last event, which must be an error, and must come within BOUND_S."""
     evs = await asyncio.wait_for(events_of(stream), BOUND_S)
-    assert evs and evs[-1]["type"] == "error", evs
-    return evs[-1]["error"]
+    assert evs and isinstance(evs[-1], Failed), evs
+    return evs[-1].error
 
 
 async def maybe_await(x):
@@ -188,7 +196,7 @@ class BreaksMidAdd(LocalWorkerClient):
         await self.release.wait()
         if self.mode == "raise":
             raise ConnectionError(f"the actor died: {SECRET}")
-        return {"outputs": {}, "errors": {}, "stats": {}, "dead": f"engine step loop died: {SECRET}"}
+        return PollReply(dead=f"engine step loop died: {SECRET}")
 
 
 @pytest.mark.parametrize("mode", ["dead", "raise"])
@@ -204,8 +212,8 @@ async def test_engine_failing_while_an_add_is_in_flight_ends_every_request(mode)
     await asyncio.sleep(0.05)  # they queue behind the add in flight
     client.release.set()
     errors = [await ends_in_error(running)] + list(await asyncio.gather(in_flight, *queued))
-    assert [e["kind"] for e in errors] == ["engine_dead"] * 4
-    assert all(e.get("retry_after") and SECRET not in e["message"] for e in errors), errors
+    assert [e.kind for e in errors] == ["engine_dead"] * 4
+    assert all(e.retry_after and SECRET not in e.message for e in errors), errors
     assert SECRET in core.last_error and core.state == "dead"
     assert core.pending_work == 0 and not core.streams
     engine.shutdown()
@@ -222,7 +230,7 @@ async def test_an_add_that_is_never_answered_ends_in_bounded_time():
     t0 = time.monotonic()
     err = await ends_in_error(core.generate(job("r")))
     assert time.monotonic() - t0 < 2.0
-    assert err["kind"] in ("unavailable", "engine_dead") and err.get("retry_after"), err
+    assert err.kind in ("unavailable", "engine_dead") and err.retry_after, err
     assert not core.streams
     engine.shutdown()
 
@@ -242,7 +250,7 @@ async def test_a_stream_whose_rank0_stops_answering_polls_gets_its_error():
     stream = await started(core, "r")
     core.conn.client.hang = True
     err = await ends_in_error(stream)
-    assert err["kind"] == "engine_dead" and "did not answer a poll" in core.last_error
+    assert err.kind == "engine_dead" and "did not answer a poll" in core.last_error
     engine.shutdown()
 
 
@@ -255,7 +263,7 @@ async def test_close_ends_running_streams_and_unanswered_adds():
     await asyncio.sleep(0.05)
     await core.close()
     errors = [await ends_in_error(stream), await pending]
-    assert [e["kind"] for e in errors] == ["unavailable", "unavailable"]
+    assert [e.kind for e in errors] == ["unavailable", "unavailable"]
     engine.shutdown()
 
 
@@ -272,13 +280,13 @@ async def test_a_slow_prompt_does_not_stall_other_streams():
     engine = FakeEngine(step_s=0.005)
     engine.on_prepare["slow"] = lambda: time.sleep(1.0)
     worker = await rank_worker(engine)
-    assert (await maybe_await(worker.add_requests([item("fast", [1, 2], max_new_tokens=5000)])))[0]["ok"]
+    assert (await maybe_await(worker.add_requests([item("fast", [1, 2], max_new_tokens=5000)])))[0].ok
     seen: list[float] = []
     polling = True
 
     async def poller():
         while polling:
-            if "fast" in (await worker.poll(0.2))["outputs"]:
+            if "fast" in (await worker.poll(0.2)).outputs:
                 seen.append(time.monotonic())
 
     task = asyncio.create_task(poller())
@@ -288,7 +296,7 @@ async def test_a_slow_prompt_does_not_stall_other_streams():
     t1 = time.monotonic()
     polling = False
     await task
-    assert res[0]["ok"] and t1 - t0 >= 0.9
+    assert res[0].ok and t1 - t0 >= 0.9
     stamps = [t0] + [t for t in seen if t0 <= t <= t1] + [t1]
     assert max(b - a for a, b in zip(stamps, stamps[1:])) < 0.5, "poll replies stalled while a prompt was prepared"
     worker.abort(["fast", "slow"])
@@ -304,10 +312,10 @@ async def test_an_abort_during_preparation_leaves_nothing_running():
     assert not adding.done(), "the add ran on the event loop"
     worker.abort(["slow"])
     res = await asyncio.wait_for(adding, BOUND_S)
-    assert not res[0]["ok"]
+    assert not res[0].ok
     await asyncio.sleep(0.05)
     assert not engine.reqs
-    assert (await worker.add_requests([item("slow", [1, 2])]))[0]["ok"]  # the id is usable again
+    assert (await worker.add_requests([item("slow", [1, 2])]))[0].ok  # the id is usable again
     assert "slow" in engine.reqs
     engine.shutdown()
 
@@ -350,13 +358,13 @@ async def test_image_paths_are_refused_alike_and_never_opened(tmp_path, monkeypa
     for path in ("sync", "async"):
         items = [item(f"{path}-{i}", image_messages(u), param=None) for i, u in enumerate(urls)]
         results = host.add_requests(items) if path == "sync" else await host.add_requests_async(items)
-        errors = [r["error"] for r in results if not r["ok"]]
+        errors = [r.error for r in results if not r.ok]
         assert len(errors) == len(urls), results
-        assert {(e["kind"], e.get("param"), e["message"]) for e in errors} == {("bad_request", "messages",
+        assert {(e.kind, e.param, e.message) for e in errors} == {("bad_request", "messages",
                                                                              multimodal.INLINE_ONLY)}
         assert opened == []
     inline = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    assert host.add_requests([item("ok", image_messages(inline))])[0]["ok"]  # the way that works
+    assert host.add_requests([item("ok", image_messages(inline))])[0].ok  # the way that works
     engine.shutdown()
 
 
@@ -389,14 +397,14 @@ async def test_library_text_never_reaches_clients_ours_does(caplog):
                      ("bug", a_bug)]:
         engine.on_prepare[name] = fn
     host = RankZeroHost(engine, asyncio.get_running_loop())
-    with caplog.at_level(logging.WARNING, logger="cluster.workers.worker"):
-        lib, ext, ours, bug = [r["error"] for r in host.add_requests(
+    with caplog.at_level(logging.WARNING, logger="cluster.workers.client_errors"):
+        lib, ext, ours, bug = [r.error for r in host.add_requests(
             [item(f"{p}-0", p) for p in ("lib", "ext", "ours", "bug")])]
-    assert (lib["kind"], lib["param"], lib["message"]) == ("bad_request", "prompt", BAD_PROMPT)
-    assert (ext["kind"], ext["message"]) == ("bad_request", BAD_PROMPT)
-    assert (ours["kind"], ours["param"]) == ("bad_request", "prompt")
-    assert ours["message"] == "message content must be a string or a list of content parts"
-    assert (bug["kind"], bug["message"]) == ("internal", "internal error")
+    assert (lib.kind, lib.param, lib.message) == ("bad_request", "prompt", BAD_PROMPT)
+    assert (ext.kind, ext.message) == ("bad_request", BAD_PROMPT)
+    assert (ours.kind, ours.param) == ("bad_request", "prompt")
+    assert ours.message == "message content must be a string or a list of content parts"
+    assert (bug.kind, bug.message) == ("internal", "internal error")
     assert LIBRARY_TEXT in caplog.text and SECRET in caplog.text and "bug-0" in caplog.text  # for operators
     engine.shutdown()
 
@@ -408,7 +416,7 @@ async def test_the_engines_death_is_not_told_to_clients():
     engine.death = f"CUDA error: {SECRET}"
     errors = [await ends_in_error(s) for s in streams]
     errors.append(await ends_in_error(core.generate(job("after"))))  # the replica is dead now: says only that
-    assert [e["kind"] for e in errors] == ["engine_dead"] * 3 + ["unavailable"]
-    assert all(SECRET not in e["message"] and e.get("retry_after") for e in errors), errors
+    assert [e.kind for e in errors] == ["engine_dead"] * 3 + ["unavailable"]
+    assert all(SECRET not in e.message and e.retry_after for e in errors), errors
     assert SECRET in core.last_error
     engine.shutdown()

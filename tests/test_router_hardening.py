@@ -99,7 +99,9 @@ async def test_server_files_are_refused_alike(tmp_path):
 
 
 async def test_image_dir_serves_its_files_inline_and_nothing_else(tmp_path):
-    from cluster.router import LocalBackend, OpenAIServer, create_app
+    from cluster.serving.app import create_app
+    from cluster.serving.backends import LocalBackend
+    from cluster.serving.server import OpenAIServer
 
     pics = tmp_path / "pics"
     pics.mkdir()
@@ -135,7 +137,7 @@ async def test_metrics_need_the_key_health_hides_internals():
 
 
 async def test_health_and_metrics_floods_are_cheap():
-    from cluster.router import STATS_TTL_S
+    from cluster.serving.server import STATS_TTL_S
 
     c = await make_client(api_key=KEY)
     client = c.core.conn.client

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from cluster.deployments.engine import Connection, LocalWorkerClient, ReplicaCore
+from cluster.deployments.replica import Connection, LocalWorkerClient, ReplicaCore
 from cluster.engine.errors import EngineDeadError, EngineOverloadedError, PromptTooLongError
-from cluster.router import LocalBackend, OpenAIServer, create_app
-from cluster.workers.worker import RankZeroHost
+from cluster.messages import Choice, Deltas, EngineRequest, Job, Started
+from cluster.serving.app import create_app
+from cluster.serving.backends import LocalBackend
+from cluster.serving.server import OpenAIServer
+from cluster.workers.host import RankZeroHost
 
 pytestmark = pytest.mark.anyio
 
@@ -73,13 +76,15 @@ class FakeEngine:
     def prepare_prompt(self, prompt):
         return self.tokenizer.prompt_ids(prompt)
 
+    def validate(self, ids, gen):
+        if len(ids) + gen.max_new_tokens > self.session_len:
+            raise PromptTooLongError(len(ids), gen.max_new_tokens, self.session_len)
+
     def submit(self, ids, gen, rid, loop, sink):
         if self.dead:
             raise EngineDeadError("engine step loop died: boom")
         if len(self.reqs) >= self.max_waiting:
             raise EngineOverloadedError(len(self.reqs), self.max_waiting)
-        if len(ids) + gen.max_new_tokens > self.session_len:
-            raise PromptTooLongError(len(ids), gen.max_new_tokens, self.session_len)
         with self.lock:
             self.reqs[rid] = [ids, gen, sink, 0]
         return rid, sink
@@ -377,11 +382,10 @@ async def test_batched_adds_and_abort_on_close():
     assert all(r.status_code == 200 for r in rs)
     assert sum(calls) == 20 and len(calls) < 20, calls
 
-    job = {"request_id": "x", "choices": [{"index": 0, "prompt": "a b", "gen": {"max_new_tokens": 50}}],
-           "logprobs": False, "work": 52}
+    job = Job("x", [Choice(0, "a b", {"max_new_tokens": 50})], work=52)
     gen = c.core.generate(job)
-    assert (await gen.__anext__())["type"] == "start"
-    assert (await gen.__anext__())["type"] == "delta"
+    assert isinstance(await gen.__anext__(), Started)
+    assert isinstance(await gen.__anext__(), Deltas)
     await gen.aclose()
     for _ in range(50):
         if "x-0" in eng.aborted:
@@ -492,17 +496,29 @@ async def test_two_models_route_by_name():
 
 
 async def test_poll_coalesces_a_stream_but_not_its_finish(monkeypatch):
-    from cluster.workers import worker
+    from cluster.workers import host as host_module
 
-    monkeypatch.setattr(worker, "REPLY_INTERVAL_S", 0.5)
+    monkeypatch.setattr(host_module, "REPLY_INTERVAL_S", 0.5)
     engine = FakeEngine(step_s=0.002)
     host = RankZeroHost(engine, asyncio.get_running_loop())
-    host.add_requests([{"rid": "r", "prompt": [1, 2], "gen": {"max_new_tokens": 20}}])
+    host.add_requests([EngineRequest("r", [1, 2], {"max_new_tokens": 20})])
     t0 = time.monotonic()
-    first = (await host.poll(1.0))["outputs"]["r"]
-    assert first["finish_reason"] is None and len(first["token_ids"]) <= 3  # the first output goes at once
-    last = (await host.poll(1.0))["outputs"]["r"]
-    assert last["finish_reason"] == "length"
+    first = (await host.poll(1.0)).outputs["r"]
+    assert first.finish_reason is None and len(first.token_ids) <= 3  # the first output goes at once
+    last = (await host.poll(1.0)).outputs["r"]
+    assert last.finish_reason == "length"
     assert time.monotonic() - t0 < 0.3  # the finish was not held back for the reply interval
-    assert len(first["token_ids"]) + len(last["token_ids"]) == 20  # the rest came in one reply
+    assert len(first.token_ids) + len(last.token_ids) == 20  # the rest came in one reply
     engine.shutdown()
+
+
+async def test_echo_returns_the_prompt_and_refuses_what_it_cannot_echo():
+    c = await make_client()
+    r = await c.post("/v1/completions", json={"model": "fake-model", "prompt": "a b", "max_tokens": 2, "echo": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "a b t1 t2"
+    # the prompt's own logprobs are not computed: refused, not silently left out
+    assert_error(await c.post("/v1/completions", json={"model": "fake-model", "prompt": "a b", "echo": True,
+                                                       "logprobs": 1}), 400, contains=["echo", "logprobs"])
+    assert_error(await c.post("/v1/completions", json={"model": "fake-model", "prompt": [1, 2], "echo": True}),
+                 400, contains="text prompts")
+    c.engine.shutdown()

@@ -1,7 +1,7 @@
 """The worker actors of one model replica: one placement group (STRICT_PACK: all ranks on one node), one actor per
 rank (one GPU each on GPUs, `cpus_per_worker` CPUs otherwise), and the torch.distributed rendezvous between them.
 
-    group = await WorkerGroup.create(GroupSpec(model, engine_config, ...), name="cluster-rank{rank}|app|dep|replica|gen")
+    group = await WorkerGroup.create(GroupSpec(model, engine_config, ...), WorkerNames(app, dep, replica, gen))
     group.rank0            # the actor that runs the engine's step loop; the deployment talks only to it
     await group.watch()    # returns (a reason) when a follower rank ends: the replica must be rebuilt
     group.kill()           # actors and placement group gone
@@ -20,6 +20,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.deployments.naming import WorkerNames
+from cluster.messages import ReplicaInfo
 from cluster.workers.worker import RankWorker
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ class GroupStartError(RuntimeError):
 
 
 class WorkerGroup:
-    def __init__(self, spec: GroupSpec, pg, workers: list, follower_refs: list, info: dict):
+    def __init__(self, spec: GroupSpec, pg, workers: list, follower_refs: list, info: ReplicaInfo):
         # follower_refs: asyncio futures of each rank>0's run_follower call
         self.spec, self.pg, self.workers, self.follower_refs, self.info = spec, pg, workers, follower_refs, info
 
@@ -65,9 +67,8 @@ class WorkerGroup:
         return self.workers[0]
 
     @classmethod
-    async def create(cls, spec: GroupSpec, name: str = "") -> "WorkerGroup":
-        """`name` formats each actor's name with {rank} (e.g. "cluster-rank{rank}|..."), so other processes (the
-        router's /metrics and /health) can find rank 0 with ray.util.list_named_actors."""
+    async def create(cls, spec: GroupSpec, names: WorkerNames | None = None) -> "WorkerGroup":
+        """`names` names each rank's actor (cluster.deployments.naming), so other processes can find rank 0."""
         gpu = spec.gpu()
         bundles = spec.bundles()
         pg = placement_group(bundles, strategy="STRICT_PACK")
@@ -86,8 +87,8 @@ class WorkerGroup:
                             scheduling_strategy=PlacementGroupSchedulingStrategy(
                                 placement_group=pg, placement_group_bundle_index=r,
                                 placement_group_capture_child_tasks=True))
-                if name:
-                    opts["name"] = name.format(rank=r)
+                if names is not None:
+                    opts["name"] = names.of_rank(r)
                 threads = None if gpu else max(1, int(spec.cpus_per_worker))
                 workers.append(actor_cls.options(**opts).remote(r, spec.tp, spec.model, spec.engine_config,
                                                                 spec.max_waiting, threads))

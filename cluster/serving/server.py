@@ -1,0 +1,218 @@
+"""The OpenAI server behind the HTTP app: model names, auth, drain, completions (a request -> a Job -> events ->
+a response), /health and /metrics. One per router replica; it reaches the engines through backends."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import weakref
+from typing import Any, AsyncIterator
+
+from cluster.admission import MAX_REQUEST_BYTES, Cached, check_fits, inline_images
+from cluster.engine.multimodal import has_images
+from cluster.messages import EngineStats, Failed, ReplicaInfo, Started
+from cluster.protocol import APIError, ChatCompletionRequest, CompletionRequest, make_job, new_id, parse
+from cluster.serving.backends import Backend, EventStream
+from cluster.serving.metrics import RouterMetrics
+from cluster.serving.responses import ResponseBuilder, backend_error
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MODEL = "unknown"  # the metrics label of requests for models that are not served: clients pick the name
+STATS_TTL_S = 0.5  # /health and /metrics reuse the engines' answers this long
+
+
+class OpenAIServer:
+    def __init__(self, backends: list[Backend], api_key: str | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES, image_dir: str | None = None):
+        self.backends = backends
+        self.api_key = api_key or None
+        self.max_request_bytes = max_request_bytes
+        self.image_dir = image_dir
+        self.metrics = RouterMetrics()
+        self._health = Cached(self._health_now, STATS_TTL_S)
+        self._engine_stats = Cached(self._engine_stats_now, STATS_TTL_S)
+        self._info: dict[int, ReplicaInfo] = {}  # id(backend) -> its engine's facts (session_len, max_token_chars)
+        self.draining = False
+        self.in_flight = 0
+        self._names: dict[str, Any] = {}  # model id (and aliases) -> backend
+        self._listed: list[tuple[str, Backend, ReplicaInfo]] = []
+        self._resolved = False
+        self._resolve_lock = asyncio.Lock()
+
+    # -- models ----------------------------------------------------------------------------------------------------
+    async def _resolve(self, force: bool = False) -> None:
+        async with self._resolve_lock:
+            if self._resolved and not force:
+                return
+            names: dict[str, Any] = {}
+            listed = []
+            ok = True
+            for b in self.backends:
+                try:
+                    info = await asyncio.wait_for(b.info(), 30)
+                except Exception as e:  # noqa: BLE001 - still starting: listed under its configured name
+                    log.warning("model info unavailable: %s", e)
+                    info, ok = ReplicaInfo(), False
+                served = b.name or info.model_name
+                if not served:
+                    continue
+                listed.append((served, b, info))
+                self._info[id(b)] = info
+                names[served] = b
+                if info.model_name:
+                    names.setdefault(info.model_name, b)
+            self._names, self._listed, self._resolved = names, listed, ok
+
+    async def backend_for(self, model: str) -> Backend:
+        await self._resolve()
+        b = self._names.get(model)
+        if b is None and not self._resolved:
+            await self._resolve(force=True)
+            b = self._names.get(model)
+        if b is None:
+            known = ", ".join(sorted(n for n, _, _ in self._listed)) or "none"
+            raise APIError(404, f"The model '{model}' does not exist (served models: {known})", param="model",
+                           code="model_not_found")
+        return b
+
+    async def list_models(self) -> dict:
+        await self._resolve()
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "cluster", "max_model_len": info.session_len}
+            for name, _, info in self._listed]}
+
+    # -- auth, drain -------------------------------------------------------------------------------------------------
+    def authorized(self, authorization: str | None) -> bool:
+        if not self.api_key:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    def check_auth(self, authorization: str | None) -> None:
+        if not self.authorized(authorization):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           type="authentication_error", code="invalid_api_key")
+
+    def admit(self) -> None:
+        if self.draining:
+            raise APIError(503, "server is shutting down; retry on another instance", type="server_error",
+                           code="shutting_down", retry_after=5)
+
+    # -- completions ---------------------------------------------------------------------------------------------------
+    async def _start(self, backend: Backend, job) -> tuple[EventStream, Started]:
+        """Send the job; wait for its first event, so a bad request is an HTTP error, not a broken stream."""
+        events = backend.generate(job)
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            raise APIError(500, "engine replica closed the request without an answer", type="server_error") from None
+        except BaseException as e:
+            events.close()
+            if isinstance(e, (asyncio.CancelledError, KeyboardInterrupt, APIError)):
+                raise
+            raise backend_error(e) from None
+        if isinstance(first, Failed):
+            events.close()
+            raise APIError.from_error(first.error)
+        return events, first
+
+    async def _job(self, req, chat: bool):
+        """(prompts, job) of a validated request."""
+        if chat:
+            prompts = [req.plain_messages()]
+            if has_images(prompts[0]):
+                prompts = [await inline_images(prompts[0], self.image_dir)]
+            top = (req.top_logprobs or 0) if req.logprobs else None
+            # default max_tokens: the rest of the session, like vLLM
+            return prompts, make_job(new_id("chatcmpl"), prompts, req, None, top, bool(req.logprobs), "messages")
+        try:
+            prompts = req.prompts()
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        # default max_tokens: OpenAI's 16 for /v1/completions
+        return prompts, make_job(new_id("cmpl"), prompts, req, 16, req.logprobs, req.logprobs is not None, "prompt")
+
+    async def completion(self, raw: bytes, chat: bool) -> tuple[dict | None, AsyncIterator[bytes] | None]:
+        """Returns (JSON body, None) or (None, SSE byte stream)."""
+        endpoint = "chat" if chat else "completions"
+        model = UNKNOWN_MODEL
+        self.admit()
+        self.in_flight += 1  # from here on, a drain waits for this request
+        self.metrics.in_flight.inc()
+        builder = None
+        try:
+            t0 = time.perf_counter()
+            req = parse(ChatCompletionRequest if chat else CompletionRequest, raw)
+            backend = await self.backend_for(req.model)
+            model = req.model
+            prompts, job = await self._job(req, chat)
+            check_fits(prompts, req.max_tokens, self._info.get(id(backend), ReplicaInfo()), job.param)
+            events, first = await self._start(backend, job)
+            builder = ResponseBuilder(self, req, job, first, endpoint, t0, chat, prompts)  # owns in_flight now
+        except APIError as e:
+            self.metrics.requests.labels(model, endpoint, str(e.status)).inc()
+            if e.status >= 500:
+                self.stats_changed()
+            raise
+        finally:
+            if builder is None:
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+        if req.stream:
+            gen = builder.stream(events)
+            # a client gone before the response started never runs the generator's `finally`: clean up on collection
+            weakref.finalize(gen, builder.abandon, events)
+            return None, gen
+        try:
+            return await builder.collect(events), None
+        finally:
+            builder.done()
+
+    # -- health, metrics ----------------------------------------------------------------------------------------------
+    async def health(self, detail: bool = True) -> tuple[int, dict]:
+        """(status, body); without `detail` (a caller without the API key) the body says only ok or not: the
+        reasons name replicas and carry engine errors, which are for operators."""
+        status, body = await self._health.get()
+        if self.draining:
+            status, body = 503, {**body, "status": "draining"}
+        return status, body if detail else {"status": body["status"]}
+
+    def stats_changed(self) -> None:
+        """An engine replica just failed a request: /health and /metrics ask the engines again."""
+        self._health.invalidate()
+        self._engine_stats.invalidate()
+
+    async def _health_now(self) -> tuple[int, dict]:
+        await self._resolve()
+        models = {}
+        ok = True
+        per_model = await self._engine_stats.get()  # the same engine calls as /metrics, shared
+        for name, b, _ in self._listed or [(b.name or "?", b, None) for b in self.backends]:
+            reps = per_model[name] if name in per_model else await b.replicas()
+            dep_ok, dep_status = await b.deployment_ok()
+            bad = [r for r in reps if not r.ok]
+            m_ok = dep_ok and bool(reps) and not bad
+            ok = ok and m_ok
+            models[name] = {"ok": m_ok, "deployment": dep_status, "replicas": len(reps),
+                            "errors": [f"{r.replica}: {r.error}" for r in bad] or
+                            ([] if reps else ["no engine replica is running"])}
+        if not self.backends:
+            ok = False
+        body = {"status": "ok" if ok else "unhealthy", "models": models}
+        return (200 if ok else 503), body
+
+    async def metrics_text(self) -> str:
+        self.metrics.engines.update(await self._engine_stats.get())
+        return self.metrics.text()
+
+    async def _engine_stats_now(self) -> dict[str, list[EngineStats]]:
+        await self._resolve()
+        per_model = {}
+        for name, b, _ in self._listed:
+            try:
+                per_model[name] = await b.replicas()
+            except Exception as e:  # noqa: BLE001
+                log.warning("engine stats unavailable for %s: %s", name, e)
+        return per_model
