@@ -67,3 +67,28 @@ def test_pipeline_session_keeps_history(default_model_dir):
         assert s.response.cached_token_len > 0  # the first turn's KV was reused
         first_answer = s.messages[1]["content"]
         assert first_answer and s.response.input_token_len > len(pipe.tokenizer.encode(first_answer))
+
+
+def test_an_answer_cut_mid_character_by_max_tokens_ends_cleanly(default_model_dir):
+    """A Chinese answer cut by max_new_tokens in the middle of a character's bytes: its text drops the incomplete
+    bytes instead of ending in U+FFFD, and the streamed pieces add up to it."""
+    from cluster import EngineConfig
+    from cluster.engine.engine import LLMEngine
+
+    engine = LLMEngine(str(default_model_dir), EngineConfig(device="cpu", session_len=256, max_batch_size=8))
+    prompts = ["上海是", [{"role": "user", "content": "请用中文介绍一下上海。"}]]
+    rids = {engine.add_request(p, GenerationConfig(max_new_tokens=n, temperature=0.0, ignore_eos=True)): p
+            for p in prompts for n in range(1, 9)}
+    pieces: dict[str, list[str]] = {rid: [] for rid in rids}
+    tokens: dict[str, list[int]] = {rid: [] for rid in rids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            pieces[out.request_id].append(out.text)
+            tokens[out.request_id] += out.token_ids
+    cut = 0
+    for rid in rids:
+        text, raw = "".join(pieces[rid]), engine.tokenizer.decode(tokens[rid])
+        assert all("\ufffd" not in p for p in pieces[rid]), pieces[rid]
+        assert text == raw.rstrip("\ufffd") and text, (text, raw)
+        cut += raw.endswith("\ufffd")
+    assert cut >= 2  # some answers really were cut inside a character

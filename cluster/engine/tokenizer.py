@@ -130,11 +130,12 @@ class IncrementalDetokenizer:
         return 0
 
     def take(self, final: bool = False) -> str:
-        """New text that is safe to show; on `final`, everything that is left."""
+        """New text that is safe to show; on `final`, everything that is left, less the bytes of a character the
+        output was cut in the middle of (by max_new_tokens), which would decode to U+FFFD."""
         if final and not self.stopped and self.read_offset < len(self.ids):
             prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
             full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
-            self.text += full[len(prefix):]
+            self.text += full[len(prefix):].rstrip("\ufffd")  # trailing only: never real text
             self.read_offset = len(self.ids)
             self._check_stop()
         end = len(self.text) if (final or self.stopped) else len(self.text) - self._holdback()
