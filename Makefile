@@ -5,6 +5,10 @@ STAMP := $(VENV)/.installed
 # the CPU wheel; on a CUDA machine use: make TORCH_SPEC='torch>=2.4'
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# make serve HOST=0.0.0.0 PORT=8100 SERVE_ARGS="--replicas 2" (set on the command line: a shell's own $HOST is not used)
+HOST = 127.0.0.1
+PORT = 8000
+SERVE_ARGS =
 
 .PHONY: setup serve test chat bench clean
 
@@ -19,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: setup
-	$(VENV)/bin/cluster serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/cluster serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 chat: setup
 	$(VENV)/bin/cluster chat

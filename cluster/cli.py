@@ -4,80 +4,41 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Iterator
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="HF checkpoint dir, .gguf file or converted dir (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--session-len", type=int, default=None)
-    p.add_argument("--max-batch-size", type=int, default=128)
-    p.add_argument("--cache-max-entry-count", type=float, default=0.8, help="share of free memory for the KV cache")
-    p.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8])
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--no-prefix-caching", action="store_true")
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from cluster.config import EngineConfig
-
-    return EngineConfig(tp=args.tp, dtype=args.dtype, session_len=args.session_len, max_batch_size=args.max_batch_size,
-                        cache_max_entry_count=args.cache_max_entry_count, quant_policy=args.quant_policy,
-                        device=args.device, enable_prefix_caching=not args.no_prefix_caching)
+from cluster import serve
+from cluster.cli_args import add_engine_args, check_model, engine_config_from_args
 
 
 def chat_main(args: argparse.Namespace) -> int:
-    """Multi-turn chat: history kept, streamed answers; `exit` or Ctrl-D leaves, Ctrl-C stops only the answer."""
-    from cluster.api import Pipeline, Session
+    """`cluster chat`: the terminal chat (cluster.chat_loop) over a local engine, streamed."""
+    from cluster.api import Pipeline
+    from cluster.chat_loop import chat_loop
     from cluster.config import GenerationConfig
-    from cluster.engine.multimodal import image_command, load_image
+    from cluster.engine.errors import RequestFailedError
+    from cluster.engine.multimodal import load_image
 
+    check_model(args.model)
     pipe = Pipeline(args.model, engine_config_from_args(args))
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-    session = Session()
-    if args.system:
-        session.messages.append({"role": "system", "content": args.system})
-    print("chat with the model; 'exit' or Ctrl-D to leave, Ctrl-C stops an answer, '/image PATH' attaches an image "
-          "to your next message", flush=True)
-    images: list[str] = []
+
+    def send(messages: list[dict]) -> Iterator[str]:
+        chunks = pipe.stream_infer(messages, gen)
+        try:
+            for chunk in chunks:
+                yield chunk.text
+        finally:
+            chunks.close()  # aborts the request when the answer is stopped
+
+    def attach(path: str) -> str:
+        load_image(path)  # ValueError saying what is wrong with the file
+        return path
+
     try:
-        while True:
-            try:
-                prompt = input("\n>>> ")
-            except EOFError:
-                print()
-                break
-            except KeyboardInterrupt:
-                print()
-                continue
-            if prompt.strip() in ("exit", "quit"):
-                break
-            path = image_command(prompt)
-            if path is not None:
-                try:
-                    load_image(path)
-                    images.append(path)
-                    print(f"[image attached: {path}; it goes with your next message]", flush=True)
-                except ValueError as e:
-                    print(f"[error: {e}]", flush=True)
-                continue
-            if not prompt.strip():
-                continue
-            pieces = pipe.chat(prompt, session, gen, stream=True, images=images)
-            images = []
-            try:
-                for text in pieces:
-                    print(text, end="", flush=True)
-            except KeyboardInterrupt:
-                pieces.close()  # aborts the request; the partial answer stays in the history
-                print(" [stopped]", end="")
-            except ValueError as e:  # this turn's input (an image, a prompt too long): the chat goes on
-                print(f"[error: {e}]", end="")
-            print(flush=True)
+        return chat_loop(send, pipe.engine.model_name, attach, args.system, errors=(ValueError, RequestFailedError))
     finally:
         pipe.close()
-    return 0
 
 
 def convert_main(args: argparse.Namespace) -> int:
@@ -118,7 +79,7 @@ def auto_awq_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cluster", description="LLM serving: chat, serve, convert, benchmark")
+    parser = argparse.ArgumentParser(prog="cluster")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="multi-turn chat with a model in the terminal")
@@ -151,12 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=auto_awq_main)
 
-    try:
-        from cluster.serve import add_serve_args
-    except ImportError:
-        add_serve_args = None
-    if add_serve_args is not None:
-        add_serve_args(sub)
+    serve.add_serve_args(sub)
+    parser.description = f"LLM serving and chat; commands: {', '.join(sub.choices)} (cluster COMMAND --help)"
     return parser
 
 

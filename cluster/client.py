@@ -1,128 +1,92 @@
-"""`cluster client URL`: multi-turn chat in the terminal against a running OpenAI-compatible server (streamed).
+"""`cluster client URL`: the terminal chat (cluster.chat_loop) against a running OpenAI-compatible server.
 
-History is kept and re-sent each turn (the server's prefix cache makes old turns cheap); `exit` or Ctrl-D leaves,
-Ctrl-C stops the current answer (closing the stream aborts it on the server), `/clear` starts over, `/image PATH`
-attaches an image to the next message (sent inline as a data: URL, for vision-language models)."""
+It talks through the `openai` SDK (which reads the SSE stream), so it sends what any OpenAI client sends. Every
+failure is a RuntimeError of one line (`HTTP 401: <the server's message>`, `cannot reach ...`); closing a stream
+closes its connection, which aborts the request on the server. Images go inline, as data: URLs.
+"""
 from __future__ import annotations
 
-import json
-import sys
+from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
+import openai
 
-from cluster.engine.multimodal import data_url, image_command, user_content
+from cluster.chat_loop import chat_loop as run_chat
+from cluster.engine.multimodal import data_url
+
+
+def _message(e: openai.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):  # the SDK hands over the error body's "error" object, or the whole body
+        body = body.get("error", body)
+        if isinstance(body, dict) and isinstance(body.get("message"), str):
+            return body["message"]
+    return e.response.text[:200] or e.message
 
 
 class APIClient:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
         base = url.rstrip("/")
-        if base.endswith("/v1"):
-            base = base[:-3]
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.sdk = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", max_retries=0,
+                                 timeout=httpx.Timeout(timeout, connect=10.0))
 
-    @staticmethod
-    def _raise(r: httpx.Response) -> None:
-        if r.status_code >= 400:
-            try:
-                msg = r.json()["error"]["message"]
-            except Exception:  # noqa: BLE001
-                msg = r.text[:200]
-            raise RuntimeError(f"HTTP {r.status_code}: {msg}")
+    @contextmanager
+    def _errors(self):
+        """The SDK's exceptions as one-line RuntimeErrors."""
+        try:
+            yield
+        except openai.APIStatusError as e:
+            raise RuntimeError(f"HTTP {e.status_code}: {_message(e)}") from None
+        except openai.APIConnectionError as e:
+            raise RuntimeError(f"cannot reach {self.base_url}: {e.__cause__ or e}") from None
+        except openai.APIError as e:  # an error event in a stream that had started
+            raise RuntimeError(e.message) from None
 
     def models(self) -> list[str]:
-        try:
-            r = self.http.get("/v1/models")
-        except httpx.HTTPError as e:
-            raise RuntimeError(f"cannot reach {self.http.base_url}: {e}") from None
-        self._raise(r)
-        return [m["id"] for m in r.json()["data"]]
+        with self._errors():
+            return [m.id for m in self.sdk.models.list()]
 
     def chat_stream(self, model: str, messages: list[dict], **params) -> Iterator[dict]:
         """Yields {"text": piece} while streaming, then {"usage": ..., "finish_reason": ...}."""
-        body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
-                **{k: v for k, v in params.items() if v is not None}}
+        kw = {k: v for k, v in params.items() if v is not None}
         finish = None
-        with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code >= 400:
-                r.read()
-                self._raise(r)
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"]["message"])
-                for c in chunk.get("choices", []):
-                    piece = (c.get("delta") or {}).get("content")
-                    if piece:
-                        yield {"text": piece}
-                    finish = c.get("finish_reason") or finish
-                if chunk.get("usage"):
-                    yield {"usage": chunk["usage"], "finish_reason": finish}
+        with self._errors():
+            stream = self.sdk.chat.completions.create(model=model, messages=messages, stream=True,
+                                                      stream_options={"include_usage": True}, **kw)
+            with stream:  # leaving early (Ctrl-C, close()) closes the connection
+                for chunk in stream:
+                    for c in chunk.choices:
+                        if c.delta and c.delta.content:
+                            yield {"text": c.delta.content}
+                        finish = c.finish_reason or finish
+                    if chunk.usage:
+                        yield {"usage": chunk.usage.model_dump(), "finish_reason": finish}
 
     def close(self) -> None:
-        self.http.close()
+        self.sdk.close()
 
 
 def chat_loop(client: APIClient, model: str | None = None, system: str | None = None, stats: bool = False,
               **params) -> int:
+    """The terminal chat over `client`: the first model the server lists unless `model` names one."""
     model = model or client.models()[0]
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
-    print(f"chat with {model}; 'exit' or Ctrl-D to leave, Ctrl-C stops an answer, '/clear' starts over, "
-          "'/image PATH' attaches an image to your next message", flush=True)
-    images: list[str] = []
-    while True:
-        try:
-            prompt = input("\n>>> ")
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        if prompt.strip() in ("exit", "quit"):
-            return 0
-        if prompt.strip() == "/clear":
-            history = history[:1] if system else []
-            continue
-        path = image_command(prompt)
-        if path is not None:
-            try:
-                images.append(data_url(path))
-                print(f"[image attached: {path}; it goes with your next message]", flush=True)
-            except ValueError as e:
-                print(f"[error: {e}]", flush=True)
-            continue
-        if not prompt.strip():
-            continue
-        history.append({"role": "user", "content": user_content(prompt, images)})
-        images = []
-        answer, info = "", None
-        stream = client.chat_stream(model, history, **params)
-        try:
-            for ev in stream:
-                if "text" in ev:
-                    answer += ev["text"]
-                    print(ev["text"], end="", flush=True)
-                else:
-                    info = ev
-        except KeyboardInterrupt:
-            stream.close()
-            print(" [stopped]", end="")
-        except (RuntimeError, httpx.HTTPError) as e:
-            print(f"\n[error: {e}]", end="", file=sys.stderr)
-            if not answer:
-                history.pop()
-                print(flush=True)
-                continue
-        print(flush=True)
-        history.append({"role": "assistant", "content": answer})
-        if stats and info:
-            u = info["usage"]
-            print(f"[{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
-                  f"finish: {info['finish_reason']}]", flush=True)
+    last: dict = {}
+
+    def send(messages: list[dict]) -> Iterator[str]:
+        last.clear()
+        for ev in client.chat_stream(model, messages, **params):
+            if "text" in ev:
+                yield ev["text"]
+            else:
+                last.update(ev)
+
+    def footer() -> str | None:
+        if not (stats and last):
+            return None
+        u = last["usage"]
+        return (f"[{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
+                f"finish: {last['finish_reason']}]")
+
+    return run_chat(send, model, data_url, system, footer)

@@ -11,21 +11,22 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="weight and activation type; auto: float32 on the CPU, the checkpoint's half type on a GPU")
     tp: int = Field(1, ge=1, le=64, description="tensor parallel size: GPUs (or CPU processes) per model replica")
     session_len: int | None = Field(None, ge=16, description="max tokens of prompt + output; default: the model's context")
     max_batch_size: int = Field(128, ge=1, le=4096, description="max concurrent sequences in a step")
     max_prefill_token_num: int = Field(4096, ge=16, description="token budget of one step (prefill chunks + decodes)")
     cache_max_entry_count: float = Field(0.8, gt=0.0, le=1.0, description="share of free memory given to the KV cache")
     num_blocks: int | None = Field(None, ge=1, description="fix the KV cache size in blocks (overrides cache_max_entry_count)")
-    block_size: int = Field(16, ge=1, le=1024)
-    enable_prefix_caching: bool = True
-    quant_policy: Literal[0, 4, 8] = 0
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block (a power of two)")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of a prompt prefix seen before")
+    quant_policy: Literal[0, 4, 8] = Field(0, description="KV cache: 0 as the model's dtype, 8 int8, 4 4-bit")
     device: str | None = Field(None, description="'cuda' or 'cpu'; default: cuda when available")
-    cuda_graph: bool = True
+    cuda_graph: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
     overlap_steps: bool | None = Field(None, description="launch the next decode step before reading this one's "
                                        "tokens, so host work hides behind the GPU; default: on for one GPU")
-    seed: int = 0
+    seed: int = Field(0, description="reserved, unused so far: sampling is seeded per request (GenerationConfig.seed)")
     cache_dir: str | None = Field(None, description="where converted weights go; default ~/.cache/cluster")
 
     @field_validator("block_size")

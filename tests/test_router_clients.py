@@ -20,6 +20,7 @@ from test_router_protocol import make_app
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "k3y"
+SERVED: dict = {}  # what api_url serves: "engine" (the fake engine), for tests that look behind the HTTP
 
 
 def _free_port() -> int:
@@ -39,7 +40,7 @@ def api_url():
     def run():
         async def main():
             app, engine, _, _ = await make_app(api_key=KEY)
-            holder["engine"] = engine
+            holder["engine"] = SERVED["engine"] = engine
             srv = holder["srv"] = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
             task = asyncio.create_task(srv.serve())
             while not srv.started:
@@ -109,6 +110,35 @@ def test_client_cli_errors_are_one_line(api_url, capsys):
     err = capsys.readouterr().err
     assert "401" in err and len(err.strip().splitlines()) == 1
     assert main(["client", f"http://127.0.0.1:{_free_port()}"]) == 2
+
+
+def test_client_reads_the_stream_with_the_openai_sdk(api_url):
+    """The client is the openai SDK's: its errors are one line with the server's message; closing a stream (what
+    Ctrl-C does) closes the connection, and the server aborts the request."""
+    import openai
+
+    from cluster.client import APIClient
+
+    client = APIClient(api_url, KEY)
+    engine = SERVED["engine"]
+    try:
+        assert isinstance(client.sdk, openai.OpenAI)
+        assert client.models() == ["fake-model"]
+        with pytest.raises(RuntimeError) as ei:
+            list(client.chat_stream("no-such-model", [{"role": "user", "content": "hi"}]))
+        assert str(ei.value).startswith("HTTP 404: ") and "fake-model" in str(ei.value)
+        assert len(str(ei.value).splitlines()) == 1
+        engine.step_s, aborted = 0.05, len(engine.aborted)  # slow enough to stop mid-answer
+        stream = client.chat_stream("fake-model", [{"role": "user", "content": "hi"}], max_tokens=40)
+        assert next(stream) == {"text": " t1"}
+        stream.close()
+        deadline = time.time() + 5
+        while len(engine.aborted) == aborted:
+            assert time.time() < deadline, "closing the stream did not abort the request"
+            time.sleep(0.02)
+    finally:
+        engine.step_s = 0.002
+        client.close()
 
 
 def test_webui_proxy(api_url):
