@@ -180,7 +180,7 @@ def check_ray_access(address: str) -> None:
         return  # it answered (or something ray.init will explain)
     fix = "copy the head node's ~/.ray/auth_token here (or set RAY_AUTH_TOKEN)"
     if mode == "token":
-        raise RuntimeError(f"the Ray cluster at {address} refuses the token in {where}" if token else
+        raise RuntimeError(f"the Ray cluster at {address} refuses the token in {where}: {fix}" if token else
                            f"the Ray cluster at {address} needs its auth token, and {where} has none: {fix}")
     if not token:
         raise RuntimeError(f"the Ray cluster at {address} uses token authentication and {where} has no token: "
