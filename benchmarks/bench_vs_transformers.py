@@ -65,7 +65,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from cluster.config import EngineConfig, GenerationConfig
-    from cluster.convert.hf import resolve_source
+    from cluster.convert.source import resolve_source
     from cluster.engine.engine import LLMEngine
 
     dtype = "float32" if args.device == "cpu" else "bfloat16"

@@ -30,7 +30,7 @@ def perplexity(model, ids: torch.Tensor) -> float:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.convert.hf import resolve_source
+    from cluster.convert.source import resolve_source
     from cluster.quant import awq, int4
 
     ap = argparse.ArgumentParser()

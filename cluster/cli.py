@@ -42,7 +42,8 @@ def chat_main(args: argparse.Namespace) -> int:
 
 
 def convert_main(args: argparse.Namespace) -> int:
-    from cluster.convert.hf import convert_checkpoint, resolve_source
+    from cluster.convert.hf import convert_checkpoint
+    from cluster.convert.source import resolve_source
 
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
     cfg = convert_checkpoint(resolve_source(args.model), Path(args.out), args.tp, dtype)
@@ -57,7 +58,7 @@ def auto_awq_main(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.convert.hf import resolve_source
+    from cluster.convert.source import resolve_source
     from cluster.quant import awq
 
     if args.w_bits != 4:

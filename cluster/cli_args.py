@@ -75,8 +75,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def check_model(model: str | None) -> None:
     """Fail at once, in one line, for a model the engine could not load (a missing path, a directory that is no
     checkpoint): the checks the engine makes first, done before anything slow starts."""
-    from cluster.convert.cache import is_converted
-    from cluster.convert.hf import resolve_source
+    from cluster.convert.source import is_converted, resolve_source
 
     if not (model and is_converted(Path(model))):
         resolve_source(model)  # FileNotFoundError saying what MODEL may be

@@ -24,7 +24,7 @@ def test_embedded_default_matches_transformers(default_model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cluster.convert.hf import default_model_path
+    from cluster.convert.source import default_model_path
 
     gguf = default_model_path()
     hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

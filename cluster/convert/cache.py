@@ -7,7 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
-from cluster.convert.hf import Source, convert_checkpoint, resolve_source
+from cluster.convert.hf import convert_checkpoint
+from cluster.convert.source import Source, is_converted, resolve_source
 from cluster.models.config import ModelConfig
 
 FORMAT_VERSION = 1
@@ -15,10 +16,6 @@ FORMAT_VERSION = 1
 
 def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("CLUSTER_CACHE_DIR") or Path.home() / ".cache" / "cluster")
-
-
-def is_converted(path: Path) -> bool:
-    return (path / "config.json").exists() and (path / "rank0.safetensors").exists()
 
 
 def cache_key(src: Source, tp: int, dtype: str, quant: str = "") -> str:
