@@ -93,7 +93,7 @@ def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | Non
     from cluster.config import EngineConfig
     from cluster.convert.hf import build_shards, engine_config
     from cluster.engine.engine import LLMEngine
-    from cluster.engine.model_runner import ModelRunner
+    from cluster.executor import single_rank
 
     hf = hf or hf_model.config.to_dict()
     state = state if state is not None else hf_model.state_dict()
@@ -107,7 +107,7 @@ def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | Non
     weights = {k: (v if k == "rotary.inv_freq" else v.contiguous()).to(device) for k, v in weights.items()}
     ec = EngineConfig(**engine_kw, device=device)
     session_len = ec.session_len or cfg.max_position_embeddings
-    runner = ModelRunner(cfg, weights, ec, torch.device(device), session_len)
+    runner = single_rank(cfg, weights, ec, torch.device(device), session_len)
     return LLMEngine(runner=runner, tokenizer=None, engine_config=ec)
 
 

@@ -94,9 +94,10 @@ def main() -> None:
     from cluster.config import EngineConfig
     from cluster.convert.hf import build_shards, engine_config
     from cluster.engine.engine import LLMEngine
-    from cluster.engine.model_runner import ModelRunner, load_shard
+    from cluster.engine.model_runner import load_shard
     from cluster.engine.tokenizer import Tokenizer
-    from cluster.workers.tp import TPExecutor
+    from cluster.executor import single_rank
+    from cluster.executor.tp import TPExecutor
 
     dev = torch.device(args.device)
     dtype = "bfloat16" if args.device == "cuda" else "float32"
@@ -127,7 +128,7 @@ def main() -> None:
         results[name] = decode_cases(gen, vocab, args.device, args.new_tokens, seed)
 
     def plain(name: str) -> None:
-        runner = ModelRunner(cfg, load_shard(out, 0, dev), ec, dev, 4096)
+        runner = single_rank(cfg, load_shard(out, 0, dev), ec, dev, 4096)
         run(name, LLMEngine(runner=runner, tokenizer=Tokenizer(out), engine_config=ec))
         del runner
         gc.collect()

@@ -26,8 +26,7 @@ def check_pdl(eng, prompts: list[list[int]]) -> None:
     eng.bm.enable_prefix_caching = False  # a cache hit changes what is prefilled, so the bf16 roundings, so tokens
     for flag in ("0", "1"):
         os.environ["CLUSTER_PDL"] = flag
-        runner.graphs.clear()
-        runner._capture_graphs()
+        runner.capture()
         tokens[flag] = [r.token_ids for r in eng.generate(prompts, gen)]  # batch 4, then 3.. 1 as they finish
         tokens[flag] += [r.token_ids for r in eng.generate(prompts[:1], gen)]  # batch 1: the GEMV path
         ms = steady_step_ms(eng, prompts[:1])
@@ -91,7 +90,7 @@ def main() -> None:
             for k, a, b in (("schedule", t0, t1), ("prepare", t1, t2), ("execute", t2, t3), ("sample+post", t3, t4)):
                 phases[k] += (b - a) * 1e3 / n
         total = (time.perf_counter() - t_all) * 1e3 / n
-        graph = bsz <= getattr(runner, "_graph_max_bs", 0) and bool(runner.graphs)
+        graph = bsz <= runner.max_graph_batch
         print(f"batch {bsz}: {total:.2f} ms/step ({bsz / total * 1e3:.0f} tok/s), graph={graph}, "
               + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()), flush=True)
         eng.overlap = True

@@ -121,8 +121,9 @@ def test_a_full_batch_runs_ahead_while_requests_wait(plain, tiny_models, engine_
 
 
 def test_overlap_needs_a_single_rank_runner():
-    class FakeTP:  # stands in for TPExecutor: anything that is not a ModelRunner
+    class FakeTP:  # stands in for TPExecutor: an executor that runs no step ahead
         cfg = session_len = device = num_blocks = None
+        can_overlap = False
 
     with pytest.raises(ValueError, match="overlap_steps needs a single-rank engine"):
         LLMEngine(runner=FakeTP(), engine_config=EngineConfig(overlap_steps=True))

@@ -17,7 +17,7 @@ from cluster.convert.cache import ensure_converted
 from cluster.engine.engine import LLMEngine
 from cluster.engine.errors import EngineDeadError
 from cluster.engine.model_runner import StepInput
-from cluster.workers import tp as tpmod
+from cluster.executor import tp as tpmod
 from conftest import hf_greedy
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)

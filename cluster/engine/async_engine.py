@@ -52,8 +52,10 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_model(cls, model: str | None = None, engine_config: EngineConfig | None = None) -> "AsyncEngine":
-        return cls(LLMEngine(model, engine_config))
+    def from_model(cls, model: str | None = None, engine_config: EngineConfig | None = None, *,
+                   init_method: str | None = None, max_waiting: int = 4096) -> "AsyncEngine":
+        """See LLMEngine(model, engine_config, init_method=...)."""
+        return cls(LLMEngine(model, engine_config, init_method=init_method), max_waiting=max_waiting)
 
     # -- facts -----------------------------------------------------------------------------------------------------
     @property
@@ -158,9 +160,7 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
-        close = getattr(self.engine.runner, "close", None)  # tensor-parallel ranks in other processes
-        if close is not None:
-            close()
+        self.engine.runner.close()  # tensor-parallel ranks in other processes
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _drain_inbox(self) -> None:

@@ -10,16 +10,14 @@ from pathlib import Path
 import torch
 
 from cluster.config import EngineConfig, GenerationConfig
-from cluster.convert.cache import ensure_converted, resolve_dtype
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import PromptTooLongError, RequestFailedError
-from cluster.engine.model_runner import ModelRunner, default_device, load_shard
 from cluster.engine.multimodal import ImagePrompt, has_images, prompt_images
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.engine.tokenizer import IncrementalDetokenizer, Prompt, Tokenizer
-from cluster.models.config import ModelConfig
+from cluster.executor import Executor, create_executor, resolve_model
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -79,56 +77,40 @@ class EngineStats:
 
 
 class LLMEngine:
+    """One replica's step loop over an Executor (cluster.executor). LLMEngine(model, engine_config) builds the
+    executor for engine_config.tp (init_method: rank 0 of a group whose followers run elsewhere, see
+    cluster/executor/tp.py); LLMEngine(runner=..., tokenizer=...) runs on one already built."""
+
     def __init__(self, model: str | None = None, engine_config: EngineConfig | None = None,
-                 runner: ModelRunner | None = None, tokenizer: Tokenizer | None = None):
+                 runner: Executor | None = None, tokenizer: Tokenizer | None = None, *,
+                 init_method: str | None = None):
         ec = engine_config or EngineConfig()
         self.engine_config = ec
         self.model_path = model
         self.vision = None  # LLaVA's image encoder
+        self.model_dir: Path | None = None
         if runner is None:
-            device = default_device(ec)
-            dtype = resolve_dtype(model, ec.dtype, device.type)
-            model_dir = ensure_converted(model, ec.tp, dtype, ec.cache_dir)
-            cfg = ModelConfig.load(model_dir / "config.json")
-            self.session_len = self._session_len(cfg, ec)
-            if ec.tp > 1:
-                from cluster.workers.tp import TPExecutor  # the other ranks run in worker processes
-
-                runner = TPExecutor(model_dir, cfg, ec, self.session_len)
-            else:
-                runner = ModelRunner(cfg, load_shard(model_dir, 0, device), ec, device, self.session_len)
-            tokenizer = tokenizer or Tokenizer(model_dir)
-            self.model_dir: Path | None = model_dir
+            self.model_dir, cfg, session_len = resolve_model(model, ec, progress=True)
+            runner = create_executor(self.model_dir, cfg, ec, session_len, init_method=init_method)
+            tokenizer = tokenizer or Tokenizer(self.model_dir)
             if cfg.vision:
                 from cluster.models.llava import VisionEncoder
 
-                self.vision = VisionEncoder(model_dir, cfg.vision, runner.device, runner.dtype)
-        else:
-            cfg = runner.cfg
-            self.session_len = runner.session_len
-            self.model_dir = None
-        single = isinstance(runner, ModelRunner)  # tensor-parallel ranks get their input ids from the host
-        if ec.overlap_steps and not single:
+                self.vision = VisionEncoder(self.model_dir, cfg.vision, runner.device, runner.dtype)
+        if ec.overlap_steps and not runner.can_overlap:
             raise ValueError("overlap_steps needs a single-rank engine (tp=1); leave it unset with --tp > 1")
-        self.overlap = ec.overlap_steps if ec.overlap_steps is not None else single and runner.device.type == "cuda"
-        self.model_config = cfg
-        self.runner = runner
-        self.tokenizer = tokenizer
+        self.overlap = ec.overlap_steps if ec.overlap_steps is not None else (
+            runner.can_overlap and runner.device.type == "cuda")
+        self.runner, self.tokenizer = runner, tokenizer
+        self.model_config, self.session_len = runner.cfg, runner.session_len
         self.bm = BlockManager(runner.num_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, ec.max_batch_size, ec.max_prefill_token_num)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
-        self.eos_ids = set(cfg.eos_token_ids)
+        self.eos_ids = set(runner.cfg.eos_token_ids)
         self._in_flight: Launched | None = None
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-
-    @staticmethod
-    def _session_len(cfg: ModelConfig, ec: EngineConfig) -> int:
-        if ec.session_len and ec.session_len > cfg.max_position_embeddings:
-            raise ValueError(f"session_len {ec.session_len} exceeds the model's context "
-                             f"{cfg.max_position_embeddings}")
-        return ec.session_len or cfg.max_position_embeddings
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt: list[int] | ImagePrompt, gen: GenerationConfig) -> None:

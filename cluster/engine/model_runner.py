@@ -70,6 +70,11 @@ def default_device(engine_cfg: EngineConfig) -> torch.device:
 
 
 class ModelRunner:
+    """One rank's model and KV cache. Constructing it loads the weights; the executor then runs its phases in order:
+    profile() -> init_cache(num_blocks) -> capture(), with the ranks agreeing on num_blocks in between."""
+
+    can_overlap = True  # execute() takes input ids still on the device
+
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], engine_cfg: EngineConfig,
                  device: torch.device, session_len: int, tp_rank: int = 0, tp_size: int = 1):
         self.cfg, self.engine_cfg, self.device = cfg, engine_cfg, device
@@ -85,13 +90,12 @@ class ModelRunner:
             pack_cpu_weights(self.model)
         self.dtype = self.model.embed_tokens.weight.dtype
         self.model.rotary.build_cache(max(session_len, 1) + 1)
-        self.num_blocks = self._plan_kv_cache()
-        self._allocate_kv_cache(self.num_blocks)
+        self.num_blocks = 0  # no KV cache until init_cache()
+        self.kv_cache: torch.Tensor | None = None
+        self.kv_scales: torch.Tensor | None = None
+        self.free_memory_for_cache: int | None = None  # CUDA: what profile() found free for the cache
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if device.type == "cuda":
-            self._compile_kernels()
-        if device.type == "cuda" and engine_cfg.cuda_graph and os.environ.get("CLUSTER_KERNELS") != "reference":
-            self._capture_graphs()
+        self.max_graph_batch = 0  # decode steps of up to this many sequences replay a graph
 
     # -- KV cache ----------------------------------------------------------------------------------------------
     @property
@@ -111,10 +115,12 @@ class ModelRunner:
         row = {0: d * torch.tensor([], dtype=self.dtype).element_size(), 8: d + 4, 4: d // 2 + 8}[self.kv_bits]
         return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row
 
-    def _allocate_kv_cache(self, num_blocks: int) -> None:
+    def init_cache(self, num_blocks: int) -> None:
+        """Allocate the paged KV cache, num_blocks blocks in every layer (replacing any cache there was). Zero-filled:
+        padded decode reads slots past a context, which must be finite (see reference.py)."""
+        self.free_cache()
         bits, d = self.kv_bits, self.cfg.head_dim
         shape = (2, self.cfg.num_layers, num_blocks, self.block_size, self.kv_heads_per_rank)
-        # zero-filled: padded decode reads slots past a context, which must be finite (see reference.py)
         dtype = {0: self.dtype, 8: torch.int8, 4: torch.uint8}[bits]
         self.kv_cache = torch.zeros(shape + (d // 2 if bits == 4 else d,), dtype=dtype, device=self.device)
         self.kv_scales = (torch.zeros(shape + ((2,) if bits == 4 else ()), dtype=torch.float32, device=self.device)
@@ -123,21 +129,31 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if self.kv_scales is not None:
                 attn.k_scale, attn.v_scale = self.kv_scales[0, i], self.kv_scales[1, i]
+        self.num_blocks = num_blocks
 
-    def _plan_kv_cache(self) -> int:
-        """Blocks that fit in cache_max_entry_count of the memory left after weights and a warm-up at full batch."""
+    def free_cache(self) -> None:
+        """Drop the KV cache (profile's warm-up cache, or one init_cache replaces)."""
+        for attn in self.model.attention_layers():  # the layers' views too, or the cache stays allocated
+            attn.k_cache = attn.v_cache = torch.empty(0)
+            attn.k_scale = attn.v_scale = None
+        self.kv_cache = self.kv_scales = None
+        self.num_blocks = 0
+
+    def profile(self) -> int:
+        """How many KV blocks fit: cache_max_entry_count of the memory left after the weights and a warm-up at full
+        batch (a fixed num_blocks when configured). Raises OutOfMemoryError below one session's worth."""
         ec = self.engine_cfg
         need_one = -(-self.session_len // self.block_size)
         if ec.num_blocks:
             num = ec.num_blocks
         elif self.device.type == "cuda":
-            self._allocate_kv_cache(need_one + ec.max_batch_size)
+            self.init_cache(need_one + ec.max_batch_size)  # the warm-up's, freed before measuring
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
             self._warmup()
             peak_extra = torch.cuda.max_memory_allocated(self.device) - base
-            del self.kv_cache, self.kv_scales
+            self.free_cache()
             torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(self.device)
             self.free_memory_for_cache = max(0, free - peak_extra)
@@ -246,15 +262,28 @@ class ModelRunner:
             step = step.to(self.device)
         if input_ids is not None:
             step.input_ids = input_ids
-        bsz = step.context_lens.shape[0]
-        if step.decode_only and self.graphs and bsz <= self._graph_max_bs:
+        if step.decode_only and step.context_lens.shape[0] <= self.max_graph_batch:
             return self._replay(step)
         meta = AttnMetadata(step.slot_mapping, step.block_tables, step.context_lens, step.cu_seqlens_q,
                             step.max_context_len, step.decode_only)
         hidden = self.model(step.input_ids, step.positions, meta, step.embeds, step.embed_rows)
         return self.model.compute_logits(hidden[step.logit_indices]).float()
 
+    def close(self) -> None:
+        """Nothing to stop: one rank's memory goes with the runner."""
+
     # -- CUDA graphs for decode ------------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """After init_cache, on CUDA: JIT-compile the eager steps' kernel variants now rather than mid-request, then
+        capture decode-only steps as CUDA graphs (again, if they were: CLUSTER_PDL may have changed). A no-op on
+        the CPU; graphs are skipped with cuda_graph off or the reference kernels."""
+        self.graphs, self.max_graph_batch = {}, 0
+        if self.device.type != "cuda":
+            return
+        self._compile_kernels()
+        if self.engine_cfg.cuda_graph and os.environ.get("CLUSTER_KERNELS") != "reference":
+            self._capture_graphs()
+
     def _graph_batch_sizes(self) -> list[int]:
         top = min(self.engine_cfg.max_batch_size, 512)
         sizes = [1, 2, 4, 8] + list(range(16, top + 1, 16))
@@ -262,7 +291,6 @@ class ModelRunner:
 
     def _capture_graphs(self) -> None:
         max_bs = max(self._graph_batch_sizes())
-        self._graph_max_bs = max_bs
         dev = self.device
         self._g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self._g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
@@ -287,6 +315,7 @@ class ModelRunner:
             self.graphs[bs] = g
             self._g_out[bs] = out
         torch.cuda.synchronize()
+        self.max_graph_batch = max_bs
 
     def _replay(self, step: StepInput) -> torch.Tensor:
         n = step.context_lens.shape[0]

@@ -1,7 +1,7 @@
 """One rank of a model replica, as a Ray actor (`RankWorker`), and the request host of rank 0 (`RankZeroHost`).
 
 Rank 0 runs the engine's step loop on a thread of its own process (cluster.engine.async_engine.AsyncEngine); ranks
-1..N-1 run the tensor-parallel follower loop (cluster.workers.tp.run_follower) and get each step's plan from rank 0
+1..N-1 run the tensor-parallel follower loop (cluster.executor.tp.run_follower) and get each step's plan from rank 0
 over torch.distributed, never through Ray. Ray carries only requests in and tokens out, batched:
 
     add_requests([...])  many requests in one call (the deployment coalesces concurrent arrivals); prompts are
@@ -25,6 +25,9 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from cluster.engine.build import build_engine
+from cluster.executor import resolve_model as _resolve  # RankWorker.run_follower's name for it
 
 if TYPE_CHECKING:
     from cluster.config import GenerationConfig
@@ -295,41 +298,6 @@ class RankZeroHost:
         self.engine.shutdown()
 
 
-# -- building engines ------------------------------------------------------------------------------------------------
-def _resolve(model: str | None, ec):
-    """(model_dir, ModelConfig, session_len): the same answer on every rank (conversion is file-locked)."""
-    from cluster.convert.cache import ensure_converted, resolve_dtype
-    from cluster.engine.engine import LLMEngine
-    from cluster.engine.model_runner import default_device
-    from cluster.models.config import ModelConfig
-
-    device = default_device(ec)
-    dtype = resolve_dtype(model, ec.dtype, device.type)
-    model_dir = ensure_converted(model, ec.tp, dtype, ec.cache_dir, progress=False)
-    cfg = ModelConfig.load(model_dir / "config.json")
-    return model_dir, cfg, LLMEngine._session_len(cfg, ec)
-
-
-def build_engine(model: str | None, engine_config: dict, init_method: str | None = None, max_waiting: int = 4096):
-    """Rank 0's AsyncEngine. TP=1: a plain engine in this process; TP=N: rank 0 of a group whose followers call
-    run_follower with the same init_method (see cluster/workers/tp.py)."""
-    from cluster.config import EngineConfig
-    from cluster.engine.async_engine import AsyncEngine
-    from cluster.engine.engine import LLMEngine
-
-    ec = EngineConfig(**engine_config)
-    if ec.tp == 1:
-        engine = LLMEngine(model, ec)
-    else:
-        from cluster.engine.tokenizer import Tokenizer
-        from cluster.workers.tp import TPExecutor
-
-        model_dir, cfg, session_len = _resolve(model, ec)
-        runner = TPExecutor.from_initialized(model_dir, cfg, ec, session_len, init_method=init_method)
-        engine = LLMEngine(None, ec, runner=runner, tokenizer=Tokenizer(model_dir))
-    return AsyncEngine(engine, max_waiting=max_waiting)
-
-
 class RankWorker:
     """The Ray actor of one rank (created by cluster.workers.group with `ray.remote(RankWorker)`; async methods,
     so poll's long wait never blocks add/abort/health)."""
@@ -352,7 +320,7 @@ class RankWorker:
         """init_method for the group's rendezvous: this node's IP and a port free on it (rank 0 hosts the store)."""
         import ray
 
-        from cluster.workers.tp import free_port
+        from cluster.executor.tp import free_port
 
         ip = ray.util.get_node_ip_address()
         port = free_port()
@@ -385,7 +353,7 @@ class RankWorker:
         """Ranks > 0: join rank 0's group and run its steps until it closes (returns) or the group breaks (raises).
         The caller keeps this call's ObjectRef: its completion means this rank is gone."""
         from cluster.config import EngineConfig
-        from cluster.workers.tp import run_follower
+        from cluster.executor.tp import run_follower
 
         self._dist_env(init_method)
         ec = EngineConfig(**self.engine_config)

@@ -13,30 +13,32 @@ Every rank gets the same model_dir (converted with --tp N; `ensure_converted(mod
 all of them: a file lock makes one convert and the others wait), engine_cfg (EngineConfig with tp == N), session_len
 and init_method. Pick init_method on rank 0's node before starting any rank: `f"tcp://{ip}:{free_port()}"`.
 
-  all:      cfg = ModelConfig.load(model_dir / "config.json"); session_len = LLMEngine._session_len(cfg, engine_cfg)
-  rank 0:   runner = TPExecutor.from_initialized(model_dir, cfg, engine_cfg, session_len, init_method=init_method)
-            engine = LLMEngine(runner=runner, tokenizer=Tokenizer(model_dir))
+  all:      model_dir, cfg, session_len = cluster.executor.resolve_model(model, engine_cfg)
+  rank 0:   engine = LLMEngine(model, engine_cfg, init_method=init_method)  # create_executor -> from_initialized:
+            #   TPExecutor.from_initialized(model_dir, cfg, engine_cfg, session_len, init_method=init_method)
   rank r>0: run_follower(model_dir, engine_cfg, session_len, rank=r, world_size=N, init_method=init_method)
 
 All N calls must be in flight at the same time (they rendezvous through a TCPStore that rank 0 hosts at
 init_method, then agree on the KV cache size). run_follower blocks until rank 0 closes the executor (it returns
 normally) or the group breaks (it raises): run it on a thread of the actor, or as a method of a threaded actor
-(max_concurrency >= 2), and keep its ObjectRef: when it fails or the actor dies, call `runner.abort(reason)` on
-rank 0 (this also unblocks a rank 0 stuck in an NCCL collective), then tear the replica down. `runner.close()` on
+(max_concurrency >= 2), and keep its ObjectRef: when it fails or the actor dies, call `executor.abort(reason)` on
+rank 0 (this also unblocks a rank 0 stuck in an NCCL collective), then tear the replica down. `executor.close()` on
 rank 0 ends every follower's run_follower.
 
 If the caller has already run `torch.distributed.init_process_group` itself (world = exactly the replica's N ranks,
-this process's rank as above, backend nccl on GPUs / gloo on CPUs), pass init_method=None on every rank.
+this process's rank as above, backend nccl on GPUs / gloo on CPUs), pass init_method=None on every rank, and build
+rank 0's executor with TPExecutor.from_initialized itself (create_executor takes no init_method as "spawn here").
 
 Device: `device=None` picks cuda:(local_rank % visible GPUs) when CUDA is available and engine_cfg.device is not
 'cpu' (local_rank defaults to rank; an actor that sees one GPU gets cuda:0), else the CPU.
 Timeouts: a collective inside a step waits at most CLUSTER_TP_TIMEOUT seconds (default 300); idle followers wait
 for the next step without limit; the rendezvous waits at most CLUSTER_TP_START_TIMEOUT seconds (default 300).
 
-The plain (no Ray) case: `TPExecutor(model_dir, cfg, engine_cfg, session_len)` spawns ranks 1..N-1 as local daemon
-processes (torch.multiprocessing, spawn) and watches them: a dead follower makes the next step raise
-EngineDeadError naming the rank and its exit code. Only one tensor-parallel group can live in a process (it owns
-the default torch.distributed group): close() the executor before building another.
+The plain (no Ray) case: `TPExecutor(model_dir, cfg, engine_cfg, session_len)`, which `LLMEngine(model,
+EngineConfig(tp=N))` builds, spawns ranks 1..N-1 as local daemon processes (torch.multiprocessing, spawn) and
+watches them: a dead follower makes the next step raise EngineDeadError naming the rank and its exit code. Only
+one tensor-parallel group can live in a process (it owns the default torch.distributed group): close() the executor
+before building another.
 """
 from __future__ import annotations
 
@@ -58,8 +60,10 @@ import torch
 import torch.distributed as dist
 
 from cluster.config import EngineConfig
+from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import EngineDeadError, RankLostError
 from cluster.engine.model_runner import ModelRunner, StepInput, load_shard
+from cluster.engine.sequence import Sequence
 from cluster.layers import parallel
 from cluster.models.config import ModelConfig
 
@@ -221,31 +225,22 @@ def tp_scope(groups: TPGroups):
 
 def build_runner(model_dir: Path, cfg: ModelConfig, engine_cfg: EngineConfig, session_len: int,
                  groups: TPGroups) -> ModelRunner:
-    """Load this rank's shard, size the KV cache, then agree on the smallest block count over the ranks (every
-    rank indexes its cache with rank 0's block tables) before capturing CUDA graphs."""
+    """This rank's runner through the phases, in step with the other ranks: load the shard, profile, agree on the
+    smallest block count over the ranks (every rank indexes its cache with rank 0's block tables), init_cache, and
+    capture CUDA graphs (all ranks capture the same batch sizes in the same order). Collective."""
     cfg.check_tp(groups.size)
-    use_graphs = engine_cfg.cuda_graph and groups.device.type == "cuda" and os.environ.get("CLUSTER_KERNELS") != "reference"
     with tp_scope(groups):
         weights = load_shard(Path(model_dir), groups.rank, groups.device)
-        runner = ModelRunner(cfg, weights, engine_cfg.model_copy(update={"cuda_graph": False}), groups.device,
-                             session_len, groups.rank, groups.size)
+        runner = ModelRunner(cfg, weights, engine_cfg, groups.device, session_len, groups.rank, groups.size)
         del weights
-        n = torch.tensor([runner.num_blocks], dtype=torch.long)
+        fits = runner.profile()
+        n = torch.tensor([fits], dtype=torch.long)
         dist.all_reduce(n, op=dist.ReduceOp.MIN, group=groups.cpu_group)
         agreed = int(n.item())
-        if agreed != runner.num_blocks:
-            log.info("rank %d: KV cache %d -> %d blocks (the smallest over the ranks)", groups.rank,
-                     runner.num_blocks, agreed)
-            for attn in runner.model.attention_layers():  # drop the views too, or the old cache stays allocated
-                attn.k_cache = attn.v_cache = torch.empty(0)
-            del runner.kv_cache
-            if groups.device.type == "cuda":
-                torch.cuda.empty_cache()
-            runner.num_blocks = agreed
-            runner._allocate_kv_cache(agreed)
-        runner.engine_cfg = engine_cfg
-        if use_graphs:
-            runner._capture_graphs()  # all ranks capture the same batch sizes in the same order
+        if agreed != fits:
+            log.info("rank %d: KV cache %d -> %d blocks (the smallest over the ranks)", groups.rank, fits, agreed)
+        runner.init_cache(agreed)
+        runner.capture()
     return runner
 
 
@@ -313,8 +308,11 @@ def _follower_process(rank: int, world_size: int, init_method: str, model_dir: s
 
 # -- rank 0 -----------------------------------------------------------------------------------------------------------
 class TPExecutor:
-    """Rank 0 of a tensor-parallel replica, shaped like a ModelRunner for the engine: cfg, session_len, num_blocks,
-    device, prepare(plan, bm) -> StepInput, execute(step) -> logits [N, vocab] fp32."""
+    """Rank 0 of a tensor-parallel replica, an Executor (cluster.executor) for the engine: prepare(plan, bm) ->
+    StepInput, execute(step) -> logits [N, vocab] fp32, broadcasting each step to the followers. `runner` is rank
+    0's own ModelRunner (its slice of the model and of the KV cache)."""
+
+    can_overlap = False  # the followers take each step's input ids from the host
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, engine_cfg: EngineConfig, session_len: int, *,
                  _groups: TPGroups | None = None):
@@ -342,9 +340,8 @@ class TPExecutor:
             if err:
                 raise EngineDeadError(f"tensor-parallel start failed: {err}") from e
             raise
-        self.device = self.runner.device
-        self.num_blocks = self.runner.num_blocks
-        self.block_size = self.runner.block_size
+        self.device, self.dtype = self.runner.device, self.runner.dtype
+        self.num_blocks, self.block_size = self.runner.num_blocks, self.runner.block_size
         self._ref = weakref.ref(self)
         atexit.register(_close_at_exit, self._ref)
         if self._procs and self.groups.backend == "nccl":
@@ -450,18 +447,13 @@ class TPExecutor:
         self.abort(reason)
         return RankLostError(reason)
 
-    # -- the ModelRunner interface -----------------------------------------------------------------------------------
-    def __getattr__(self, name: str):
-        """Anything else a ModelRunner has (graphs, block_bytes, kv_cache, model...) is rank 0's runner's (per rank)."""
-        runner = self.__dict__.get("runner")
-        if runner is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(runner, name)
-
-    def prepare(self, plan, bm) -> StepInput:
+    # -- the Executor interface ---------------------------------------------------------------------------------------
+    def prepare(self, plan: list[tuple[Sequence, int]], bm: BlockManager) -> StepInput:
         return self.runner.prepare(plan, bm, to_device=False)  # broadcast from the host, moved in execute
 
-    def execute(self, step: StepInput) -> torch.Tensor:
+    def execute(self, step: StepInput, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids is not None:
+            raise ValueError("tensor parallelism runs no step ahead: the followers read input ids from the plan")
         if self._dead is not None:
             raise RankLostError(self._dead)
         if self._closed:
@@ -518,8 +510,6 @@ class TPExecutor:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
-
-    shutdown = close
 
 
 @contextlib.contextmanager
