@@ -104,7 +104,7 @@ class LLMEngine:
         self.runner, self.tokenizer = runner, tokenizer
         self.model_config, self.session_len = runner.cfg, runner.session_len
         self.bm = BlockManager(runner.num_blocks, ec.block_size, ec.enable_prefix_caching)
-        self.scheduler = Scheduler(self.bm, ec.max_batch_size, ec.max_prefill_token_num)
+        self.scheduler = Scheduler(self.bm, ec.max_batch_size, ec.max_prefill_token_num, self.session_len)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.eos_ids = set(runner.cfg.eos_token_ids)
@@ -238,7 +238,7 @@ class LLMEngine:
         if prev is not None and all(seq.is_finished for seq in prev.sampled):
             prev = None  # all aborted while in flight: nothing to read
         if prev is not None:
-            ahead = self._plan_ahead(prev) if self.overlap else []
+            ahead = self.scheduler.schedule_ahead(prev.sampled) if self.overlap else []
             if ahead:
                 row_of = {seq: i for i, seq in enumerate(prev.sampled)}
                 rows = [row_of[seq] for seq, _ in ahead]
@@ -256,7 +256,7 @@ class LLMEngine:
             return []
         launched = self._launch(plan)
         self.scheduler.after_step(plan)
-        if self.overlap and launched.drawn is not None and self._plan_ahead(launched, dry_run=True):
+        if self.overlap and self.scheduler.schedule_ahead(launched.sampled, dry_run=True):
             self._in_flight = launched
             return []
         return self._collect(launched)
@@ -290,32 +290,6 @@ class LLMEngine:
         self.stats.failed += 1
         return RequestOutput(seq.request_id, "", [], None, "error", seq.num_prompt_tokens, seq.num_output_tokens,
                              seq.num_cached_prompt_tokens, RequestFailedError(error))
-
-    def _plan_ahead(self, prev: Launched, dry_run: bool = False) -> list[tuple[Sequence, int]]:
-        """The decode step that can run before `prev`'s tokens reach the host: every running sequence decodes one
-        token, fed from `prev` on the device. Sequences that `prev`'s token surely finishes (length) sit out.
-        Empty when the step cannot be known ahead; blocks are allocated unless `dry_run`."""
-        sched = self.scheduler
-        if prev.drawn is None:
-            return []
-        if sched.waiting and len(sched.running) < sched.max_batch_size:
-            return []  # room to admit: schedule afresh (a full batch admits nobody, so it runs ahead)
-        sampled = set(prev.sampled)
-        ahead: list[tuple[Sequence, int]] = []
-        for seq in sched.running:
-            gen = seq.gen
-            if seq not in sampled or seq.num_computed_tokens != len(seq):
-                return []  # still prefilling
-            if seq.num_output_tokens + 1 >= gen.max_new_tokens or len(seq) + 1 >= self.session_len:
-                continue  # finishes on the token in flight
-            ahead.append((seq, 1))
-        blocks = sum(self.bm.blocks_for(s.num_computed_tokens + 1) - len(s.block_table) for s, _ in ahead)
-        if blocks > self.bm.num_free:
-            return []  # the scheduler decides who is preempted
-        if not dry_run:
-            for seq, n in ahead:
-                self.bm.grow(seq, n)
-        return ahead
 
     def _append_token(self, seq: Sequence, token: int, lp: dict | None) -> RequestOutput:
         seq.token_ids.append(token)

@@ -1,6 +1,7 @@
 """Continuous batching: each step gives every running sequence its next tokens (one when decoding, a chunk when
 prefilling) under a token budget, then admits waiting sequences. When blocks run out the youngest running
-sequence is preempted: its blocks are freed and it is recomputed later from its tokens."""
+sequence is preempted: its blocks are freed and it is recomputed later from its tokens. With overlapped steps,
+schedule_ahead plans the decode step launched before the previous one's tokens are read."""
 from __future__ import annotations
 
 from collections import deque
@@ -11,10 +12,11 @@ from cluster.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_batched_tokens: int, session_len: int):
         self.bm = block_manager
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max_batched_tokens
+        self.session_len = session_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -68,6 +70,31 @@ class Scheduler:
             plan.append((seq, n))
             self.running.append(seq)
             budget -= n
+        return plan
+
+    def schedule_ahead(self, sampled: list[Sequence], dry_run: bool = False) -> list[tuple[Sequence, int]]:
+        """The decode step that can run before the tokens of the step in flight (which samples `sampled`) reach the
+        host: every running sequence decodes one token, fed from that step on the device, except those its token
+        surely finishes (length). Empty when the step cannot be known ahead: a request could be admitted, a
+        sequence is still prefilling, or blocks run short (schedule() then decides who is preempted). Blocks are
+        grown unless `dry_run`."""
+        if not sampled:
+            return []
+        if self.waiting and len(self.running) < self.max_batch_size:
+            return []  # room to admit: schedule afresh (a full batch admits nobody, so it runs ahead)
+        in_flight = set(sampled)
+        plan: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if seq not in in_flight or seq.num_computed_tokens != len(seq):
+                return []  # still prefilling
+            if seq.num_output_tokens + 1 >= seq.gen.max_new_tokens or len(seq) + 1 >= self.session_len:
+                continue  # finishes on the token in flight
+            plan.append((seq, 1))
+        if sum(self.bm.blocks_for(len(seq) + 1) - len(seq.block_table) for seq, _ in plan) > self.bm.num_free:
+            return []
+        if not dry_run:
+            for seq, n in plan:
+                self.bm.grow(seq, n)
         return plan
 
     def _preempt(self, seq: Sequence) -> None:
