@@ -11,8 +11,7 @@ from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine import errors
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine
-from cluster.engine.multimodal import ImagePrompt
-from cluster.engine.tokenizer import IncrementalDetokenizer
+from cluster.engine.tokenizer import IncrementalDetokenizer, PreparedPrompt
 
 G = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 GOOD = "The capital of France is a beautiful city with"
@@ -85,7 +84,7 @@ def test_out_of_vocabulary_ids_are_refused_at_admission(aeng, solo):
 
 
 def test_image_prompt_ids_are_checked_too(aeng):
-    prompt = ImagePrompt([1, VOCAB + 5], torch.zeros(1, 3, 4, 4))
+    prompt = PreparedPrompt([1, VOCAB + 5], torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match=rf"prompt token id {VOCAB + 5} is out of range"):
         aeng.validate(prompt, G)
 

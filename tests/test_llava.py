@@ -12,7 +12,7 @@ import pytest
 from cluster import pipeline
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine
-from cluster.engine.multimodal import ImagePrompt
+from cluster.engine.tokenizer import PreparedPrompt
 from conftest import IMAGE_TOKEN, hf_greedy
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
@@ -42,7 +42,7 @@ def llava(tiny_models, engine_cache):
     return path, hf_model, LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32"))
 
 
-def _hf(hf_model, prepared: ImagePrompt, n: int = GREEDY.max_new_tokens) -> list[int]:
+def _hf(hf_model, prepared: PreparedPrompt, n: int = GREEDY.max_new_tokens) -> list[int]:
     return hf_greedy(hf_model, prepared.token_ids, n, pixel_values=prepared.pixel_values)
 
 
@@ -50,7 +50,7 @@ def test_image_prompts_match_transformers(llava):
     path, hf_model, engine = llava
     one = engine.prepare_prompt(_ask("What is in this picture?", _image(0)))
     two = engine.prepare_prompt(_ask("Compare the two pictures.", _image(1), _image(2, (64, 30))))
-    assert isinstance(one, ImagePrompt) and one.pixel_values.shape == (1, 3, 32, 32)
+    assert isinstance(one, PreparedPrompt) and one.pixel_values.shape == (1, 3, 32, 32)
     image_id = engine.model_config.vision["image_token_id"]
     assert one.token_ids.count(image_id) == 16 and two.token_ids.count(image_id) == 32
     text_only = engine.tokenizer.prompt_ids([{"role": "user", "content": "No picture here."}])

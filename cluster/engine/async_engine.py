@@ -15,8 +15,7 @@ from typing import AsyncIterator, Iterator
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine, RequestOutput
 from cluster.engine.errors import EngineDeadError, EngineOverloadedError, RankLostError
-from cluster.engine.multimodal import ImagePrompt
-from cluster.engine.tokenizer import Prompt
+from cluster.engine.tokenizer import PreparedPrompt, Prompt
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -73,13 +72,13 @@ class AsyncEngine:
         src = self.engine.model_config.source
         return Path(src).stem if src else "default"
 
-    def validate(self, prompt: list[int] | ImagePrompt, gen_config: GenerationConfig) -> None:
-        """See LLMEngine.validate: `prompt` as prepare_prompt returns it."""
-        self.engine.validate(prompt, gen_config)
-
-    def prepare_prompt(self, prompt: Prompt):
+    def prepare_prompt(self, prompt: Prompt) -> PreparedPrompt:
         """See LLMEngine.prepare_prompt: runs on the caller's thread."""
         return self.engine.prepare_prompt(prompt)
+
+    def validate(self, prompt: PreparedPrompt, gen_config: GenerationConfig) -> None:
+        """See LLMEngine.validate."""
+        self.engine.validate(prompt, gen_config)
 
     def stats(self) -> dict:
         s = self.engine.stats_dict()
@@ -97,23 +96,27 @@ class AsyncEngine:
             raise EngineDeadError("engine step loop is not running")
 
     # -- requests --------------------------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, gen_config: GenerationConfig | None, request_id: str | None,
+    def submit(self, prompt: Prompt | PreparedPrompt, gen_config: GenerationConfig | None, request_id: str | None,
                loop: asyncio.AbstractEventLoop | None, sink: queue.Queue | None = None) -> tuple[str, _Stream]:
-        """Queue a request for the loop; its outputs go to an asyncio queue (loop given) or a thread queue."""
+        """Queue a request for the loop; its outputs go to an asyncio queue (loop given) or a thread queue.
+
+        A raw prompt is prepared and validated here, on the caller's thread. A PreparedPrompt is neither: its
+        caller ran prepare_prompt and validate(prepared, gen) with this gen (RankZeroHost does, off its loop)."""
         self.check_health()
         waiting = self.stats()["num_waiting"]
         if waiting >= self.max_waiting:
             raise EngineOverloadedError(waiting, self.max_waiting)
         gen = gen_config or GenerationConfig()
-        ids = self.engine.prepare_prompt(prompt)  # token ids, or token ids and images
-        self.engine.validate(ids, gen)
+        if not isinstance(prompt, PreparedPrompt):
+            prompt = self.engine.prepare_prompt(prompt)
+            self.engine.validate(prompt, gen)
         rid = request_id or f"req-{next(_ids)}"
         stream = _Stream(loop, sink)
         with self._lock:
             if rid in self._streams:
                 raise ValueError(f"request id {rid!r} is already in use")
             self._streams[rid] = stream
-        self._inbox.put(("add", rid, ids, gen))
+        self._inbox.put(("add", rid, prompt, gen))
         self._wake.set()
         return rid, stream
 
@@ -166,12 +169,12 @@ class AsyncEngine:
     def _drain_inbox(self) -> None:
         while True:
             try:
-                op, rid, ids, gen = self._inbox.get_nowait()
+                op, rid, prompt, gen = self._inbox.get_nowait()
             except queue.Empty:
                 return
             if op == "add":
                 try:
-                    self.engine.add_request(ids, gen, rid)
+                    self.engine.add_request(prompt, gen, rid)  # prepared and validated in submit
                 except Exception as e:  # noqa: BLE001 - handed to the caller's stream
                     self._close(rid, e)
             elif op == "abort":

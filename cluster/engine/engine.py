@@ -12,11 +12,11 @@ import torch
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import PromptTooLongError, RequestFailedError
-from cluster.engine.multimodal import ImagePrompt, has_images, prompt_images
+from cluster.engine.multimodal import has_images, prompt_images
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
-from cluster.engine.tokenizer import IncrementalDetokenizer, Prompt, Tokenizer
+from cluster.engine.tokenizer import IncrementalDetokenizer, PreparedPrompt, Prompt, Tokenizer
 from cluster.executor import Executor, create_executor, resolve_model
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,10 @@ class LLMEngine:
             self.eos_ids.add(tokenizer.eos_token_id)
 
     # -- requests ------------------------------------------------------------------------------------------------
-    def validate(self, prompt: list[int] | ImagePrompt, gen: GenerationConfig) -> None:
+    def validate(self, prompt: PreparedPrompt, gen: GenerationConfig) -> None:
         """Admission checks, on the caller's thread: a request that passes cannot break a step, which would fail
         every request in it."""
-        ids = prompt.token_ids if isinstance(prompt, ImagePrompt) else prompt
+        ids = prompt.token_ids
         if not ids:
             raise ValueError("prompt is empty")
         if len(ids) + gen.max_new_tokens > self.session_len:
@@ -130,18 +130,21 @@ class LLMEngine:
         _check_vocab(prompt_ids, "prompt token id", vocab)
         _check_vocab(gen.stop_token_ids, "stop_token_ids entry", vocab)
 
-    def add_request(self, prompt: Prompt, gen_config: GenerationConfig | None = None,
+    def add_request(self, prompt: Prompt | PreparedPrompt, gen_config: GenerationConfig | None = None,
                     request_id: str | None = None) -> str:
+        """Queue a request. A raw prompt is prepared and validated here; a PreparedPrompt was, by the caller (see
+        AsyncEngine.submit), and is taken as it is."""
         gen = gen_config or GenerationConfig()
-        prepared = self.prepare_prompt(prompt)
-        ids = list(prepared.token_ids) if isinstance(prepared, ImagePrompt) else prepared
-        self.validate(ids, gen)
+        if not isinstance(prompt, PreparedPrompt):
+            prompt = self.prepare_prompt(prompt)
+            self.validate(prompt, gen)
         rid = request_id or f"req-{next(_ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
+        ids = list(prompt.token_ids)
         seq = Sequence(rid, ids, gen)
-        if isinstance(prepared, ImagePrompt):
-            self._attach_images(seq, prepared)
+        if prompt.pixel_values is not None:
+            self._attach_images(seq, prompt.pixel_values)
         seq.stop_ids = frozenset(gen.stop_token_ids) | (frozenset() if gen.ignore_eos else frozenset(self.eos_ids))
         if gen.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(gen.seed)
@@ -152,32 +155,32 @@ class LLMEngine:
         self.stats.tokens_in += len(ids)
         return rid
 
-    def prepare_prompt(self, prompt: Prompt | ImagePrompt) -> list[int] | ImagePrompt:
-        """Token ids, or token ids and preprocessed images: everything about a prompt that can fail, checked on the
+    def prepare_prompt(self, prompt: Prompt | PreparedPrompt) -> PreparedPrompt:
+        """Token ids, and preprocessed images if any: everything about a prompt that can fail, checked on the
         caller's thread (images decoded and resized here; the vision tower runs on the engine's thread)."""
-        if isinstance(prompt, ImagePrompt):
+        if isinstance(prompt, PreparedPrompt):
             return prompt
         ids = self._prompt_ids(prompt)
         image_token = self.model_config.vision.get("image_token_id")
         if not has_images(prompt):
             if image_token is not None and image_token in ids:
                 raise ValueError("the prompt has image tokens but no image; pass images as content parts")
-            return ids
+            return PreparedPrompt(ids)
         if self.vision is None:
             raise ValueError("this model takes no images (it is not a vision-language model)")
-        return ImagePrompt(ids, self.vision.pixel_values(prompt_images(prompt)))
+        return PreparedPrompt(ids, self.vision.pixel_values(prompt_images(prompt)))
 
-    def _attach_images(self, seq: Sequence, prompt: ImagePrompt) -> None:
+    def _attach_images(self, seq: Sequence, pixel_values: torch.Tensor) -> None:
         from cluster.models.llava import image_digest
 
         n = self.vision.tokens_per_image
         token = self.model_config.vision["image_token_id"]
         positions = [i for i, t in enumerate(seq.token_ids) if t == token]
-        if len(positions) != n * prompt.pixel_values.shape[0]:
-            raise ValueError(f"{len(positions)} image tokens for {prompt.pixel_values.shape[0]} image(s) of {n} tokens")
-        seq.image_embeds = self.vision.encode(prompt.pixel_values)
+        if len(positions) != n * pixel_values.shape[0]:
+            raise ValueError(f"{len(positions)} image tokens for {pixel_values.shape[0]} image(s) of {n} tokens")
+        seq.image_embeds = self.vision.encode(pixel_values)
         seq.image_positions = positions
-        for i, pixels in enumerate(prompt.pixel_values):
+        for i, pixels in enumerate(pixel_values):
             digest = image_digest(pixels)
             for j in range(n):  # negative: never a real token id
                 seq.image_keys[positions[i * n + j]] = -1 - ((digest + j) & ((1 << 60) - 1))

@@ -9,30 +9,14 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # the terminal client imports this module without needing torch
-    import torch
+from typing import Any
 
 IMAGE_TYPES = ("image_url", "image")
 MAX_IMAGE_BYTES = 20 * 2**20  # an encoded image, inline or read from a file
 MAX_IMAGE_PIXELS = 40_000_000  # decoded width x height: a decompression bomb is refused before it is decoded
 INLINE_ONLY = ("image_url must be an inline data:image/...;base64 URL: over HTTP the server neither reads its own "
                "files nor fetches URLs")
-
-
-@dataclass
-class ImagePrompt:
-    """A prompt made ready for the engine: token ids (each image token already expanded) and the images as the
-    model's processor left them, [n_images, 3, H, W]. Built on the caller's thread; encoded on the engine's."""
-
-    token_ids: list[int]
-    pixel_values: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
 
 
 def is_image_part(part: Any) -> bool:

@@ -5,13 +5,31 @@ shows a stop word, or the start of one, until it is known not to be one."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from cluster.engine.multimodal import has_images, split_content
 
-Prompt = Union[str, list[int], list[dict]]
+if TYPE_CHECKING:
+    import torch
+
+Prompt = Union[str, list[int], list[dict]]  # as callers write it
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt made ready for the engine by LLMEngine.prepare_prompt, on the caller's thread: its token ids (each
+    image token already expanded) and its images as the model's processor left them, [n_images, 3, H, W], or None.
+    Tokenizing and decoding images happen once, there; LLMEngine.validate then checks it against a request's
+    GenerationConfig, and the engine's thread takes it as it is."""
+
+    token_ids: list[int]
+    pixel_values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
 
 
 class Tokenizer:
