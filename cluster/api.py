@@ -7,7 +7,7 @@ from typing import Iterator, Union
 
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.engine import LLMEngine, Response, _accumulate
+from cluster.engine.engine import LLMEngine, Response
 from cluster.engine.multimodal import from_tuple
 from cluster.engine.tokenizer import Prompt
 
@@ -88,8 +88,7 @@ class Pipeline:
                     raise item
                 if item.finish_reason is not None:
                     pending.discard(item.request_id)
-                yield Response(item.text, item.token_ids, item.input_token_len, item.generate_token_len,
-                               item.finish_reason, item.logprobs, index[item.request_id], item.cached_token_len)
+                yield Response(index=index[item.request_id]).merge(item)
         finally:
             for rid in pending:
                 self.engine.abort(rid)
@@ -98,9 +97,9 @@ class Pipeline:
                  ) -> Response | list[Response]:
         single = _is_single(prompts)
         plist = [prompts] if single else list(prompts)
-        results = [Response("", [], 0, 0, None, None, i) for i in range(len(plist))]
+        results = [Response(index=i) for i in range(len(plist))]
         for chunk in self.stream_infer(plist, gen_config):
-            _accumulate(results[chunk.index], chunk)
+            results[chunk.index].merge(chunk)
         return results[0] if single else results
 
     infer = __call__
@@ -116,10 +115,10 @@ class Pipeline:
                                  if parts else prompt})
 
         def run() -> Iterator[str]:
-            result = Response("", [], 0, 0, None)
+            result = Response()
             try:
                 for chunk in self.stream_infer(session.messages, gen_config):
-                    _accumulate(result, chunk)
+                    result.merge(chunk)
                     yield chunk.text
             finally:
                 if result.token_ids or result.finish_reason:

@@ -55,11 +55,14 @@ class Delta:
     cached_token_len: int = 0
 
     def merge(self, later: "Delta") -> "Delta":
-        """Fold `later` (the same request's next output) into this one, in place; returns self."""
+        """Fold `later` (the same request's next output) into this one, in place; returns self. Its lists are
+        this Delta's own from then on (copied from `later` on the first merge), so `later` is never changed."""
         self.text += later.text
-        self.token_ids = self.token_ids + list(later.token_ids)
+        self.token_ids.extend(later.token_ids)
         if later.logprobs:
-            self.logprobs = (self.logprobs or []) + list(later.logprobs)
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(later.logprobs)
         self.finish_reason = later.finish_reason
         self.input_token_len = later.input_token_len or self.input_token_len
         self.generate_token_len = max(self.generate_token_len, later.generate_token_len)

@@ -192,7 +192,7 @@ class AsyncEngine:
         if error is not None:
             stream.put(error)
         elif abort:
-            stream.put(RequestOutput(rid, "", [], None, "abort", 0, 0))
+            stream.put(RequestOutput(finish_reason="abort", request_id=rid))
 
     def _loop(self) -> None:
         try:

@@ -18,38 +18,26 @@ from cluster.engine.scheduler import Scheduler
 from cluster.engine.sequence import Sequence
 from cluster.engine.tokenizer import IncrementalDetokenizer, PreparedPrompt, Prompt, Tokenizer
 from cluster.executor import Executor, create_executor, resolve_model
+from cluster.messages import Delta
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
 @dataclass
-class RequestOutput:
-    """What one step produced for one request: the new text/tokens since its previous output."""
+class RequestOutput(Delta):
+    """What one step produced for one request: the new text/tokens since its previous output (logprobs: the
+    sampler's entries, token ids and their logprobs)."""
 
-    request_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict] | None
-    finish_reason: str | None
-    input_token_len: int
-    generate_token_len: int
-    cached_token_len: int = 0
+    request_id: str = ""
     error: Exception | None = None  # set when this request failed (finish_reason "error"): what its caller gets
 
 
 @dataclass
-class Response:
-    """A finished request, as the pipeline returns it."""
+class Response(Delta):
+    """A request's output as the pipeline returns it: its RequestOutputs merged (Delta.merge)."""
 
-    text: str
-    token_ids: list[int]
-    input_token_len: int
-    generate_token_len: int
-    finish_reason: str | None
-    logprobs: list[dict] | None = None
-    index: int = 0
-    cached_token_len: int = 0
+    index: int = 0  # which of the call's prompts
 
     def __str__(self) -> str:
         return self.text
@@ -291,8 +279,8 @@ class LLMEngine:
         self.scheduler.finish(seq, "error")
         self.seqs.pop(seq.request_id, None)
         self.stats.failed += 1
-        return RequestOutput(seq.request_id, "", [], None, "error", seq.num_prompt_tokens, seq.num_output_tokens,
-                             seq.num_cached_prompt_tokens, RequestFailedError(error))
+        return RequestOutput("", [], None, "error", seq.num_prompt_tokens, seq.num_output_tokens,
+                             seq.num_cached_prompt_tokens, request_id=seq.request_id, error=RequestFailedError(error))
 
     def _append_token(self, seq: Sequence, token: int, lp: dict | None) -> RequestOutput:
         seq.token_ids.append(token)
@@ -315,15 +303,15 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
             self.stats.finished += 1
         text = seq.detok.take(final=reason is not None) if seq.detok is not None else ""
-        return RequestOutput(seq.request_id, text, [token], [lp] if lp is not None else None, reason,
-                             seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_prompt_tokens)
+        return RequestOutput(text, [token], [lp] if lp is not None else None, reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.num_cached_prompt_tokens, request_id=seq.request_id)
 
     # -- offline generation ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], gen_configs: list[GenerationConfig] | GenerationConfig | None = None
                  ) -> list[Response]:
         gens = gen_configs if isinstance(gen_configs, list) else [gen_configs or GenerationConfig()] * len(prompts)
         rids = [self.add_request(p, g) for p, g in zip(prompts, gens)]
-        acc: dict[str, Response] = {rid: Response("", [], 0, 0, None, None, i) for i, rid in enumerate(rids)}
+        acc: dict[str, Response] = {rid: Response(index=i) for i, rid in enumerate(rids)}
         pending = set(rids)
         try:
             while pending:
@@ -333,7 +321,7 @@ class LLMEngine:
                     r = acc.get(out.request_id)
                     if r is None:
                         continue
-                    _accumulate(r, out)
+                    r.merge(out)
                     if out.finish_reason:
                         pending.discard(out.request_id)
         finally:
@@ -371,13 +359,3 @@ def _check_vocab(ids: list[int], what: str, vocab_size: int) -> None:
         raise ValueError(f"{what} {bad} is out of range: this model's vocabulary has {vocab_size} ids "
                          f"(0..{vocab_size - 1}); use ids from this model's tokenizer")
 
-
-def _accumulate(r: Response, out: RequestOutput) -> None:
-    r.text += out.text
-    r.token_ids += out.token_ids
-    if out.logprobs:
-        r.logprobs = (r.logprobs or []) + out.logprobs
-    r.input_token_len = out.input_token_len
-    r.generate_token_len = out.generate_token_len
-    r.finish_reason = out.finish_reason
-    r.cached_token_len = out.cached_token_len
