@@ -18,6 +18,7 @@ from cluster.engine.engine import LLMEngine
 from cluster.engine.errors import EngineDeadError
 from cluster.engine.model_runner import StepInput
 from cluster.executor import tp as tpmod
+from cluster.executor import tp_groups, tp_wire
 from conftest import hf_greedy
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
@@ -45,9 +46,9 @@ def test_step_plan_roundtrip():
                      context_lens=torch.tensor([3, 10], dtype=torch.int32),
                      cu_seqlens_q=torch.tensor([0, 3, 4], dtype=torch.int32), logit_indices=torch.tensor([2, 3]),
                      max_context_len=10, decode_only=False, embeds=torch.randn(2, 8), embed_rows=torch.tensor([1, 2]))
-    header, payload = tpmod.pack_step(step)
-    assert header.shape == (tpmod.HEADER_LEN,) and payload.numel() == tpmod.payload_len(header)
-    back = tpmod.unpack_step(header, payload, tpmod.embeds_message(step))
+    header, payload = tp_wire.pack_step(step)
+    assert header.shape == (tp_wire.HEADER_LEN,) and payload.numel() == tp_wire.payload_len(header)
+    back = tp_wire.unpack_step(header, payload, tp_wire.embeds_message(step))
     for name in ("input_ids", "positions", "slot_mapping", "block_tables", "context_lens", "cu_seqlens_q",
                  "logit_indices", "embed_rows", "embeds"):
         a, b = getattr(step, name), getattr(back, name)
@@ -122,7 +123,7 @@ def test_ray_path_entry_points(tiny_models, engine_cache):
     path, hf_model = tiny_models("llama")
     ec = _ec(engine_cache, 2, num_blocks=64)
     model_dir = ensure_converted(str(path), 2, "float32", engine_cache, progress=False)
-    init_method = f"tcp://127.0.0.1:{tpmod.free_port()}"
+    init_method = f"tcp://127.0.0.1:{tp_groups.free_port()}"
     ctx = mp.get_context("spawn")
     with tpmod._main_not_reimported():
         follower = ctx.Process(target=tpmod.run_follower,

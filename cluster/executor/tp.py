@@ -3,9 +3,9 @@
 
 Rank 0 runs the engine (scheduler, sampler, detokenizer); each step it sends the step's plan (a StepInput) to the
 other ranks with two torch.distributed broadcasts on a CPU (gloo) group -- a fixed-size int64 header, then one
-int64 tensor with every index tensor packed -- so no step costs a Ray call. Every rank then runs the same forward
+int64 tensor with every index tensor packed (tp_wire.py) -- so no step costs a Ray call. Every rank runs the same forward
 pass; the model's row-parallel all-reduces and the LM head's all-gather run on the replica's default process group
-(NCCL on GPUs, gloo on CPUs). Logits come back on rank 0 only.
+(NCCL on GPUs, gloo on CPUs; tp_groups.py). Logits come back on rank 0 only.
 
 Contract for the Ray path (cluster/workers/worker.py, group.py: one actor per rank, STRICT_PACK placement group)
 ------------------------------------------------------------------------------------------------------------
@@ -51,10 +51,7 @@ import threading
 import time
 import traceback
 import weakref
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -64,164 +61,12 @@ from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import EngineDeadError, RankLostError
 from cluster.engine.model_runner import ModelRunner, StepInput, load_shard
 from cluster.engine.sequence import Sequence
-from cluster.layers import parallel
+from cluster.executor.tp_groups import (TPGroups, cpu_share, init_groups, intra_op_threads, rank_device,
+                                        start_timeout, tp_scope)
+from cluster.executor.tp_wire import CMD_SHUTDOWN, HEADER_LEN, embeds_message, pack_step, payload_len, unpack_step
 from cluster.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-HEADER_LEN = 8  # [cmd, T tokens, B seqs, W block-table width, N sampled rows, max_context_len, decode_only,
-#                   M image-embedding rows (LLaVA: sent as a second, float message)]
-CMD_SHUTDOWN, CMD_STEP = 0, 1
-IDLE_TIMEOUT = timedelta(days=36500)  # a follower waits for rank 0's next step as long as the engine idles
-
-
-def step_timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("CLUSTER_TP_TIMEOUT", 300)))
-
-
-def start_timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("CLUSTER_TP_START_TIMEOUT", 300)))
-
-
-def free_port(host: str = "") -> int:
-    """A TCP port free right now on this node (for init_method; the caller binds it soon after)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def rank_device(engine_cfg: EngineConfig, local_rank: int) -> torch.device:
-    want = (engine_cfg.device or "").split(":")[0]
-    if want == "cpu" or (not want and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-
-
-# -- the step plan on the wire ---------------------------------------------------------------------------------------
-def pack_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
-    """(header int64[HEADER_LEN], payload int64[...]): every index tensor of the step, flattened into one (the
-    image embeddings' rows included; the embeddings themselves go as a float message, `embeds_message`)."""
-    t, (b, w), n = step.input_ids.numel(), step.block_tables.shape, step.logit_indices.numel()
-    m = 0 if step.embed_rows is None else step.embed_rows.numel()
-    header = torch.tensor([CMD_STEP, t, b, w, n, step.max_context_len, int(step.decode_only), m], dtype=torch.long)
-    parts = [step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
-             step.cu_seqlens_q, step.logit_indices] + ([step.embed_rows] if m else [])
-    payload = torch.cat([p.reshape(-1).to("cpu", torch.long) for p in parts])
-    return header, payload
-
-
-def embeds_message(step: StepInput) -> torch.Tensor | None:
-    """The step's image embeddings as the CPU fp32 tensor every follower receives, or None."""
-    return None if step.embeds is None else step.embeds.to("cpu", torch.float32).contiguous()
-
-
-def payload_len(header: torch.Tensor) -> int:
-    _, t, b, w, n = header[:5].tolist()
-    return 3 * t + b * w + b + (b + 1) + n + int(header[7])
-
-
-def unpack_step(header: torch.Tensor, payload: torch.Tensor, embeds: torch.Tensor | None = None) -> StepInput:
-    _, t, b, w, n, max_ctx, decode_only, m = header.tolist()
-    sizes = [t, t, t, b * w, b, b + 1, n, m]
-    ids, pos, slots, tables, ctx, cu, rows, embed_rows = payload.split(sizes)
-    return StepInput(input_ids=ids, positions=pos, slot_mapping=slots,
-                     block_tables=tables.view(b, w).to(torch.int32), context_lens=ctx.to(torch.int32),
-                     cu_seqlens_q=cu.to(torch.int32), logit_indices=rows, max_context_len=max_ctx,
-                     decode_only=bool(decode_only), embeds=embeds, embed_rows=embed_rows if m else None)
-
-
-# -- process groups ---------------------------------------------------------------------------------------------------
-@dataclass
-class TPGroups:
-    rank: int
-    size: int
-    device: torch.device
-    backend: str  # of the model's collectives: nccl on GPUs, gloo on CPUs
-    model_group: object  # the default group: all-reduces / all-gathers inside the model
-    cpu_group: object  # gloo: step plans, the KV-size agreement, shutdown
-    owned: bool  # this module initialized torch.distributed (so close() destroys it)
-
-
-def _join_store(init_method: str, rank: int, world_size: int, store=None, alive=None) -> dist.Store:
-    """Rendezvous: every rank checks in on rank 0's TCPStore; rank 0 waits for all of them, calling alive() so a
-    follower that dies before checking in fails the start at once instead of after the timeout."""
-    timeout = start_timeout()
-    if store is None:
-        url = urlparse(init_method)
-        if url.scheme != "tcp" or not url.port:
-            raise ValueError(f"init_method must be tcp://HOST:PORT, got {init_method!r}")
-        store = dist.TCPStore(url.hostname, url.port, world_size, rank == 0, timeout, wait_for_workers=False)
-    store.add("cluster_tp/joined", 1)
-    if rank == 0:
-        deadline = time.monotonic() + timeout.total_seconds()
-        while store.add("cluster_tp/joined", 0) < world_size:
-            if alive is not None:
-                alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"tensor-parallel start: only {store.add('cluster_tp/joined', 0)} of {world_size} "
-                                   f"ranks joined in {timeout.total_seconds():.0f} s")
-            time.sleep(0.05)
-    return store
-
-
-def init_groups(rank: int, world_size: int, device: torch.device, init_method: str | None,
-                store=None, alive=None) -> TPGroups:
-    """Join (or reuse, when init_method and store are None) the replica's process group and add the gloo CPU group.
-    Collective: every rank of the replica calls it at the same time."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    owned = init_method is not None or store is not None
-    if owned:
-        if dist.is_initialized():
-            raise RuntimeError("torch.distributed is already initialized in this process: another tensor-parallel "
-                               "engine is still open (close it first), or pass init_method=None to reuse the group")
-        store = _join_store(init_method, rank, world_size, store, alive)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=step_timeout(),
-                                device_id=device if backend == "nccl" else None)
-    else:
-        if not dist.is_initialized():
-            raise RuntimeError("init_method=None needs torch.distributed initialized by the caller")
-        if dist.get_world_size() != world_size or dist.get_rank() != rank:
-            raise RuntimeError(f"the initialized process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
-                               f"this tensor-parallel rank is {rank} of {world_size}")
-    # rank 0 sends plans (a collective there waits at most the step timeout); followers wait for them while idle
-    cpu_group = dist.new_group(backend="gloo", timeout=step_timeout() if rank == 0 else IDLE_TIMEOUT)
-    return TPGroups(rank, world_size, device, backend, dist.group.WORLD, cpu_group, owned)
-
-
-def _cpu_share(world_size: int) -> int:
-    """Intra-op threads per rank when all ranks share this host's CPUs (more only oversubscribes the cores)."""
-    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-               // world_size)
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    if not n:
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
-@contextlib.contextmanager
-def tp_scope(groups: TPGroups):
-    """Make the model's parallel layers use this replica's group for the duration (and restore what was there, so
-    a tp=1 engine in the same process is unaffected)."""
-    saved = parallel.tp()
-    parallel.set_tp(groups.rank, groups.size, groups.model_group)
-    try:
-        yield
-    finally:
-        parallel.set_tp(saved.rank, saved.size, saved.group)
-
 
 def build_runner(model_dir: Path, cfg: ModelConfig, engine_cfg: EngineConfig, session_len: int,
                  groups: TPGroups) -> ModelRunner:
@@ -288,7 +133,7 @@ def _follower_process(rank: int, world_size: int, init_method: str, model_dir: s
     """Entry point of a spawned local follower (the plain, no-Ray case)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it shuts us down
     if (engine_cfg.device or "").startswith("cpu") or not torch.cuda.is_available():
-        torch.set_num_threads(_cpu_share(world_size))
+        torch.set_num_threads(cpu_share(world_size))
 
     def orphan_watch() -> None:  # rank 0 vanished without a word: nothing left to serve
         while os.getppid() == parent_pid:
@@ -330,9 +175,9 @@ class TPExecutor:
             _groups = self._spawn_and_join(Path(model_dir), engine_cfg, session_len)
         self.groups = _groups
         if self._procs and self.groups.device.type == "cpu":
-            self._cpu_threads = _cpu_share(self.tp_size)
+            self._cpu_threads = cpu_share(self.tp_size)
         try:
-            with _threads(self._cpu_threads):
+            with intra_op_threads(self._cpu_threads):
                 self.runner = build_runner(Path(model_dir), cfg, engine_cfg, session_len, self.groups)
         except BaseException as e:
             err = self._follower_failure(wait=1.0)
@@ -464,7 +309,7 @@ class TPExecutor:
         header, payload = pack_step(step)
         embeds = embeds_message(step)
         try:
-            with self._lock, tp_scope(self.groups), _threads(self._cpu_threads):
+            with self._lock, tp_scope(self.groups), intra_op_threads(self._cpu_threads):
                 dist.broadcast(header, 0, group=self.groups.cpu_group)
                 dist.broadcast(payload, 0, group=self.groups.cpu_group)
                 if embeds is not None:

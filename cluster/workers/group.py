@@ -7,7 +7,7 @@ rank (one GPU each on GPUs, `cpus_per_worker` CPUs otherwise), and the torch.dis
     group.kill()           # actors and placement group gone
 
 Rendezvous: rank 0 picks `tcp://<its node IP>:<free port>` (MASTER_ADDR/MASTER_PORT); every rank gets it with its
-RANK and WORLD_SIZE, and they join one process group: NCCL on GPUs, gloo on CPUs (cluster/workers/tp.py). With
+RANK and WORLD_SIZE, and they join one process group: NCCL on GPUs, gloo on CPUs (cluster/executor/tp_groups.py). With
 TP=1 there is one actor and no process group to join.
 """
 from __future__ import annotations

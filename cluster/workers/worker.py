@@ -42,7 +42,7 @@ class RankWorker:
         """init_method for the group's rendezvous: this node's IP and a port free on it (rank 0 hosts the store)."""
         import ray
 
-        from cluster.executor.tp import free_port
+        from cluster.executor.tp_groups import free_port
 
         ip = ray.util.get_node_ip_address()
         port = free_port()
