@@ -85,7 +85,7 @@ def build_app(args: dict | ServeArgs | None = None):
     engines = []
     for spec in a.specs():
         opts: dict[str, Any] = dict(
-            name=spec.deployment_name, num_replicas=spec.replicas, max_ongoing_requests=spec.max_ongoing_requests,
+            name=spec.deployment_name, **spec.serve_options(), max_ongoing_requests=spec.max_ongoing_requests,
             max_queued_requests=spec.max_queued_requests, ray_actor_options={"num_cpus": 0},
             health_check_period_s=spec.health_check_period_s, health_check_timeout_s=60,
             graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1)

@@ -8,7 +8,7 @@ import re
 from dataclasses import replace
 from typing import AsyncIterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.deployments.naming import WorkerNames
 from cluster.deployments.replica import Connection, RayWorkerClient, ReplicaCore
@@ -16,6 +16,33 @@ from cluster.messages import Event, Job, ReplicaInfo
 
 
 # -- what one model's deployment is made of --------------------------------------------------------------------------
+class Autoscaling(BaseModel):
+    """Serve replica autoscaling of one model (a subset of Serve's AutoscalingConfig, typo-proof). A replica Serve
+    adds asks for a placement group of GPU bundles; on KubeRay that pending demand is what makes the Ray autoscaler
+    add a GPU worker pod, and an idle pod is removed after the autoscaler's idle timeout."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="0 lets the model scale to zero (the next request waits for a "
+                              "node and a model load: minutes on GPUs)")
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: Optional[int] = Field(None, ge=0)
+    target_ongoing_requests: float = Field(64.0, gt=0, description="requests in flight per replica Serve aims at; "
+                                           "keep it below max_batch_size so a replica is added before a queue builds")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
 class ModelSpec(BaseModel):
     """One served model: the Serve config's `args.models[]` entry and `cluster serve`'s options."""
 
@@ -23,9 +50,13 @@ class ModelSpec(BaseModel):
 
     model: Optional[str] = Field(None, description="checkpoint dir / .gguf / converted dir; None: embedded SmolLM2")
     name: Optional[str] = Field(None, description="model id clients send; default: the engine's model name")
-    replicas: int = Field(1, ge=1, description="model replicas (data parallelism)")
+    replicas: int = Field(1, ge=1, description="model replicas (data parallelism); with autoscaling_config, "
+                          "leave it at 1 and set autoscaling_config.initial_replicas")
+    autoscaling_config: Optional[Autoscaling] = Field(None, description="Serve replica autoscaling; None: fixed replicas")
     engine: dict = Field(default_factory=dict, description="EngineConfig fields (tp, session_len, ...)")
-    use_gpu: Optional[bool] = Field(None, description="None: GPUs when the cluster has any")
+    use_gpu: Optional[bool] = Field(None, description="true: one GPU per TP rank, and a replica waits (its placement "
+                                    "group pending, logged) until GPU nodes join, never falling back to CPUs; false: "
+                                    "CPUs only; None: GPUs when the cluster has any at placement time (local use)")
     cpus_per_worker: float = Field(1.0, gt=0)
     max_waiting: int = Field(4096, ge=1, description="engine queue length beyond which requests get 503")
     max_ongoing_requests: int = Field(1024, ge=1, description="requests one replica takes at a time")
@@ -40,6 +71,21 @@ class ModelSpec(BaseModel):
         from cluster.config import EngineConfig
 
         return EngineConfig(**v).model_dump(exclude_defaults=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        if self.autoscaling_config is not None and self.replicas != 1:
+            raise ValueError("replicas and autoscaling_config are both set: give autoscaling_config.initial_replicas "
+                             "(or min_replicas) instead of replicas")
+        if self.use_gpu and self.engine.get("device") == "cpu":
+            raise ValueError("use_gpu is true but engine.device is 'cpu': drop one of them")
+        return self
+
+    def serve_options(self) -> dict:
+        """The replica count part of serve.deployment options: fixed, or Serve's autoscaling."""
+        if self.autoscaling_config is None:
+            return {"num_replicas": self.replicas}
+        return {"autoscaling_config": self.autoscaling_config.model_dump(exclude_none=True)}
 
     @property
     def deployment_name(self) -> str:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class GroupSpec:
     model: str | None
     engine_config: dict = field(default_factory=dict)
-    use_gpu: bool | None = None  # None: GPUs when the cluster has any and the engine device is not 'cpu'
+    use_gpu: bool | None = None  # True: GPU bundles, waited for; None: GPUs when the cluster has any (and device != cpu)
     cpus_per_worker: float = 1.0
     max_waiting: int = 4096
     placement_timeout_s: float = 600.0
@@ -42,11 +42,17 @@ class GroupSpec:
         return int(self.engine_config.get("tp", 1))
 
     def gpu(self) -> bool:
+        """True/False as configured; None decides from the cluster as it is now, which on a cluster whose GPU nodes
+        have not joined yet (KubeRay scaling up) means CPUs: deployments set use_gpu so that never happens."""
         if self.use_gpu is not None:
             return self.use_gpu
         if self.engine_config.get("device") == "cpu":
             return False
-        return ray.cluster_resources().get("GPU", 0) > 0
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return True
+        log.info("no GPUs in the Ray cluster: the replica's %d worker(s) go on CPUs (use_gpu: true would wait for "
+                 "GPU nodes instead)", self.tp)
+        return False
 
     def bundles(self) -> list[dict]:
         one = {"GPU": 1.0, "CPU": self.cpus_per_worker} if self.gpu() else {"CPU": self.cpus_per_worker}
@@ -74,12 +80,7 @@ class WorkerGroup:
         pg = placement_group(bundles, strategy="STRICT_PACK")
         workers: list = []
         try:
-            try:
-                await asyncio.wait_for(pg.ready(), spec.placement_timeout_s)
-            except asyncio.TimeoutError:
-                raise GroupStartError(
-                    f"could not place {spec.tp} worker(s) of {bundles[0]} on one node within "
-                    f"{spec.placement_timeout_s:.0f}s; available: {ray.available_resources()}") from None
+            await wait_placed(pg, spec, bundles)
             actor_cls = ray.remote(RankWorker)
             for r in range(spec.tp):
                 opts = dict(num_cpus=spec.cpus_per_worker, num_gpus=1 if gpu else 0, max_restarts=0,
@@ -136,6 +137,44 @@ class WorkerGroup:
 
     def kill(self) -> None:
         _kill(self.workers, self.pg)
+
+
+async def wait_placed(pg, spec: GroupSpec, bundles: list[dict], first_log_s: float = 2.0,
+                      log_every_s: float = 30.0) -> None:
+    """Wait for the placement group, saying what it waits for (first after `first_log_s`, then every
+    `log_every_s`): a pending group of GPU bundles is what makes the Ray (KubeRay) autoscaler add a GPU node,
+    so the replica waits rather than falling back to CPUs. GroupStartError after `spec.placement_timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + spec.placement_timeout_s
+    ready = asyncio.ensure_future(_await(pg.ready()))
+    wait_s = first_log_s
+    try:
+        while True:
+            left = deadline - loop.time()
+            try:
+                await asyncio.wait_for(asyncio.shield(ready), max(0.0, min(wait_s, left)))
+                return
+            except asyncio.TimeoutError:
+                pass
+            waited = spec.placement_timeout_s - (deadline - loop.time())
+            what = f"{len(bundles)} bundle(s) of {bundles[0]} on one node (STRICT_PACK)"
+            if loop.time() >= deadline:
+                raise GroupStartError(f"could not place {what} within {spec.placement_timeout_s:.0f}s; "
+                                      f"{_resources_line(bundles)}")
+            log.warning("replica waiting %.0fs for %s: %s; a Ray autoscaler adds a node that fits, if one is "
+                        "configured (gives up after %.0fs)", waited, what, _resources_line(bundles),
+                        spec.placement_timeout_s)
+            wait_s = log_every_s
+    finally:
+        ready.cancel()
+
+
+def _resources_line(bundles: list[dict]) -> str:
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+    except Exception:  # noqa: BLE001 - only for the message
+        return "cluster resources unknown"
+    return ", ".join(f"{k} {free.get(k, 0):g} free of {total.get(k, 0):g}" for k in bundles[0])
 
 
 async def _await(ref):
