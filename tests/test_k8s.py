@@ -285,3 +285,53 @@ def test_autoscaling_reaches_serve_deployment_options():
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 96)
     fixed = build_app(ServeArgs(models=[{"replicas": 3}]))._bound_deployment.init_args[1]._bound_deployment
     assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
+
+
+# -- the Grafana dashboard reads only what /metrics exports -----------------------------------------------------------
+DASHBOARD = K8S / "grafana" / "cluster-dashboard.json"
+
+
+def _promql(dashboard: dict) -> list[str]:
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return exprs + [v["definition"] for v in dashboard["templating"]["list"] if v.get("definition")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_dashboard_series_are_exported(anyio_backend):
+    """Every series (and every label it groups or filters by) of the dashboard's PromQL is in /metrics of the real
+    router app over the replica core and worker host (fake engine, no Ray), after one request."""
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from test_router_protocol import chat_body, make_client
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    c = await make_client()
+    try:
+        assert (await c.post("/v1/chat/completions", json=chat_body(stream=True))).status_code == 200
+        text = (await c.get("/metrics")).text
+    finally:
+        c.engine.shutdown()
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels.setdefault(s.name, set()).update(s.labels)
+    exprs = _promql(dashboard)
+    assert len(exprs) >= 15
+    wanted = {"ttft": "cluster_time_to_first_token_seconds_bucket", "tpot": "cluster_time_per_output_token_seconds_bucket",
+              "throughput": "cluster_generation_tokens_total", "kv": "cluster_kv_cache_usage_ratio",
+              "queue": "cluster_num_requests_waiting", "preemptions": "cluster_num_preemptions_total",
+              "per-replica load": "cluster_num_requests_running"}
+    for what, series in wanted.items():
+        assert any(series in e for e in exprs), f"the dashboard shows no {what} ({series})"
+    for e in exprs:
+        names = set(re.findall(r"\b(cluster_[a-z0-9_]+)\b", e))
+        assert names, e
+        for n in names:
+            assert n in labels, f"{n} (in {e}) is not exported by /metrics"
+        used = set(re.findall(r"(\w+)\s*=~?", e)) | {x.strip() for g in re.findall(r"by \(([^)]*)\)", e)
+                                                     for x in g.split(",")}
+        have = set().union(*(labels[n] for n in names)) | {"le"}
+        assert used <= have, f"{e}: labels {used - have} are not on {names}"
