@@ -1,35 +1,68 @@
 // The web page's script against a fake DOM and fetch (run by tests/test_router_protocol.py with node): a message
-// with an attached image goes out as image_url + text parts, and the next turn keeps that history.
+// with an attached image goes out as image_url + text parts, the next turn keeps that history, an answer's Markdown
+// becomes elements whose text is set as text only (no model output is ever parsed as HTML), and Stop marks the
+// answer as stopped. tests/test_webui_browser.py checks the same in a real browser.
 const fs = require("fs");
 const js = fs.readFileSync(process.argv[2], "utf8");
+function fail(msg, obj){ console.log("FAIL", msg, JSON.stringify(obj)); process.exit(1); }
+function elem(props){
+  const e = {style: {}, children: [], className: "", _text: "", ...props,
+    appendChild(c){ this.children.push(c); return c; }, addEventListener(){}, focus(){}, requestSubmit(){}, scrollTop: 0,
+    get textContent(){ return this._text + this.children.map(c => c.textContent).join(""); },
+    set textContent(v){ this._text = String(v); this.children = []; },
+    get innerHTML(){ return ""; },
+    set innerHTML(v){ if (v !== "") fail("innerHTML set to", v); this.children = []; }};
+  return e;
+}
 const els = {};
-function el(id){ if (!els[id]) els[id] = {id, value: "", files: [], disabled: false, innerHTML: "", textContent: "", children: [], style: {},
-  appendChild(c){ this.children.push(c); return c; }, addEventListener(){}, focus(){}, requestSubmit(){}, scrollTop: 0}; return els[id]; }
-global.document = { getElementById: el, createElement: tag => ({tag, style: {}, children: [], appendChild(c){ this.children.push(c); return c; }}) };
+function el(id){ if (!els[id]) els[id] = elem({id, value: "", files: [], disabled: false, hidden: false}); return els[id]; }
+global.document = { getElementById: el, createElement: tag => elem({tag}) };
 global.localStorage = { getItem(){ return ""; }, setItem(){} };
 global.performance = { now: () => Date.now() };
-global.AbortController = class { constructor(){ this.signal = {}; } abort(){} };
+let aborted = null;
+global.AbortController = class { constructor(){ this.signal = {}; } abort(){ if (aborted) aborted(); } };
 global.FileReader = class { readAsDataURL(f){ this.result = "data:image/png;base64,AAAA"; setTimeout(() => this.onload(), 0); } };
 global.TextDecoder = class { decode(v){ return v; } };
-let sent = null;
+let sent = null, answer = ["A cat."], hang = false;
 global.fetch = async (url, opts) => {
   if (url.endsWith("/v1/models")) return { ok: true, json: async () => ({data: [{id: "m"}]}) };
   sent = JSON.parse(opts.body);
-  const chunks = ['data: {"choices":[{"delta":{"content":"A cat."}}]}\n\n', 'data: {"choices":[],"usage":{"completion_tokens":2}}\n\n', "data: [DONE]\n\n"];
+  const chunks = answer.map(a => `data: ${JSON.stringify({choices: [{delta: {content: a}}]})}\n\n`)
+    .concat(hang ? [] : ['data: {"choices":[],"usage":{"completion_tokens":2}}\n\n', "data: [DONE]\n\n"]);
   let i = 0;
-  return { ok: true, body: { getReader: () => ({ read: async () => i < chunks.length ? {value: chunks[i++], done: false} : {done: true} }) } };
+  const read = async () => {
+    if (i < chunks.length) return {value: chunks[i++], done: false};
+    if (!hang) return {done: true};
+    return new Promise((_, no) => { aborted = () => { const e = new Error("aborted"); e.name = "AbortError"; no(e); }; });
+  };
+  return { ok: true, body: { getReader: () => ({ read }) } };
 };
+const last = () => el("log").children[el("log").children.length - 1];
+const tags = (e, out = []) => { out.push(e.tag); e.children.forEach(c => tags(c, out)); return out; };
 eval(js);
 (async () => {
   el("in").value = "What is this?"; el("img").files = [{name: "cat.png"}];
   await el("f").onsubmit({preventDefault(){}});
   const content = sent.messages[sent.messages.length - 1].content;
   if (!Array.isArray(content) || content[0].type !== "image_url" || content[0].image_url.url !== "data:image/png;base64,AAAA" ||
-      content[1].text !== "What is this?") { console.log("FAIL", JSON.stringify(sent)); process.exit(1); }
+      content[1].text !== "What is this?") fail("turn 1", sent);
   el("in").value = "And now?"; el("img").files = [];
+  answer = ["Use `ls`:\n```sh\nls <img src=x onerror=alert(1)>\n", "```\n**done**"];
   await el("f").onsubmit({preventDefault(){}});
   const msgs = sent.messages;
-  if (msgs.length !== 3 || msgs[2].content !== "And now?" || !Array.isArray(msgs[0].content) || msgs[1].content !== "A cat.") {
-    console.log("FAIL turn 2", JSON.stringify(msgs)); process.exit(1); }
+  if (msgs.length !== 3 || msgs[2].content !== "And now?" || !Array.isArray(msgs[0].content) || msgs[1].content !== "A cat.")
+    fail("turn 2", msgs);
+  const t = tags(last());
+  if (!t.includes("pre") || !t.includes("strong") || t.filter(x => x === "code").length !== 2) fail("markdown", t);
+  if (!last().textContent.includes("ls <img src=x onerror=alert(1)>")) fail("code text", last().textContent);
+  el("in").value = "Go on"; answer = ["Once upon"]; hang = true;
+  const turn = el("f").onsubmit({preventDefault(){}});
+  await new Promise(r => setTimeout(r, 10));
+  el("stop").onclick(); await turn;
+  if (!last().className.includes("stopped") || !last().textContent.includes("stopped") || el("send").disabled)
+    fail("stop", {cls: last().className, text: last().textContent});
+  el("in").value = "Next"; hang = false; answer = ["Fine."];
+  await el("f").onsubmit({preventDefault(){}});
+  if (sent.messages.length !== 7 || sent.messages[5].content !== "Once upon") fail("history after stop", sent.messages);
   console.log("ok");
 })();

@@ -22,9 +22,23 @@ _PAGE = r"""<!doctype html>
  #log{flex:1;overflow:auto;padding:12px}
  .msg{max-width:800px;margin:8px auto;padding:8px 12px;border-radius:8px;white-space:pre-wrap;line-height:1.4}
  .user{background:#dbeafe}.assistant{background:#fff;border:1px solid #e5e7eb}.error{background:#fee2e2}
- form{display:flex;gap:8px;padding:12px;max-width:800px;width:100%;margin:0 auto;box-sizing:border-box}
+ .msg pre{background:#0f172a;color:#e2e8f0;padding:8px 10px;border-radius:6px;overflow:auto;white-space:pre;margin:6px 0}
+ .msg code{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:90%}
+ .msg :not(pre)>code{background:#eef2f7;padding:1px 4px;border-radius:4px}
+ .assistant.stopped{border-style:dashed;border-color:#d97706}
+ .tag{display:inline-block;font-size:12px;color:#92400e;background:#fef3c7;border-radius:4px;padding:0 6px;margin-top:4px}
+ form{display:flex;gap:8px;padding:12px;max-width:800px;width:100%;margin:0 auto;box-sizing:border-box;align-items:stretch}
  textarea{flex:1;padding:8px;font:inherit;resize:vertical;min-height:44px}
  button{padding:8px 14px}
+ .vh{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
+ .attach{display:inline-flex;align-items:center;gap:6px;padding:0 12px;border:1px solid #9ca3af;border-radius:4px;
+   background:#fff;cursor:pointer;white-space:nowrap;font-size:14px}
+ #img:focus-visible+.attach{outline:2px solid #2563eb}
+ #imgname{display:inline-flex;align-items:center;gap:4px;font-size:12px;max-width:11em;white-space:nowrap}
+ #imgname[hidden]{display:none}
+ .user img{max-height:8em;display:block;margin-bottom:4px;border-radius:4px}
+ #imgname span{overflow:hidden;text-overflow:ellipsis}
+ #imgclear{padding:0 6px}
  .stats{font-size:12px;color:#6b7280}
 </style></head><body>
 <header><b>cluster</b>
@@ -37,7 +51,11 @@ _PAGE = r"""<!doctype html>
 </header>
 <div id="log"></div>
 <form id="f"><textarea id="in" placeholder="Say something (Enter sends, Shift+Enter for a new line)"></textarea>
-<label title="attach an image (vision-language models)">&#128247;<input id="img" type="file" accept="image/*" style="width:7em"></label>
+<input id="img" class="vh" type="file" accept="image/*"><label for="img" class="attach"
+ title="attach an image (vision-language models)"><svg width="18" height="18" viewBox="0 0 24 24" fill="none"
+ stroke="currentColor" stroke-width="2" stroke-linejoin="round" aria-hidden="true"><path d="M4 7h3l2-3h6l2 3h3a1 1 0 0 1
+ 1 1v11a1 1 0 0 1-1 1H4a1 1 0 0 1-1-1V8a1 1 0 0 1 1-1z"/><circle cx="12" cy="13" r="4"/></svg>Image</label>
+<span id="imgname" hidden><span id="imgfile"></span><button id="imgclear" type="button" title="remove the image">&times;</button></span>
 <button id="send">Send</button><button id="stop" type="button" disabled>Stop</button></form>
 <script>
 const API = "__API_BASE__";
@@ -46,31 +64,55 @@ let history = [], ctrl = null;
 $("key").value = localStorage.getItem("cluster_key") || "";
 $("key").onchange = () => { localStorage.setItem("cluster_key", $("key").value); loadModels(); };
 function headers(){ const h = {"Content-Type":"application/json"}; if ($("key").value) h["Authorization"] = "Bearer " + $("key").value; return h; }
-function add(cls, text){ const d = document.createElement("div"); d.className = "msg " + cls; d.textContent = text; $("log").appendChild(d); $("log").scrollTop = 1e9; return d; }
+function node(tag, cls, text){ const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e; }
+function add(cls, text){ const d = node("div", "msg " + cls, text); $("log").appendChild(d); $("log").scrollTop = 1e9; return d; }
 function readImage(file){ return new Promise((ok, fail) => { const r = new FileReader(); r.onload = () => ok(r.result); r.onerror = () => fail(new Error("cannot read " + file.name)); r.readAsDataURL(file); }); }
+// Markdown, safely: the model's text only ever goes into textContent, so no HTML of it is ever parsed.
+function inline(parent, text){  // `code` and **bold**
+  const re = /`([^`\n]+)`|\*\*([^*\n]+)\*\*/g; let last = 0, m;
+  while ((m = re.exec(text)) !== null){
+    if (m.index > last) parent.appendChild(node("span", "", text.slice(last, m.index)));
+    parent.appendChild(m[1] !== undefined ? node("code", "", m[1]) : node("strong", "", m[2]));
+    last = m.index + m[0].length;
+  }
+  if (last < text.length) parent.appendChild(node("span", "", text.slice(last)));
+}
+function render(box, text){  // fenced code blocks (an unclosed one, while streaming, runs to the end) and inline marks
+  box.textContent = ""; let prose = [], code = null;
+  const flush = () => { if (prose.length){ const p = node("span"); inline(p, prose.join("\n")); box.appendChild(p); prose = []; } };
+  const block = () => { const pre = node("pre"); pre.appendChild(node("code", "", code.join("\n"))); box.appendChild(pre); code = null; };
+  for (const line of text.split("\n")){
+    if (/^\s*```/.test(line)){ if (code === null){ flush(); code = []; } else block(); continue; }
+    (code === null ? prose : code).push(line);
+  }
+  if (code !== null) block(); flush();
+}
+function showImage(){ const f = $("img").files[0]; $("imgname").hidden = !f; $("imgfile").textContent = $("imgfile").title = f ? f.name : ""; }
 async function loadModels(){
   try { const r = await fetch(API + "/v1/models", {headers: headers()}); const j = await r.json();
         if (!r.ok) throw new Error(j.error ? j.error.message : r.status);
-        $("model").innerHTML = ""; for (const m of j.data){ const o = document.createElement("option"); o.textContent = m.id; $("model").appendChild(o); }
+        $("model").innerHTML = ""; for (const m of j.data) $("model").appendChild(node("option", "", m.id));
   } catch(e){ add("error", "cannot list models: " + e.message); }
 }
 $("clear").onclick = () => { history = []; $("log").innerHTML = ""; };
 $("stop").onclick = () => { if (ctrl) ctrl.abort(); };
+$("img").onchange = showImage;
+$("imgclear").onclick = () => { $("img").value = ""; showImage(); };
 $("in").addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey){ e.preventDefault(); $("f").requestSubmit(); } });
 $("f").onsubmit = async e => {
   e.preventDefault(); const text = $("in").value.trim(); if (!text || ctrl) return;
-  const file = $("img").files[0]; let content = text;
+  const file = $("img").files[0]; let content = text, url = null;
   if (file){  // an image goes inline as a data: URL, before the text (as LLaVA was trained)
-    let url; try { url = await readImage(file); } catch(err){ add("error", err.message); return; }
+    try { url = await readImage(file); } catch(err){ add("error", err.message); return; }
     content = [{type: "image_url", image_url: {url}}, {type: "text", text}];
-    const im = document.createElement("img"); im.src = url; im.style.maxHeight = "8em"; im.style.display = "block";
-    add("user", "").appendChild(im); $("img").value = "";
+    $("img").value = ""; showImage();
   }
-  $("in").value = ""; add("user", text); history.push({role:"user", content});
-  const out = add("assistant", ""); const stats = document.createElement("div"); stats.className = "stats";
+  const said = add("user", ""); if (url){ const im = node("img"); im.src = url; im.alt = file.name; said.appendChild(im); }
+  said.appendChild(node("span", "", text)); $("in").value = ""; history.push({role:"user", content});
+  const out = add("assistant", ""), body = node("div"); out.appendChild(body);
   const msgs = ($("system").value ? [{role:"system", content:$("system").value}] : []).concat(history);
   ctrl = new AbortController(); $("stop").disabled = false; $("send").disabled = true;
-  const t0 = performance.now(); let t1 = null, answer = "", usage = null;
+  const t0 = performance.now(); let t1 = null, answer = "", usage = null, stopped = false;
   try {
     const r = await fetch(API + "/v1/chat/completions", {method:"POST", headers: headers(), signal: ctrl.signal,
       body: JSON.stringify({model: $("model").value, messages: msgs, stream: true, stream_options: {include_usage: true},
@@ -85,12 +127,14 @@ $("f").onsubmit = async e => {
         if (!line.startsWith("data:")) continue; const data = line.slice(5).trim(); if (data === "[DONE]") continue;
         const j = JSON.parse(data); if (j.error) throw new Error(j.error.message);
         if (j.usage) usage = j.usage;
-        for (const c of j.choices || []){ const d = c.delta && c.delta.content; if (d){ if (t1 === null) t1 = performance.now(); answer += d; out.textContent = answer; $("log").scrollTop = 1e9; } }
+        for (const c of j.choices || []){ const d = c.delta && c.delta.content; if (d){ if (t1 === null) t1 = performance.now(); answer += d; render(body, answer); $("log").scrollTop = 1e9; } }
       }
     }
-  } catch(err){ if (err.name !== "AbortError") add("error", err.message); }
-  history.push({role:"assistant", content: answer});
-  if (usage){ const secs = (performance.now() - t0) / 1000; stats.textContent = `${usage.completion_tokens} tokens, ${secs.toFixed(2)} s` + (t1 ? `, first token after ${((t1 - t0)/1000).toFixed(2)} s` : ""); out.appendChild(stats); }
+  } catch(err){ if (err.name === "AbortError") stopped = true; else add("error", err.message); }
+  if (answer) history.push({role:"assistant", content: answer});
+  else history.pop();  // no answer to keep: drop the question too, so user and assistant turns still alternate
+  if (stopped){ out.className += " stopped"; out.appendChild(node("div", "tag", "stopped")); }
+  if (usage){ const secs = (performance.now() - t0) / 1000; out.appendChild(node("div", "stats", `${usage.completion_tokens} tokens, ${secs.toFixed(2)} s` + (t1 ? `, first token after ${((t1 - t0)/1000).toFixed(2)} s` : ""))); }
   ctrl = null; $("stop").disabled = true; $("send").disabled = false; $("in").focus();
 };
 loadModels();
