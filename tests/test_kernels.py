@@ -29,8 +29,8 @@ def _load(name: str):
 from cluster import kernels  # noqa: E402
 from cluster.kernels import reference as ref  # noqa: E402
 
-attn, norm, act, rot, kv, gemv, moe, w4 = (_load(n) for n in ("attention", "norm", "activation", "rotary",
-                                                                "kvcache", "gemv", "moe", "w4a16"))
+attn, norm, act, rot, kv, gemv, moe, _, w4 = (_load(n) for n in ("attention", "norm", "activation", "rotary",
+                                                                   "kvcache", "gemv", "moe", "w4a16_gemv", "w4a16"))
 
 
 
@@ -128,20 +128,94 @@ def test_gemv_gated_is_gemv_then_silu_and_mul(dtype, bias, n, k):
     assert got.shape == (1, n) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M, N, K, group", [(1, 40, 64, 32), (5, 24, 128, 64), (20, 33, 32, 16)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_w4_matches_the_reference(dtype, M, N, K, group, bias):
-    """4-bit weights dequantized tile by tile (N not a multiple of the block; groups of 16 to 64 channels)."""
+def _w4_weight(N: int, K: int, group: int, dtype: torch.dtype):
     from cluster.quant import int4
 
     q, zeros, scales = int4.quantize(torch.randn(N, K), group)
-    qweight, zeros, scales = int4.pack(q), zeros.to(dtype), scales.to(dtype)
+    return int4.pack(q), zeros.to(dtype), scales.to(dtype)
+
+
+def _w4_ref(x, qweight, zeros, scales, b):
+    return ref.linear_w4(x.float(), qweight, zeros.float(), scales.float(), None if b is None else b.float())
+
+
+W4_SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M, N, K, group", [(1, 40, 64, 32), (1, 24, 160, 32), (3, 24, 96, 32), (17, 33, 160, 32),
+                                            (1, 8, 32, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_w4_matches_the_reference(dtype, M, N, K, group, bias):
+    """4-bit weights dequantized in registers: N below a tile and not a multiple of it, K an odd number of steps,
+    M = 1 (the GEMV, in one step and in several with the next step's loads issued early), 3 and 17 (the tensor-core
+    kernel, two row tiles at 17), groups of 16 and 32."""
+    qweight, zeros, scales = _w4_weight(N, K, group, dtype)
     x = torch.randn(M, K, dtype=dtype)
     b = torch.randn(N, dtype=dtype) if bias else None
     got = w4.linear_w4(x, qweight, zeros, scales, b)
-    want = ref.linear_w4(x.float(), qweight, zeros, scales, None if b is None else b.float())
+    assert got.shape == (M, N) and got.dtype == dtype and rel_err(got, _w4_ref(x, qweight, zeros, scales, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K, split", [(1, 20, 160, 2), (3, 33, 96, 3), (17, 8, 128, 4)])
+@pytest.mark.parametrize("gated, bias", [(False, True), (True, True)])
+def test_linear_w4_split_k(dtype, M, N, K, split, gated, bias):
+    """K split over programs (few output tiles), partials reduced with the bias and the gate in a second kernel:
+    the same as the one-pass kernel, and K steps that do not divide evenly between the splits."""
+    rows = 2 * N if gated else N
+    qweight, zeros, scales = _w4_weight(rows, K, 32, dtype)
+    x = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(rows, dtype=dtype) if bias else None
+    qw = qweight.view(torch.int32)
+    got = w4.launch(x, qw, zeros, scales, b, gated, dict(W4_SMALL, split=split))
+    want = w4.launch(x, qw, zeros, scales, b, gated, dict(W4_SMALL, split=1))
+    assert got.shape == (M, N) and rel_err(got, want) < TOL[dtype]
+    if not gated:
+        assert rel_err(got, _w4_ref(x, qweight, zeros, scales, b)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M, N, K", [(1, 37, 96), (17, 16, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_w4_gated_is_linear_then_silu_and_mul(dtype, M, N, K, bias):
+    """The fused gate/up epilogue: the product rounded to the dtype first, as the unfused kernels do."""
+    qweight, zeros, scales = _w4_weight(2 * N, K, 32, dtype)
+    x = torch.randn(M, K, dtype=dtype)
+    b = torch.randn(2 * N, dtype=dtype) if bias else None
+    want = ref.silu_and_mul(w4.linear_w4(x, qweight, zeros, scales, b))
+    got = w4.linear_w4(x, qweight, zeros, scales, b, gated=True)
     assert got.shape == (M, N) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_linear_w4_dequantize_then_matmul(gated):
+    """The large-M path: the weight dequantized to the dtype by a kernel, then one dense matmul."""
+    qweight, zeros, scales = _w4_weight(2 * 24 if gated else 24, 64, 32, torch.float32)
+    x = torch.randn(5, 64)
+    want = ref.linear_w4(x, qweight, zeros, scales)
+    want = ref.silu_and_mul(want) if gated else want
+    got = w4.launch(x, qweight.view(torch.int32), zeros, scales, None, gated, dict(dequant=True))
+    assert rel_err(got, want) < TOL[torch.float32]
+
+
+def test_linear_w4_other_groups_use_the_reference():
+    """Group sizes the kernels' power-of-two tiles cannot step through (48 here) still compute, through the
+    reference."""
+    qweight, zeros, scales = _w4_weight(16, 96, 48, torch.float32)
+    x = torch.randn(2, 96)
+    got = w4.linear_w4(x, qweight, zeros, scales)
+    assert torch.equal(got, ref.linear_w4(x, qweight, zeros, scales))
+
+
+def test_linear_w4_split_fills_the_gpu():
+    """Split-K only where a layer has few output tiles: o_proj at decode splits, gate_up does not."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128)
+    assert w4.auto_split(1, 4096, 4096, cfg, 132) == 8
+    assert w4.auto_split(1, 14336, 4096, cfg, 132) == 4
+    assert w4.auto_split(1, 2 * 14336, 4096, dict(cfg, BLOCK_N=64), 132) == 1
+    assert w4.auto_split(64, 4096, 4096, dict(cfg, BLOCK_M=64), 132) == 8
+    assert w4.auto_split(1, 4096, 256, cfg, 132) == 2  # never more splits than K steps
 
 
 @pytest.mark.parametrize("T, k, E", [(40, 2, 3), (1, 2, 8)])

@@ -46,9 +46,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_w4(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-    """x @ W.T + bias for a 4-bit weight (reference.linear_w4); the Triton path dequantizes tile by tile, so the
-    weight crosses memory at a quarter of its bf16 bytes. gated: silu_and_mul of the result."""
-    y = (_triton("w4a16", x) or reference).linear_w4(x, qweight, zeros, scales, bias)
+    """x @ W.T + bias for a 4-bit weight (reference.linear_w4); the Triton path dequantizes in registers, so the
+    weight crosses memory at a quarter of its bf16 bytes. gated: silu_and_mul of the result (fused on CUDA)."""
+    mod = _triton("w4a16", x)
+    if mod is not None:
+        return mod.linear_w4(x, qweight, zeros, scales, bias, gated)
+    y = reference.linear_w4(x, qweight, zeros, scales, bias)
     return silu_and_mul(y) if gated else y
 
 

@@ -2,7 +2,8 @@
 
 * unpacked, for slicing over tensor-parallel ranks: q uint8 [out, in] (0..15), zeros and scales [out, in / group];
 * the engine's: qweight uint8 [out, in / 2] (input channel 2j in the low nibble, 2j + 1 in the high one), the same
-  zeros and scales, in the model dtype;
+  zeros and scales, in the model dtype. Read as little-endian int32 words [out, in / 8] it packs 8 input channels
+  a word along K (channel 8j + i in nibble i of word j), which is how the GPU kernels load it (kernels/w4a16.py);
 * AutoAWQ's GEMM checkpoints (what `-AWQ` models on the Hub ship): qweight int32 [in, out / 8] with eight output
   channels a word in the order 0 2 4 6 1 3 5 7, qzeros int32 [in / group, out / 8] likewise, scales [in / group, out].
 
