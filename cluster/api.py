@@ -9,7 +9,7 @@ from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine, Response
 from cluster.engine.multimodal import from_tuple
-from cluster.engine.tokenizer import Prompt
+from cluster.engine.tokenizer import Prompt, with_tools
 
 Prompts = Union[Prompt, tuple, list[Union[Prompt, tuple]]]
 
@@ -64,7 +64,8 @@ class Pipeline:
 
     def _submit_all(self, prompts: list[Prompt], gens: list[GenerationConfig]) -> tuple[list[str], queue.Queue]:
         """Validate everything first, so a bad prompt fails the call before any request starts."""
-        prompts = [self.engine.prepare_prompt(self._preprocess(p)) for p in prompts]
+        prompts = [self.engine.prepare_prompt(with_tools(self._preprocess(p), g.tools, g.tool_choice))
+                   for p, g in zip(prompts, gens)]
         for p, g in zip(prompts, gens):
             self.engine.validate(p, g)
         sink: queue.Queue = queue.Queue()
@@ -76,7 +77,9 @@ class Pipeline:
 
     def stream_infer(self, prompts: Prompts, gen_config: GenerationConfig | list[GenerationConfig] | None = None
                      ) -> Iterator[Response]:
-        """Yield Response chunks (new text and tokens; `index` says which prompt) as they are generated."""
+        """Yield Response chunks (new text and tokens; `index` says which prompt) as they are generated. With
+        GenerationConfig(tools=...) a chunk may carry parsed `tool_calls` (finish_reason "tool_calls"); with a
+        thinking template, `reasoning` apart from `text`; with response_format / guided_*, the text follows it."""
         plist = [prompts] if _is_single(prompts) else list(prompts)
         rids, sink = self._submit_all(plist, self._gens(len(plist), gen_config))
         index = {rid: i for i, rid in enumerate(rids)}

@@ -1,9 +1,11 @@
 """User-facing settings, validated by pydantic so a bad value fails at construction with a clear message."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GUIDED = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class EngineConfig(BaseModel):
@@ -58,14 +60,58 @@ class GenerationConfig(BaseModel):
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20, description="return the top-N logprobs of each generated token")
     do_sample: bool | None = Field(None, description="False forces greedy; None decides from temperature/top_k")
+    # structured output, one at most (cluster/engine/grammar.py compiles it, once per schema)
+    response_format: dict | None = Field(None, description="OpenAI's: {'type': 'json_object'}, or {'type': "
+                                         "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}")
+    guided_json: Any = Field(
+        None, description="a JSON Schema (dict or JSON text, or a pydantic model class) the output follows (vLLM's name)")
+    guided_regex: str | None = Field(None, description="a regular expression the output matches")
+    guided_choice: list[str] | None = Field(None, description="the output is exactly one of these strings")
+    guided_grammar: str | None = Field(None, description="an EBNF grammar (xgrammar's, GBNF-like; rule 'root')")
+    # tool calling: the chat template renders the tools; the output's calls come back parsed (Delta.tool_calls)
+    tools: list[dict] | None = Field(None, description="OpenAI's function tools: [{'type': 'function', 'function': "
+                                     "{'name', 'description', 'parameters'}}]")
+    tool_choice: Union[str, dict, None] = Field(None, description="'auto' (default with tools), 'none', 'required' "
+                                                "or {'type': 'function', 'function': {'name': ...}}")
+    parallel_tool_calls: bool = True
+
+    @field_validator("guided_json", mode="before")
+    @classmethod
+    def _model_schema(cls, v: Any) -> Any:
+        """A pydantic model class stands for its JSON Schema (the pipeline's convenience)."""
+        if isinstance(v, type) and issubclass(v, BaseModel):
+            return v.model_json_schema()
+        if v is not None and not isinstance(v, (dict, str, bool)):
+            raise ValueError("guided_json must be a JSON Schema: a dict, JSON text, or a pydantic model class")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "GenerationConfig":
+        given = [k for k in GUIDED if getattr(self, k) is not None and not (
+            k == "response_format" and self.response_format.get("type", "text") == "text")]
+        if len(given) > 1:
+            raise ValueError(f"at most one structured-output constraint per request, got {', '.join(given)}")
+        if self.tool_choice not in (None, "auto", "none", "required") and not isinstance(self.tool_choice, dict):
+            raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a named function, "
+                             f"got {self.tool_choice!r}")
+        if self.forces_tools and given:
+            raise ValueError(f"tool_choice {self.tool_choice!r} cannot be combined with {given[0]}")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs tools")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
         if any(not s for s in self.stop_words):
             raise ValueError("stop_words must be non-empty strings")
         return self
+
+    @property
+    def forces_tools(self) -> bool:
+        """tool_choice 'required' or a named function: the grammar makes the output a call."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     @property
     def greedy(self) -> bool:

@@ -42,9 +42,21 @@ class TokenLogprob:
 
 
 @dataclass
+class ToolCall:
+    """One tool call in a choice's output. The parser (cluster.tool_parsers) emits each call whole, once it has
+    parsed; a later entry with the same `index` would continue its arguments (OpenAI's streamed deltas)."""
+
+    index: int
+    name: str = ""
+    arguments: str = ""  # JSON text
+    id: str = ""
+
+
+@dataclass
 class Delta:
     """New output of one request (choice) since its previous Delta. Field names are LMDeploy's (the pipeline's
-    `Response` is a Delta)."""
+    `Response` is a Delta). `text` is the answer's content; with a thinking template `reasoning` holds what was
+    between <think> and </think>, and with tools `tool_calls` the parsed calls (cluster.tool_parsers)."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -53,6 +65,8 @@ class Delta:
     input_token_len: int = 0
     generate_token_len: int = 0
     cached_token_len: int = 0
+    reasoning: str = ""
+    tool_calls: Optional[list[ToolCall]] = None
 
     def merge(self, later: "Delta") -> "Delta":
         """Fold `later` (the same request's next output) into this one, in place; returns self. Its lists are
@@ -67,7 +81,20 @@ class Delta:
         self.input_token_len = later.input_token_len or self.input_token_len
         self.generate_token_len = max(self.generate_token_len, later.generate_token_len)
         self.cached_token_len = later.cached_token_len
+        self.reasoning += later.reasoning
+        for call in later.tool_calls or ():
+            self._merge_call(call)
         return self
+
+    def _merge_call(self, call: ToolCall) -> None:
+        if self.tool_calls is None:
+            self.tool_calls = []
+        for own in self.tool_calls:
+            if own.index == call.index:  # a fragment of a call already here: its arguments go on
+                own.name, own.id = own.name or call.name, own.id or call.id
+                own.arguments += call.arguments
+                return
+        self.tool_calls.append(ToolCall(call.index, call.name, call.arguments, call.id))
 
     def copy(self) -> "Delta":
         return Delta().merge(self)

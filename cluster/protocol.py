@@ -8,9 +8,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from cluster.messages import Choice, ErrorInfo, Job
+from cluster.schemas import AssistantToolCall, Guided, ResponseFormat, Tools
 
 MAX_N = 16  # choices per request (n x prompts); more is "n too large"
 MAX_STOP = 16
@@ -89,8 +90,9 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: Optional[bool] = Field(None, description="accepted, ignored (vLLM's name)")
 
 
-class _Sampling(BaseModel):
-    """Sampling parameters shared by chat and completions (OpenAI names, plus vLLM's top_k/min_p/repetition_penalty)."""
+class _Sampling(Guided):
+    """Sampling parameters shared by chat and completions (OpenAI names, plus vLLM's top_k/min_p/repetition_penalty
+    and guided_*), and structured output (response_format, guided_*: cluster/schemas.py)."""
 
     model_config = STRICT
 
@@ -113,6 +115,8 @@ class _Sampling(BaseModel):
     stream_options: Optional[StreamOptions] = None
     logit_bias: Optional[dict[str, float]] = None
     best_of: Optional[int] = None
+    response_format: Optional[ResponseFormat] = None
+    _guided: dict = PrivateAttr(default_factory=dict)  # the constraint's GenerationConfig fields
     # documented by OpenAI, no effect here: accepted and ignored
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
@@ -143,6 +147,10 @@ class _Sampling(BaseModel):
             raise ValueError("best_of is not supported (use n)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        try:
+            self._guided = self.guided_gen(self.response_format)
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from None
         return self
 
     @property
@@ -169,6 +177,9 @@ class _Sampling(BaseModel):
         }
         if self.seed is not None:
             g["seed"] = self.seed + index  # n choices with one seed: reproducible, yet different from each other
+        g.update(self._guided)
+        if isinstance(self, Tools):
+            g.update(self.tools_gen())
         return g
 
 
@@ -177,18 +188,22 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[dict]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[AssistantToolCall]] = Field(None, max_length=128)
+    tool_call_id: Optional[str] = Field(None, max_length=256)
     # what an SDK sends back when it replays an assistant message: accepted while empty
     refusal: Optional[str] = None
-    tool_calls: Optional[list] = None
-    tool_call_id: Optional[str] = None
     function_call: Optional[dict] = None
     annotations: Optional[list] = None
     audio: Optional[dict] = None
 
     @model_validator(mode="after")
-    def _no_tools(self):
-        if self.tool_calls or self.function_call or self.tool_call_id:
-            raise ValueError("tool calls are not supported")
+    def _tool_fields(self):
+        if self.function_call:
+            raise ValueError("function_call (deprecated) is not supported: use tool_calls")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages have a tool_call_id")
         return self
 
     def plain(self) -> dict:
@@ -205,20 +220,21 @@ class ChatMessage(BaseModel):
             if "image_url" in kinds:
                 return {"role": role, "content": [dict(part) for part in content]}
             content = "".join(str(part.get("text", "")) for part in content)
-        return {"role": role, "content": content or ""}
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:  # the template renders them (cluster/engine/tokenizer.py)
+            out["tool_calls"] = [c.template() for c in self.tool_calls]
+        if self.role == "tool":
+            out.update({k: v for k, v in (("tool_call_id", self.tool_call_id), ("name", self.name)) if v})
+        return out
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, Tools):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    response_format: Optional[dict] = None
-    tools: Optional[list] = None
-    tool_choice: Optional[Union[str, dict]] = None
     functions: Optional[list] = None
     function_call: Optional[Union[str, dict]] = None
-    parallel_tool_calls: Optional[bool] = Field(None, description="accepted, ignored")
     modalities: Optional[list[str]] = None
     reasoning_effort: Optional[str] = Field(None, description="accepted, ignored")
     verbosity: Optional[str] = Field(None, description="accepted, ignored")
@@ -229,12 +245,14 @@ class ChatCompletionRequest(_Sampling):
             self.max_tokens = self.max_completion_tokens
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported")
-        if self.tools or self.functions:
-            raise ValueError("tools are not supported")
-        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported (tools are not)")
+        if self.functions or self.function_call not in (None, "none", "auto"):
+            raise ValueError("functions and function_call (deprecated) are not supported: use tools and tool_choice")
+        bad = self.tool_errors()
+        if bad is not None:
+            raise APIError(400, bad[1], param=bad[0])
+        if self._guided and self.tools_gen() and self.tools_gen()["tool_choice"] != "auto":
+            raise APIError(400, f"tool_choice {self.tool_choice!r} cannot be combined with "
+                                f"{', '.join(self._guided)}", param="tool_choice")
         if self.modalities and set(self.modalities) != {"text"}:
             raise ValueError("only the text modality is supported")
         return self

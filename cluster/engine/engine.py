@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from cluster.config import EngineConfig, GenerationConfig
+from cluster.config import GUIDED, EngineConfig, GenerationConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import PromptTooLongError, RequestFailedError
+from cluster.engine.grammar import GrammarKey, Grammars, grammar_key
 from cluster.engine.multimodal import has_images, prompt_images
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
@@ -99,6 +100,8 @@ class LLMEngine:
         self._in_flight: Launched | None = None
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
+        self.grammars = Grammars(tokenizer.hf, max(runner.cfg.vocab_size, len(tokenizer.hf)),
+                                 tokenizer.grammar_tokens) if tokenizer else None
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt: PreparedPrompt, gen: GenerationConfig) -> None:
@@ -110,6 +113,17 @@ class LLMEngine:
         if len(ids) + gen.max_new_tokens > self.session_len:
             raise PromptTooLongError(len(ids), gen.max_new_tokens, self.session_len)
         self._check_token_ids(ids, gen)  # after the length check: at most session_len ids
+        key = self._grammar_key(prompt, gen)
+        if key is not None:
+            self.grammars.get(key)  # compiled here, on the caller's thread; the engine's thread finds it cached
+
+    def _grammar_key(self, prompt: PreparedPrompt, gen: GenerationConfig) -> GrammarKey | None:
+        if not (gen.forces_tools or any(getattr(gen, f) is not None for f in GUIDED)):
+            return None
+        if self.grammars is None:
+            raise ValueError("structured output needs the model's tokenizer; this engine has none")
+        tok = self.tokenizer
+        return grammar_key(gen, tok.tool_format, tok.special_tokens, tok.think_state(prompt))
 
     def _check_token_ids(self, prompt_ids: list[int], gen: GenerationConfig) -> None:
         """Ids outside the vocabulary fail inside a step: in the embedding (prompt ids; image tokens are real ids
@@ -137,7 +151,12 @@ class LLMEngine:
         if gen.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(gen.seed)
         if self.tokenizer is not None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, gen.skip_special_tokens, gen.stop_words)
+            seq.parser = self.tokenizer.output_parser(prompt, gen.uses_tools)
+            skip = gen.skip_special_tokens and not self.tokenizer.keeps_markers(seq.parser)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, skip, gen.stop_words)
+        key = self._grammar_key(prompt, gen)
+        if key is not None:
+            seq.matcher = self.grammars.matcher(self.grammars.get(key), seq.stop_ids)
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         self.stats.tokens_in += len(ids)
@@ -153,10 +172,10 @@ class LLMEngine:
         if not has_images(prompt):
             if image_token is not None and image_token in ids:
                 raise ValueError("the prompt has image tokens but no image; pass images as content parts")
-            return PreparedPrompt(ids)
+            return PreparedPrompt(ids, chat=_is_chat(prompt))
         if self.vision is None:
             raise ValueError("this model takes no images (it is not a vision-language model)")
-        return PreparedPrompt(ids, self.vision.pixel_values(prompt_images(prompt)))
+        return PreparedPrompt(ids, self.vision.pixel_values(prompt_images(prompt)), chat=True)
 
     def _attach_images(self, seq: Sequence, pixel_values: torch.Tensor) -> None:
         from cluster.models.llava import image_digest
@@ -292,10 +311,14 @@ class LLMEngine:
         if token in seq.stop_ids and seq.num_output_tokens >= gen.min_new_tokens:
             reason = "stop"
         else:
+            if seq.matcher is not None and not seq.matcher.accept_token(token):
+                raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
             if seq.detok is not None:
                 seq.detok.add(token)
             if seq.detok is not None and seq.detok.stopped:
                 reason = "stop"
+            elif seq.matcher is not None and seq.matcher.is_terminated():
+                reason = "stop"  # the grammar's end (a stop token it let through, say with ignore_eos)
             elif seq.num_output_tokens >= gen.max_new_tokens or len(seq) >= self.session_len:
                 reason = "length"
         if reason is not None:
@@ -303,8 +326,14 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
             self.stats.finished += 1
         text = seq.detok.take(final=reason is not None) if seq.detok is not None else ""
+        reasoning, calls = "", None
+        if seq.parser is not None:  # content, reasoning and tool calls apart (cluster.tool_parsers)
+            text, reasoning, calls = seq.parser.feed(text, final=reason is not None)
+            if reason == "stop" and seq.parser.called:
+                reason = "tool_calls"
         return RequestOutput(text, [token], [lp] if lp is not None else None, reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, seq.num_cached_prompt_tokens, request_id=seq.request_id)
+                             seq.num_output_tokens, seq.num_cached_prompt_tokens, reasoning, calls or None,
+                             request_id=seq.request_id)
 
     # -- offline generation ----------------------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], gen_configs: list[GenerationConfig] | GenerationConfig | None = None
@@ -345,6 +374,10 @@ class LLMEngine:
             "steps": self.stats.steps,
             "steps_ahead": self.stats.steps_ahead,
         }
+
+
+def _is_chat(prompt: Prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
 
 
 def _check_vocab(ids: list[int], what: str, vocab_size: int) -> None:

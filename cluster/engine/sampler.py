@@ -1,8 +1,8 @@
 """Batched sampling on the logits' device with no host synchronisation until the tokens are read out.
 
-Per row: penalties (repetition, presence, frequency), min-tokens masking, then greedy or temperature + top-k +
-top-p + min-p, drawn as argmax(p / Exp(1)) so a request with a seed draws from its own generator and gets the
-same tokens whatever else is in the batch."""
+Per row: penalties (repetition, presence, frequency), min-tokens masking, the grammar's token mask (structured
+output, cluster/engine/grammar.py), then greedy or temperature + top-k + top-p + min-p, drawn as argmax(p / Exp(1))
+so a request with a seed draws from its own generator and gets the same tokens whatever else is in the batch."""
 from __future__ import annotations
 
 from collections import Counter
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.engine.grammar import apply_masks
 from cluster.engine.sequence import Sequence
 
 
@@ -69,8 +70,8 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], pending: torch.
 
 
 def _mask_early_stop(logits: torch.Tensor, seqs: list[Sequence], ahead: int) -> None:
-    for i, s in enumerate(seqs):
-        if s.num_output_tokens + ahead < s.gen.min_new_tokens and s.stop_ids:
+    for i, s in enumerate(seqs):  # a grammar decides its own end: its last token may be a stop token alone
+        if s.num_output_tokens + ahead < s.gen.min_new_tokens and s.stop_ids and s.matcher is None:
             logits[i].index_fill_(0, to_device(sorted(s.stop_ids), torch.long, logits.device), float("-inf"))
 
 
@@ -86,6 +87,8 @@ def draw(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | Non
     logits = logits.float()
     logits = _apply_penalties(logits, seqs, pending)
     _mask_early_stop(logits, seqs, 1 if pending is not None else 0)
+    if any(s.matcher is not None for s in seqs):  # never in a step ahead: the matchers have seen every token
+        apply_masks(logits, [s.matcher for s in seqs])
     want_lp = [s.gen.logprobs is not None for s in seqs]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
@@ -146,6 +149,7 @@ def read_out(drawn: Drawn, seqs: list[Sequence]) -> SampleResult:
             entry = {"token_id": token_list[i], "logprob": float(logprobs[i, token_list[i]]), "top_logprobs": {}}
             if s.gen.logprobs:
                 vals, ids = logprobs[i].topk(s.gen.logprobs)
-                entry["top_logprobs"] = dict(zip(ids.tolist(), vals.tolist()))
+                # a grammar's mask leaves -inf where it forbids: not a logprob to report (nor valid JSON)
+                entry["top_logprobs"] = {t: v for t, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf")}
             lp_out[i] = entry
     return SampleResult(token_list, lp_out)

@@ -37,6 +37,10 @@ class Sequence:
     num_preemptions: int = 0
     detok: object | None = None  # IncrementalDetokenizer, set by the engine
     stop_ids: frozenset[int] = frozenset()
+    # structured output: the grammar's matcher (xgrammar), advanced on the host by each accepted token; and the
+    # parser of tool calls / reasoning in the text (cluster.tool_parsers.OutputParser)
+    matcher: object | None = None
+    parser: object | None = None
     # images (LLaVA): the embeddings [n, hidden] that replace the token embeddings at image_positions (sorted),
     # and a stand-in token per image position for the prefix cache, so two images never share cached K/V
     image_embeds: torch.Tensor | None = None

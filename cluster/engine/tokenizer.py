@@ -1,7 +1,8 @@
 """Tokenizer wrapper (chat template, prompt forms) and incremental detokenization for streaming.
 
 Streaming text never ends in a broken UTF-8 character (held back until the next token completes it) and never
-shows a stop word, or the start of one, until it is known not to be one."""
+shows a stop word, or the start of one, until it is known not to be one. Tools (ChatPrompt) go through the model's
+own chat template; a template that knows no tools gets them as a system prompt in its family's call format."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from cluster.engine.multimodal import has_images, split_content
+from cluster.tool_parsers import OutputParser, ToolFormat, detect_format, tools_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -27,9 +29,26 @@ class PreparedPrompt:
 
     token_ids: list[int]
     pixel_values: torch.Tensor | None = None
+    chat: bool = False  # rendered by the chat template (its output may hold reasoning or tool calls)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+
+class ChatPrompt(list):
+    """Chat messages with the tools their template renders (GenerationConfig.tools): still a message list to
+    everything else (images, admission checks)."""
+
+    def __init__(self, messages: list[dict], tools: list[dict] | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+
+def with_tools(prompt: Prompt, tools: list[dict] | None, tool_choice=None) -> Prompt:
+    """`prompt` with `tools` for its template, when it is a message list and tools are to be offered."""
+    if tools and tool_choice != "none" and isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return ChatPrompt(prompt, tools)
+    return prompt
 
 
 class Tokenizer:
@@ -60,10 +79,85 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    @cached_property
+    def special_tokens(self) -> frozenset[str]:
+        """Special tokens' texts: what skip_special_tokens drops, and what a grammar must match as one token."""
+        added = getattr(self.hf, "added_tokens_decoder", {}) or {}
+        return frozenset(self.hf.all_special_tokens) | {t.content for t in added.values() if t.special}
+
+    @cached_property
+    def tool_format(self) -> ToolFormat:
+        vocab = self.hf.get_vocab()
+        return detect_format(self.hf.chat_template if isinstance(self.hf.chat_template, str) else None, vocab)
+
+    @property
+    def grammar_tokens(self) -> list[str]:
+        """The special tokens a grammar may name: the tool format's markers, the reasoning tags."""
+        fmt = self.tool_format
+        return [t for t in self.special_tokens if t in fmt.call + fmt.wrap + fmt.separator or t in ("<think>",
+                                                                                                  "</think>")]
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        template = self.hf.chat_template
+        return isinstance(template, str) and "tools" in template
+
+    @cached_property
+    def thinks(self) -> bool:
+        """The template has reasoning blocks (<think>...</think>): the output's reasoning is parsed out."""
+        template = self.hf.chat_template
+        return isinstance(template, str) and "</think>" in template
+
+    def think_state(self, prompt: PreparedPrompt) -> str | None:
+        """None: no reasoning block; "opened": the template ended the prompt inside one (DeepSeek-R1's);
+        "optional": the output may open one (Qwen3's)."""
+        if not (prompt.chat and self.thinks):
+            return None
+        tail = self.decode(prompt.token_ids[-4:], skip_special_tokens=False).rstrip()
+        return "opened" if tail.endswith("<think>") else "optional"
+
+    def output_parser(self, prompt: PreparedPrompt, uses_tools: bool) -> OutputParser | None:
+        """What splits a chat answer into content, reasoning and tool calls; None when there is nothing to split."""
+        think = self.think_state(prompt)
+        fmt = self.tool_format if uses_tools and prompt.chat else None
+        if think is None and fmt is None:
+            return None
+        return OutputParser(fmt, think is not None, think == "opened")
+
+    def keeps_markers(self, parser: OutputParser | None) -> bool:
+        """The detokenizer must keep special tokens: the tool format's markers are some (Mistral's [TOOL_CALLS])."""
+        if parser is None or parser.tools is None:
+            return False
+        fmt = parser.tools.fmt
+        return any(t in fmt.begin or t in fmt.end for t in self.special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        if tools and not self.renders_tools:
+            messages = self._tools_as_text(messages, tools)
+            tools = None
         if not self.hf.chat_template:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kw = {"tools": tools} if tools else {}
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
+
+    def _tools_as_text(self, messages: list[dict], tools: list[dict]) -> list[dict]:
+        """For a template that knows no tools: the tools in the system prompt, the history's calls and results
+        as text in the family's format (Hermes' by default), so the model sees what a tool template would show."""
+        fmt = self.tool_format
+        out = [dict(m) for m in messages]
+        for m in out:
+            if m.get("tool_calls"):
+                calls = fmt.render([(c["function"]["name"], c["function"]["arguments"]) for c in m.pop("tool_calls")])
+                m["content"] = (m.get("content") or "") + ("\n" if m.get("content") else "") + calls
+            if m.get("role") == "tool":
+                m.pop("tool_call_id", None)
+                m.update(role="user", content=f"<tool_response>\n{m.get('content', '')}\n</tool_response>")
+        text = tools_prompt(fmt, tools)
+        if out and out[0].get("role") == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{text}"
+        else:
+            out.insert(0, {"role": "system", "content": text})
+        return out
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """A string, token ids, or an OpenAI-style message list (chat template applied) -> token ids."""
@@ -84,7 +178,7 @@ class Tokenizer:
                 text, images = split_content(m["content"], self.image_token or "")
                 messages.append({**m, "content": text})
                 n_images += len(images)
-            text = self.apply_chat_template(messages)
+            text = self.apply_chat_template(messages, getattr(prompt, "tools", None))
             return self.expand_images(self.encode(text, add_special_tokens=False), n_images)
         raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
 

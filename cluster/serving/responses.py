@@ -9,7 +9,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, AsyncIterator
 
-from cluster.messages import Delta, Deltas, Failed, Job, Started, TokenLogprob
+from cluster.messages import Delta, Deltas, Failed, Job, Started, TokenLogprob, ToolCall
 from cluster.protocol import APIError
 
 if TYPE_CHECKING:
@@ -46,6 +46,37 @@ def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict
         lps.append(e.logprob)
         tops.append({t: lp for t, lp in e.top})
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def tool_calls_json(calls: list[ToolCall], delta: bool = False) -> list[dict]:
+    """-> OpenAI `tool_calls` (a streamed delta's entries carry their `index`)."""
+    out = []
+    for c in calls:
+        entry = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        out.append({"index": c.index, **entry} if delta else entry)
+    return out
+
+
+def chat_message(d: Delta) -> dict:
+    """The assistant message of a finished chat choice: content (null beside tool calls with no text), reasoning
+    (a thinking template's, as `reasoning_content`), tool calls."""
+    msg: dict = {"role": "assistant", "content": d.text if d.text or not d.tool_calls else None}
+    if d.reasoning:
+        msg["reasoning_content"] = d.reasoning
+    if d.tool_calls:
+        msg["tool_calls"] = tool_calls_json(d.tool_calls)
+    return msg
+
+
+def chat_delta(d: Delta) -> dict:
+    delta: dict = {}
+    if d.reasoning:
+        delta["reasoning_content"] = d.reasoning
+    if d.text:
+        delta["content"] = d.text
+    if d.tool_calls:
+        delta["tool_calls"] = tool_calls_json(d.tool_calls, delta=True)
+    return delta
 
 
 def sse(obj: dict | str) -> bytes:
@@ -159,7 +190,7 @@ class ResponseBuilder:
             out = self.outputs.get(c.index) or Delta()
             finish = out.finish_reason or "stop"
             if self.chat:
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": out.text},
+                choices.append({"index": c.index, "message": chat_message(out),
                                 "logprobs": chat_logprobs(out.logprobs or []) if self.job.logprobs else None,
                                 "finish_reason": finish})
             else:
@@ -181,7 +212,7 @@ class ResponseBuilder:
     def _choice_chunk(self, index: int, d: Delta, offset: int) -> dict:
         lp = self.job.logprobs
         if self.chat:
-            return {"index": index, "delta": {"content": d.text} if d.text else {},
+            return {"index": index, "delta": chat_delta(d),
                     "logprobs": chat_logprobs(d.logprobs or []) if lp else None, "finish_reason": d.finish_reason}
         return {"index": index, "text": d.text,
                 "logprobs": completion_logprobs(d.logprobs or [], offset) if lp else None,
@@ -207,8 +238,8 @@ class ResponseBuilder:
                 self._see(ev)
                 out = []
                 for i, d in ev.choices.items():
-                    if not d.text and d.finish_reason is None and not d.logprobs:
-                        continue  # held-back text (a partial character or a possible stop word)
+                    if not (d.text or d.reasoning or d.tool_calls or d.logprobs) and d.finish_reason is None:
+                        continue  # held-back text (a partial character, a possible stop word or tool call)
                     out.append(self._choice_chunk(i, d, offsets[i]))
                     offsets[i] += len(d.text)
                     if d.finish_reason is not None:

@@ -104,20 +104,24 @@ class RankZeroHost:
         """One request made ready for the engine (tokens, images, GenerationConfig) and validated, once; or its
         refusal. Any thread: this is the part that can take long."""
         from cluster.config import GenerationConfig
+        from cluster.engine.grammar import GrammarError
         from cluster.engine.multimodal import check_inline_images
+        from cluster.engine.tokenizer import with_tools
 
         try:  # a remote caller's prompt: never one of this server's files
             check_inline_images(req.prompt)
         except ValueError as e:
             return Admitted(error=ErrorInfo("bad_request", str(e), param="messages"))
         try:
-            prompt = self.engine.prepare_prompt(req.prompt)
             gen = dict(req.gen)
+            prompt = self.engine.prepare_prompt(with_tools(req.prompt, gen.get("tools"), gen.get("tool_choice")))
             if gen.get("max_new_tokens") is None:
                 gen["max_new_tokens"] = max(1, self.engine.session_len - len(prompt))
             gen = GenerationConfig(**gen)
-            self.engine.validate(prompt, gen)
+            self.engine.validate(prompt, gen)  # compiles its grammar, if any (structured output), here
             return _Ready(req, prompt, gen)
+        except GrammarError as e:  # the message names the field and xgrammar's objection
+            return Admitted(error=ErrorInfo("bad_request", str(e), param=e.param))
         except Exception as e:  # noqa: BLE001 - each request gets its own error
             return Admitted(error=error_for(e, req.rid, req.param, preparing=True))
 
@@ -189,7 +193,8 @@ class RankZeroHost:
         """An engine output as it goes on the wire: logprobs (when asked for) as text."""
         lps = [self._logprob(e) for e in out.logprobs] if rid in self._want_lp and out.logprobs else None
         return Delta(out.text, list(out.token_ids), lps, out.finish_reason, out.input_token_len,
-                     out.generate_token_len, getattr(out, "cached_token_len", 0))
+                     out.generate_token_len, getattr(out, "cached_token_len", 0), getattr(out, "reasoning", ""),
+                     getattr(out, "tool_calls", None))
 
     def _token_text(self, tid: int) -> str:
         s = self._tok_cache.get(tid)

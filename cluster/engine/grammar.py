@@ -1,0 +1,263 @@
+"""Constrained decoding with xgrammar: a request's constraint -> a compiled grammar (cached) -> a matcher per
+sequence -> a token bitmask applied to the logits inside the sampler.
+
+Constraints are compiled when a request is validated (LLMEngine.validate, on rank 0's prepare thread), never on
+the step loop. They are cached by (tokenizer, constraint): one `Grammars` per engine, keyed by the constraint's
+canonical text. The engine's thread only looks the grammar up and makes the sequence's matcher. Each step, the
+host fills the bitmask of every constrained row from its matcher; the mask goes to the device with the logits
+(a pinned, non-blocking copy) and xgrammar's kernel applies it there (Triton on CUDA, C++ on the CPU). The
+matcher then accepts each token on the host, after the step. So a constrained request never runs a step ahead
+(Scheduler.schedule_ahead), and only rank 0, which samples, needs a matcher.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Collection, Optional
+
+from cluster.config import GenerationConfig
+from cluster.tool_parsers import ToolFormat
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_ENTRIES = 512  # compiled grammars kept per engine (least recently used dropped)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class GrammarError(ValueError):
+    """A constraint that cannot be compiled: a 400 naming the request field (`param`) and the problem."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class GrammarKey:
+    """A constraint in canonical form: what a compiled grammar is cached by."""
+
+    kind: str  # json_schema | json_object | regex | ebnf | structural_tag
+    source: str
+    param: str = field(default="response_format", compare=False)  # the request field it came from
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))  # key order kept: it is the output's order
+
+
+def grammar_key(gen: GenerationConfig, tool_format: ToolFormat | None = None, specials: Collection[str] = (),
+                think: Optional[str] = None) -> GrammarKey | None:
+    """The request's constraint, or None. think: None (no reasoning block), "optional" (the output may open one)
+    or "opened" (the prompt ended in <think>): the constraint then applies after the reasoning block."""
+    key = _plain_key(gen, tool_format, specials)
+    if key is None or think is None:
+        return key
+    inner = {"json_schema": lambda s: {"type": "json_schema", "json_schema": json.loads(s), "max_whitespace_cnt": 1},
+             "json_object": lambda _: {"type": "json_schema", "json_schema": {"type": "object"},
+                                       "max_whitespace_cnt": 1},
+             "regex": lambda s: {"type": "regex", "pattern": s},
+             "ebnf": lambda s: {"type": "grammar", "grammar": s},
+             "structural_tag": lambda s: json.loads(s)["format"]}[key.kind](key.source)
+    block = {"type": "tag", "begin": "" if think == "opened" else THINK_OPEN, "content": {"type": "any_text"},
+             "end": THINK_CLOSE}
+    prefix = block if think == "opened" else {"type": "optional", "content": block}
+    return GrammarKey("structural_tag", _tag({"type": "sequence", "elements": [prefix, inner]}), key.param)
+
+
+def _tag(fmt: dict) -> str:
+    return _dumps({"type": "structural_tag", "format": fmt})
+
+
+def _plain_key(gen: GenerationConfig, tool_format: ToolFormat | None, specials: Collection[str]) -> GrammarKey | None:
+    rf = gen.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        if rf["type"] == "json_object":
+            return GrammarKey("json_object", "", "response_format")
+        if rf["type"] == "json_schema":
+            schema = (rf.get("json_schema") or {}).get("schema", {"type": "object"})
+            return GrammarKey("json_schema", _dumps(schema), "response_format")
+        raise GrammarError(f"response_format: type {rf['type']!r} is not supported (text, json_object and "
+                           "json_schema are)", "response_format")
+    if gen.guided_json is not None:
+        src = gen.guided_json
+        if isinstance(src, str):
+            try:
+                src = json.loads(src)
+            except ValueError:
+                raise GrammarError("guided_json: not valid JSON text", "guided_json") from None
+        return GrammarKey("json_schema", _dumps(src), "guided_json")
+    if gen.guided_regex is not None:
+        return GrammarKey("regex", gen.guided_regex, "guided_regex")
+    if gen.guided_choice is not None:
+        if not gen.guided_choice or any(not c for c in gen.guided_choice):
+            raise GrammarError("guided_choice: give one or more non-empty strings", "guided_choice")
+        choices = [{"type": "const_string", "value": c} for c in dict.fromkeys(gen.guided_choice)]
+        return GrammarKey("structural_tag", _tag({"type": "or", "elements": choices}), "guided_choice")
+    if gen.guided_grammar is not None:
+        return GrammarKey("ebnf", gen.guided_grammar, "guided_grammar")
+    if gen.forces_tools:
+        return GrammarKey("structural_tag", _tag(tool_calls_format(gen, tool_format, specials)), "tools")
+    return None
+
+
+def _pieces(text: str, specials: Collection[str]) -> list[dict]:
+    """Literal text as grammar elements: a special token of the tokenizer (Mistral's [TOOL_CALLS]) must be that
+    token, which plain text never matches."""
+    if not text:
+        return []
+    marks = sorted((s for s in specials if s and s in text), key=len, reverse=True)
+    if not marks:
+        return [{"type": "const_string", "value": text}]
+    out: list[dict] = []
+    for part in re.split("(" + "|".join(map(re.escape, marks)) + ")", text):
+        if part in marks:
+            out.append({"type": "token", "token": part})
+        elif part:
+            out.append({"type": "const_string", "value": part})
+    return out
+
+
+def tool_calls_format(gen: GenerationConfig, fmt: ToolFormat | None, specials: Collection[str] = ()) -> dict:
+    """The output a forced tool_choice allows: calls in the family's format, each naming one of the allowed
+    functions, with arguments that follow its `parameters` schema. A named function: exactly one call; 'required':
+    one, or one or more with parallel_tool_calls."""
+    from cluster.tool_parsers import FORMATS
+
+    fmt = fmt or FORMATS["hermes"]
+    functions = [t["function"] for t in gen.tools or []]
+    named = isinstance(gen.tool_choice, dict)
+    if named:
+        functions = [f for f in functions if f["name"] == gen.tool_choice["function"]["name"]]
+    head, tail = fmt.call.split("{call}")
+
+    def call(f: dict) -> dict:
+        params = f.get("parameters") or {"type": "object", "properties": {}}
+        opening = '{"name": ' + json.dumps(f["name"], ensure_ascii=False) + f', "{fmt.args_key}": '
+        return {"type": "sequence", "elements": [
+            *_pieces(head, specials), {"type": "const_string", "value": opening},
+            {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": 1},
+            {"type": "const_string", "value": "}"}, *_pieces(tail, specials)]}
+
+    one = call(functions[0]) if len(functions) == 1 else {"type": "or", "elements": [call(f) for f in functions]}
+    calls = one
+    if gen.parallel_tool_calls and not named:
+        more = {"type": "sequence", "elements": [*_pieces(fmt.separator, specials), one]}
+        calls = {"type": "sequence", "elements": [one, {"type": "star", "content": more}]}
+    before, after = fmt.wrap.split("{calls}")
+    return {"type": "sequence", "elements": [*_pieces(before, specials), calls, *_pieces(after, specials)]}
+
+
+_WHAT = {"json_schema": "the JSON schema", "json_object": "the JSON grammar", "regex": "the regular expression",
+         "ebnf": "the grammar", "structural_tag": "the constraint"}
+_LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+\.(?:cc|h):\d+:\s*")
+
+
+def _clean(e: BaseException) -> str:
+    """xgrammar's message without its C++ source location; one line."""
+    lines = [_LOCATION.sub("", ln).strip() for ln in str(e).strip().splitlines()]
+    text = next((ln for ln in lines if ln), type(e).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Grammars:
+    """The compiled grammars of one engine (its tokenizer and vocabulary width), each compiled once. Safe from any
+    thread: compiling happens outside the lock, so the engine's thread, which only looks grammars up, never waits
+    for a compile. `keep`: special tokens a grammar may name (the tool format's markers); every other special
+    token is out of every grammar, where xgrammar would otherwise let its text into a JSON string (and the
+    detokenizer then drop it)."""
+
+    def __init__(self, hf_tokenizer, vocab_size: int, keep: Collection[str] = (), max_threads: int = 2):
+        self.hf, self.vocab_size, self.keep, self.max_threads = hf_tokenizer, vocab_size, set(keep), max_threads
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[GrammarKey, Any] = OrderedDict()  # -> CompiledGrammar or GrammarError
+        self._compiler = None
+        self.compiles = 0
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = self._new_compiler()
+            return self._compiler
+
+    def _new_compiler(self):
+        import xgrammar as xgr
+
+        base = xgr.TokenizerInfo.from_huggingface(self.hf, vocab_size=self.vocab_size)
+        vocab = list(base.decoded_vocab)  # each token's bytes; an empty one is never allowed (a stop token at the end)
+        for i, t in (getattr(self.hf, "added_tokens_decoder", None) or {}).items():
+            if t.special and t.content not in self.keep and i < len(vocab):
+                vocab[i] = b""
+        info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                 stop_token_ids=base.stop_token_ids, add_prefix_space=base.add_prefix_space)
+        return xgr.GrammarCompiler(info, max_threads=self.max_threads)
+
+    def get(self, key: GrammarKey):
+        """The compiled grammar for `key` (compiled now unless cached); GrammarError when it cannot be compiled
+        (also cached: a bad schema sent again is refused at once)."""
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+        if hit is None:
+            hit = self._compile(key)
+            with self._lock:
+                self._cache[key] = hit
+                while len(self._cache) > CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+        if isinstance(hit, GrammarError):
+            raise GrammarError(str(hit), key.param)
+        return hit
+
+    def _compile(self, key: GrammarKey):
+        compiler = self._get_compiler()
+        self.compiles += 1
+        try:
+            if key.kind == "json_schema":
+                return compiler.compile_json_schema(key.source, any_whitespace=False, strict_mode=True)
+            if key.kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            if key.kind == "regex":
+                return compiler.compile_regex(key.source)
+            if key.kind == "ebnf":
+                return compiler.compile_grammar(key.source)
+            return compiler.compile_structural_tag(key.source)
+        except Exception as e:  # noqa: BLE001 - the caller's constraint: its problem goes back to them
+            log.info("constraint refused (%s): %s", key.param, e)
+            return GrammarError(f"{key.param}: {_WHAT[key.kind]} cannot be used: {_clean(e)}", key.param)
+
+    def matcher(self, compiled, stop_ids: Collection[int]):
+        """A sequence's own matcher; the grammar's end lets only `stop_ids` through (the request's stop tokens)."""
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids) or None)
+
+
+_batch = None
+
+
+def apply_masks(logits: "torch.Tensor", matchers: list) -> None:
+    """Mask, in place, every row of `logits` whose matcher (matchers[i], None: unconstrained) forbids a token.
+    The bitmask is filled on the host (xgrammar's threads for many rows) and applied on the logits' device."""
+    global _batch
+    import xgrammar as xgr
+
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[-1])
+    if len(rows) == 1:
+        matchers[rows[0]].fill_next_token_bitmask(bitmask, rows[0])
+    else:
+        if _batch is None:
+            _batch = xgr.BatchGrammarMatcher()
+        _batch.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
+    if logits.is_cuda:
+        bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
