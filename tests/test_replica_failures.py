@@ -235,6 +235,33 @@ async def test_an_add_that_is_never_answered_ends_in_bounded_time():
     engine.shutdown()
 
 
+async def test_a_cancelled_replica_loop_ends_even_if_a_wait_swallows_the_cancel():
+    """Python 3.11's asyncio.wait_for returns the inner result when a cancel lands as the inner call completes:
+    the replica's loops must end anyway (a loop that polls on forever hangs the event loop's shutdown)."""
+    engine = FakeEngine()
+    host = RankZeroHost(engine, asyncio.get_running_loop())
+
+    async def connect():
+        return Connection(LocalWorkerClient(host), host.info(), lambda: None)
+
+    async def swallowing(call, what, wait=0.0):
+        try:
+            return await call
+        except asyncio.CancelledError:
+            return PollReply()
+
+    core = ReplicaCore(connect, restart=False, poll_timeout=0.05)
+    core._answer = swallowing
+    await core.start()
+    await asyncio.sleep(0.1)
+    for task in core._tasks:
+        task.cancel()
+    done, pending = await asyncio.wait(core._tasks, timeout=BOUND_S)
+    core.generation += 1  # should the test fail: the loops end anyway, so the event loop can close
+    assert not pending, "a loop kept polling after it was cancelled"
+    engine.shutdown()
+
+
 class PollsStopAnswering(LocalWorkerClient):
     hang = False
 

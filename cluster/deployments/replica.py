@@ -85,6 +85,14 @@ class LocalWorkerClient:
         return self.host.stats()
 
 
+def _raise_if_cancelled() -> None:
+    """A loop that runs until cancelled must not outlive a cancel that `asyncio.wait_for` swallowed (Python 3.11
+    returns the inner result when the cancel lands as the inner call completes): the loop would poll forever."""
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)():
+        raise asyncio.CancelledError
+
+
 class _Stream:
     __slots__ = ("q", "index")
 
@@ -237,6 +245,7 @@ class ReplicaCore:
 
     async def _poll_loop(self, gen: int, conn: Connection) -> None:
         while gen == self.generation and self.state == "ready":
+            _raise_if_cancelled()
             reply: PollReply = await self._answer(conn.client.poll(self.poll_timeout), "a poll", self.poll_timeout)
             if gen != self.generation:
                 return
@@ -256,6 +265,7 @@ class ReplicaCore:
 
     async def _send_loop(self, gen: int, conn: Connection) -> None:
         while gen == self.generation:
+            _raise_if_cancelled()
             await self._outbox.wait()
             self._outbox.clear()
             aborts, self._aborts = self._aborts, []
