@@ -322,8 +322,8 @@ async def test_dashboard_series_are_exported(anyio_backend):
     assert len(exprs) >= 15
     wanted = {"ttft": "cluster_time_to_first_token_seconds_bucket", "tpot": "cluster_time_per_output_token_seconds_bucket",
               "throughput": "cluster_generation_tokens_total", "kv": "cluster_kv_cache_usage_ratio",
-              "queue": "cluster_num_requests_waiting", "preemptions": "cluster_num_preemptions_total",
-              "per-replica load": "cluster_num_requests_running"}
+              "queue": "cluster_requests_waiting", "preemptions": "cluster_preemptions_total",
+              "per-replica load": "cluster_requests_running"}
     for what, series in wanted.items():
         assert any(series in e for e in exprs), f"the dashboard shows no {what} ({series})"
     for e in exprs:

@@ -128,7 +128,7 @@ async def test_metrics_need_the_key_health_hides_internals():
     c = await make_client(CountingEngine(), api_key=KEY)
     assert_error(await c.get("/metrics"), 401)
     r = await c.get("/metrics", headers=AUTH)
-    assert r.status_code == 200 and "cluster_kv_cache_blocks_total" in r.text
+    assert r.status_code == 200 and "cluster_kv_cache_capacity_blocks" in r.text
     h = await c.get("/health")  # probes need no key, and learn nothing but the verdict
     assert h.status_code == 200 and h.json() == {"status": "ok"}
     h = await c.get("/health", headers=AUTH)

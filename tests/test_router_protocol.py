@@ -357,8 +357,8 @@ async def test_metrics_text():
     text = (await c.get("/metrics")).text
     for name in ("cluster_requests_total", "cluster_time_to_first_token_seconds_bucket",
                  "cluster_time_per_output_token_seconds_count", "cluster_prompt_tokens_total",
-                 "cluster_generation_tokens_total", "cluster_kv_cache_usage_ratio", "cluster_num_requests_waiting",
-                 "cluster_num_preemptions_total", "cluster_kv_cache_blocks_free"):
+                 "cluster_generation_tokens_total", "cluster_kv_cache_usage_ratio", "cluster_requests_waiting",
+                 "cluster_preemptions_total", "cluster_kv_cache_free_blocks"):
         assert name in text, name
     assert 'cluster_requests_total{endpoint="chat",model="fake-model",status="ok"} 1.0' in text
     c.engine.shutdown()

@@ -62,9 +62,9 @@ class Server:
 
     def kv_idle(self) -> bool:
         m = self.metrics()
-        return (sum(m.get("cluster_num_requests_running", [1])) == 0
-                and sum(m.get("cluster_num_requests_waiting", [1])) == 0
-                and m.get("cluster_kv_cache_blocks_free") == m.get("cluster_kv_cache_blocks_total"))
+        return (sum(m.get("cluster_requests_running", [1])) == 0
+                and sum(m.get("cluster_requests_waiting", [1])) == 0
+                and m.get("cluster_kv_cache_free_blocks") == m.get("cluster_kv_cache_capacity_blocks"))
 
 
 def launch(log: Path, extra: list[str]):
@@ -142,7 +142,7 @@ def test_api_basics(server):
     assert h.status_code == 200, h.text
     assert h.json()["models"][server.model]["replicas"] == 2
     m = server.metrics()
-    assert len(m["cluster_kv_cache_blocks_total"]) == 2  # one series per engine replica
+    assert len(m["cluster_kv_cache_capacity_blocks"]) == 2  # one series per engine replica
 
     async def go():
         async with server.sdk() as sdk:
@@ -214,7 +214,7 @@ def test_requests_spread_over_replicas(server):
             running = []
             for _ in range(100):
                 await asyncio.sleep(0.1)
-                running = server.metrics()["cluster_num_requests_running"]
+                running = server.metrics()["cluster_requests_running"]
                 if sum(running) == 8:
                     break
             rs = await asyncio.gather(*tasks)
@@ -248,14 +248,14 @@ def test_client_disconnect_frees_kv_blocks(server):
             deadline = time.perf_counter() + 3
             while True:
                 m = server.metrics()
-                if sum(m["cluster_num_requests_running"]) == 1 or time.perf_counter() > deadline:
+                if sum(m["cluster_requests_running"]) == 1 or time.perf_counter() > deadline:
                     break
                 time.sleep(0.05)
-            if sum(m["cluster_num_requests_running"]) != 1:  # say whether the stream was still going, and how it ended
+            if sum(m["cluster_requests_running"]) != 1:  # say whether the stream was still going, and how it ended
                 rest = [line for line in lines if line.startswith("data: ")]
                 pytest.fail(f"engine gauges never showed the request running: {m}\nthe stream then gave "
                             f"{len(rest)} more events, last {rest[-3:]}\nserver log:\n{server.tail(40)}")
-            assert m["cluster_kv_cache_blocks_free"] != m["cluster_kv_cache_blocks_total"]
+            assert m["cluster_kv_cache_free_blocks"] != m["cluster_kv_cache_capacity_blocks"]
         t0 = time.perf_counter()  # the response is closed: the connection is gone
     while not server.kv_idle():
         assert time.perf_counter() - t0 < 5, server.metrics()

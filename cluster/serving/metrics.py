@@ -16,12 +16,12 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 32
 ENGINE_METRICS = [  # (metric, EngineStats field, help, counter?)
     ("cluster_engine_healthy", "ok", "1 when the engine replica can serve", False),
     ("cluster_kv_cache_usage_ratio", "kv_usage", "share of KV cache blocks in use", False),
-    ("cluster_kv_cache_blocks_free", "kv_blocks_free", "free KV cache blocks", False),
-    ("cluster_kv_cache_blocks_total", "kv_blocks_total", "KV cache blocks", False),
-    ("cluster_num_requests_running", "num_running", "requests in the running batch", False),
-    ("cluster_num_requests_waiting", "num_waiting", "requests queued in the engine", False),
-    ("cluster_num_preemptions_total", "num_preemptions", "requests preempted for KV space", True),
-    ("cluster_prefix_cache_hit_rate", "prefix_cache_hit_rate", "prefix cache hits / queries", False),
+    ("cluster_kv_cache_free_blocks", "kv_blocks_free", "free KV cache blocks", False),
+    ("cluster_kv_cache_capacity_blocks", "kv_blocks_total", "KV cache blocks", False),
+    ("cluster_requests_running", "num_running", "requests in the running batch", False),
+    ("cluster_requests_waiting", "num_waiting", "requests queued in the engine", False),
+    ("cluster_preemptions_total", "num_preemptions", "requests preempted for KV space", True),
+    ("cluster_prefix_cache_hit_ratio", "prefix_cache_hit_rate", "prefix cache hits / queries", False),
     ("cluster_engine_prompt_tokens_total", "tokens_in", "prompt tokens the engine took in", True),
     ("cluster_engine_generation_tokens_total", "tokens_out", "tokens the engine generated", True),
 ]
