@@ -2,8 +2,10 @@
 rank-0 host (uvicorn on the loopback, tests/test_api_fuzz.py's ServerThread), through the openai SDK.
 
 Twenty JSON schemas (nested objects, enums, arrays, numbers with bounds, $ref, nullable) answered concurrently;
-the SDK's parse() with a pydantic model; streamed chunks that reassemble to the non-streamed JSON (n = 2);
-vLLM's guided_* on both endpoints; the pipeline's GenerationConfig; and the 400s of bad constraints."""
+the SDK's parse() with a pydantic model (and langchain-openai's with_structured_output, when installed); streamed
+chunks that reassemble to the non-streamed JSON (n = 2); vLLM's guided_* on both endpoints; the pipeline's
+GenerationConfig (a forced tool call on SmolLM2, whose template knows no tools); overlapped steps beside a
+constrained request; and the 400s of bad constraints."""
 from __future__ import annotations
 
 import json
@@ -119,11 +121,21 @@ class Person(BaseModel):
     home: Optional[Address]
 
 
-def test_sdk_parse_with_a_pydantic_model(client):
-    r = client.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "Make up a person."}],
-                                      response_format=Person, temperature=0, max_tokens=80)
-    person = r.choices[0].message.parsed
-    assert isinstance(person, Person) and isinstance(person.home, Address)
+def test_sdk_parse_and_langchain_structured_output_with_a_pydantic_model(client, server):
+    """The SDK's parse(), and langchain-openai's with_structured_output (json_schema) when it is installed."""
+    calls = [lambda: client.chat.completions.parse(
+        model="tiny", messages=[{"role": "user", "content": "Make up a person."}], response_format=Person,
+        temperature=0, max_tokens=80).choices[0].message.parsed]
+    try:
+        from langchain_openai import ChatOpenAI
+    except ImportError:
+        ChatOpenAI = None
+    if ChatOpenAI is not None:
+        llm = ChatOpenAI(model="tiny", base_url=server.url + "/v1", api_key=KEY, temperature=0, max_tokens=80,
+                         max_retries=0)
+        calls.append(lambda: llm.with_structured_output(Person, method="json_schema").invoke("Make up a person."))
+    for person in _both(*calls):
+        assert isinstance(person, Person) and (person.home is None or isinstance(person.home, Address))
 
 
 def _both(*calls):

@@ -100,8 +100,8 @@ class LLMEngine:
         self._in_flight: Launched | None = None
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        self.grammars = Grammars(tokenizer.hf, max(runner.cfg.vocab_size, len(tokenizer.hf)),
-                                 tokenizer.grammar_tokens) if tokenizer else None
+        # the logits' width: a tokenizer's ids past it are never drawn, a padded vocabulary's extra ids never allowed
+        self.grammars = Grammars(tokenizer.hf, runner.cfg.vocab_size, tokenizer.grammar_tokens) if tokenizer else None
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt: PreparedPrompt, gen: GenerationConfig) -> None:

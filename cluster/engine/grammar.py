@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_ENTRIES = 512  # compiled grammars kept per engine (least recently used dropped)
+XGRAMMAR_CACHE_BYTES = 256 * 2**20
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -196,7 +197,8 @@ class Grammars:
                 vocab[i] = b""
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size,
                                  stop_token_ids=base.stop_token_ids, add_prefix_space=base.add_prefix_space)
-        return xgr.GrammarCompiler(info, max_threads=self.max_threads)
+        # xgrammar's own cache (the pieces of grammars: a bounded string's automaton, say) within a bound
+        return xgr.GrammarCompiler(info, max_threads=self.max_threads, cache_limit_bytes=XGRAMMAR_CACHE_BYTES)
 
     def get(self, key: GrammarKey):
         """The compiled grammar for `key` (compiled now unless cached); GrammarError when it cannot be compiled
@@ -239,13 +241,12 @@ class Grammars:
         return xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids) or None)
 
 
-_batch = None
+_local = threading.local()  # a BatchGrammarMatcher (its thread pool) per engine thread
 
 
 def apply_masks(logits: "torch.Tensor", matchers: list) -> None:
     """Mask, in place, every row of `logits` whose matcher (matchers[i], None: unconstrained) forbids a token.
     The bitmask is filled on the host (xgrammar's threads for many rows) and applied on the logits' device."""
-    global _batch
     import xgrammar as xgr
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
@@ -255,9 +256,12 @@ def apply_masks(logits: "torch.Tensor", matchers: list) -> None:
     if len(rows) == 1:
         matchers[rows[0]].fill_next_token_bitmask(bitmask, rows[0])
     else:
-        if _batch is None:
-            _batch = xgr.BatchGrammarMatcher()
-        _batch.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
-    if logits.is_cuda:
+        batch = getattr(_local, "batch", None)
+        if batch is None:
+            batch = _local.batch = xgr.BatchGrammarMatcher()
+        batch.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
+    if logits.is_cuda:  # every row (a free row's mask allows all): row indices would be one more copy to the GPU
         bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1])
+    else:  # the C++ loop costs per row: only the constrained ones
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
