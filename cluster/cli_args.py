@@ -32,6 +32,17 @@ def _unwrap(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def _choice_parser(choices: list) -> Any:
+    """The choice whose text is the argument: mixed choices (quant_policy's 0, 4, 8, 'fp8') parse as they are."""
+    def parse(text: str) -> Any:
+        for c in choices:
+            if str(c) == text:
+                return c
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(str, choices))})")
+
+    return parse
+
+
 def _argument(name: str, info) -> dict:
     """argparse add_argument(flag(name), **kw) for one EngineConfig field."""
     kind, _ = _unwrap(info.annotation)
@@ -45,7 +56,7 @@ def _argument(name: str, info) -> dict:
         kw["action"] = argparse.BooleanOptionalAction
     elif get_origin(kind) is Literal:
         choices = list(get_args(kind))
-        kw["type"] = type(choices[0])
+        kw["type"] = _choice_parser(choices)
         kw["choices"] = choices
     elif kind in (int, float, str):
         kw["type"] = kind

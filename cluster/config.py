@@ -23,7 +23,8 @@ class EngineConfig(BaseModel):
     num_blocks: int | None = Field(None, ge=1, description="fix the KV cache size in blocks (overrides cache_max_entry_count)")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block (a power of two)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of a prompt prefix seen before")
-    quant_policy: Literal[0, 4, 8] = Field(0, description="KV cache: 0 as the model's dtype, 8 int8, 4 4-bit")
+    quant_policy: Literal[0, 4, 8, "fp8"] = Field(
+        0, description="KV cache: 0 as the model's dtype, 8 int8, 4 4-bit, 'fp8' e4m3 (compute capability >= 8.9)")
     device: str | None = Field(None, description="'cuda' or 'cpu'; default: cuda when available")
     cuda_graph: bool = Field(True, description="capture decode steps as CUDA graphs (GPU only)")
     overlap_steps: bool | None = Field(None, description="launch the next decode step before reading this one's "
