@@ -78,6 +78,11 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], engine_cfg: EngineConfig,
                  device: torch.device, session_len: int, tp_rank: int = 0, tp_size: int = 1):
         self.cfg, self.engine_cfg, self.device = cfg, engine_cfg, device
+        if engine_cfg.quant_policy == "fp8" and device.type == "cuda":
+            cc = torch.cuda.get_device_capability(device)
+            if cc < (8, 9):
+                raise ValueError(f"quant_policy='fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper); this "
+                                 f"one is {cc[0]}.{cc[1]}: use --quant-policy 8 (int8, 1.9x the tokens) instead")
         self.session_len = session_len
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.block_size = engine_cfg.block_size
@@ -103,28 +108,36 @@ class ModelRunner:
         return shard_sizes(self.cfg, self.tp_size)["kv_heads"]
 
     @property
-    def kv_bits(self) -> int:
-        """8 or 4 for a quantized KV cache (quant_policy), else 0."""
+    def kv_bits(self):
+        """The KV cache's quant_policy: 0 (the model dtype), 8 (int8), 4 (4-bit) or 'fp8' (e4m3)."""
         return self.engine_cfg.quant_policy
 
     @property
     def block_bytes(self) -> int:
-        """K and V of one block in every layer: model-dtype rows; int8 rows and an fp32 scale each; or 4-bit rows
-        and an fp32 (scale, min) each."""
+        """K and V of one block in every layer: model-dtype rows; int8 rows and an fp32 scale each; 4-bit rows
+        and an fp32 (scale, min) each; or e4m3 rows (their scales are one per kv head and layer)."""
         d = self.cfg.head_dim
-        row = {0: d * torch.tensor([], dtype=self.dtype).element_size(), 8: d + 4, 4: d // 2 + 8}[self.kv_bits]
-        return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row
+        row = {0: d * torch.tensor([], dtype=self.dtype).element_size(), 8: d + 4, 4: d // 2 + 8, "fp8": d}
+        return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row[self.kv_bits]
 
     def init_cache(self, num_blocks: int) -> None:
-        """Allocate the paged KV cache, num_blocks blocks in every layer (replacing any cache there was). Zero-filled:
-        padded decode reads slots past a context, which must be finite (see reference.py)."""
+        """Allocate the paged KV cache, num_blocks blocks in every layer (replacing any cache there was), and its
+        scales in reference.py's layouts. Zero-filled: padded decode reads slots past a context, which must be
+        finite (see reference.py). The fp8 cache's scales are 1.0: e4m3 holds +-448, far beyond the K/V values of
+        the models served here, with a 3-bit mantissa at every magnitude."""
         self.free_cache()
-        bits, d = self.kv_bits, self.cfg.head_dim
-        shape = (2, self.cfg.num_layers, num_blocks, self.block_size, self.kv_heads_per_rank)
-        dtype = {0: self.dtype, 8: torch.int8, 4: torch.uint8}[bits]
-        self.kv_cache = torch.zeros(shape + (d // 2 if bits == 4 else d,), dtype=dtype, device=self.device)
-        self.kv_scales = (torch.zeros(shape + ((2,) if bits == 4 else ()), dtype=torch.float32, device=self.device)
-                          if bits else None)
+        bits, d, hkv = self.kv_bits, self.cfg.head_dim, self.kv_heads_per_rank
+        layers = (2, self.cfg.num_layers)
+        dtype = {0: self.dtype, 8: torch.int8, 4: torch.uint8, "fp8": torch.float8_e4m3fn}[bits]
+        self.kv_cache = torch.zeros(layers + (num_blocks, self.block_size, hkv, d // 2 if bits == 4 else d),
+                                    dtype=dtype, device=self.device)
+        if bits == "fp8":
+            self.kv_scales = torch.ones(layers + (hkv,), dtype=torch.float32, device=self.device)
+        elif bits:
+            self.kv_scales = torch.zeros(layers + (num_blocks, hkv, self.block_size) + ((2,) if bits == 4 else ()),
+                                         dtype=torch.float32, device=self.device)
+        else:
+            self.kv_scales = None
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if self.kv_scales is not None:

@@ -48,57 +48,70 @@ def _dot(a, b):
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
+def _load_rows(ptr, ptrs, n_ok, MASK: tl.constexpr):
+    if MASK == 0:
+        return tl.load(ptr + ptrs)
+    else:  # masked loads: never-written slots past ctx may hold NaN
+        return tl.load(ptr + ptrs, mask=n_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _load_scales(ptr, idx, n_ok, MASK: tl.constexpr):
+    if MASK == 0:
+        return tl.load(ptr + idx)
+    else:
+        return tl.load(ptr + idx, mask=n_ok, other=0.0)
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
                  stride_cb, stride_cs, stride_ch,
                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with keys [start, start + BLOCK_N).
 
     MASK: 0 = every key valid and visible (interior tiles), 1 = keys must be < ctx, 2 = also causal (key <= pos).
-    QUANT 8: the cache is int8 with a scale per (slot, kv head) row, [num_blocks, PAGE, kv heads] contiguous;
-    4: the cache is two 4-bit values a byte with (scale, min) per row, [num_blocks, PAGE, kv heads, 2].
+    A quantized cache (kvcache.py's QUANT; layouts in reference.py) goes into the dots as its integer (or e4m3)
+    values, exact in the model dtype; the scales act on the [rows, keys] scores and probabilities instead of on the
+    [keys, D] tiles: s = (q . k_q) * k_scale (+ sum(q) * k_min for 4 bits), and p @ v = (p * v_scale) @ v_q
+    (+ sum(p * v_min)). So the dequantization costs one convert per loaded value.
     """
     n = start + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
+    n_ok = n < ctx
     if MASK == 0:
         page = tl.load(bt_row + n // PAGE).to(tl.int64)
     else:
-        n_ok = n < ctx
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)  # unused table entries are arbitrary
     off = page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch
-    if QUANT == 4:
-        ptrs = off[:, None] + d[None, :] // 2  # the byte holding value d
+    if QUANT == 4:  # two values a byte: [BLOCK_N, D / 2] bytes, unpacked into value order
+        ptrs = off[:, None] + tl.arange(0, D // 2)[None, :]
+        kb = _load_rows(kc_ptr, ptrs, n_ok, MASK)
+        vb = _load_rows(vc_ptr, ptrs, n_ok, MASK)
+        k = tl.interleave(kb & 0xF, kb >> 4).to(tl.float32).to(q.dtype)  # via fp32: exact, folded by the compiler
+        v = tl.interleave(vb & 0xF, vb >> 4).to(tl.float32).to(q.dtype)  # (and right in Triton's interpreter)
     else:
-        ptrs = off[:, None] + d[None, :]
-    if MASK == 0:
-        k = tl.load(kc_ptr + ptrs)
-        v = tl.load(vc_ptr + ptrs)
-    else:  # masked loads: never-written slots past ctx may hold NaN
-        k = tl.load(kc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
-        v = tl.load(vc_ptr + ptrs, mask=n_ok[:, None], other=0.0)
-    if QUANT != 0:
-        srow = (page * PAGE + n % PAGE) * tl.num_programs(1) + kv_head  # grid axis 1 is the kv head in both kernels
+        ptrs = off[:, None] + tl.arange(0, D)[None, :]
+        k = _load_rows(kc_ptr, ptrs, n_ok, MASK)
+        v = _load_rows(vc_ptr, ptrs, n_ok, MASK)
+        if QUANT != 0:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    s = _dot(q, tl.trans(k))
+    if QUANT == 8 or QUANT == 4:
+        srow = (page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE  # grid axis 1 is the kv head in both kernels
         if QUANT == 4:
-            srow = 2 * srow
-        if MASK == 0:
-            ks = tl.load(ks_ptr + srow)
-            vs = tl.load(vs_ptr + srow)
+            k_sc = _load_scales(ks_ptr, 2 * srow, n_ok, MASK)
+            v_sc = _load_scales(vs_ptr, 2 * srow, n_ok, MASK)
+            k_min = _load_scales(ks_ptr, 2 * srow + 1, n_ok, MASK)
+            v_min = _load_scales(vs_ptr, 2 * srow + 1, n_ok, MASK)
+            s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
         else:
-            ks = tl.load(ks_ptr + srow, mask=n_ok, other=0.0)
-            vs = tl.load(vs_ptr + srow, mask=n_ok, other=0.0)
-        if QUANT == 4:
-            if MASK == 0:
-                k_lo = tl.load(ks_ptr + srow + 1)
-                v_lo = tl.load(vs_ptr + srow + 1)
-            else:
-                k_lo = tl.load(ks_ptr + srow + 1, mask=n_ok, other=0.0)
-                v_lo = tl.load(vs_ptr + srow + 1, mask=n_ok, other=0.0)
-            shift = (d[None, :] % 2) * 4
-            k = ((k >> shift) & 0xF).to(tl.float32) * ks[:, None] + k_lo[:, None]
-            v = ((v >> shift) & 0xF).to(tl.float32) * vs[:, None] + v_lo[:, None]
-        else:
-            k = k.to(tl.float32) * ks[:, None]
-            v = v.to(tl.float32) * vs[:, None]
-    s = _dot(q, tl.trans(k.to(q.dtype))) * qk_scale
+            k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
+            v_sc = _load_scales(vs_ptr, srow, n_ok, MASK)
+            s = s * (k_sc * qk_scale)[None, :]
+    elif QUANT == 1:  # kvcache.FP8: one scale per kv head
+        s = s * (qk_scale * tl.load(ks_ptr + kv_head))
+    else:
+        s = s * qk_scale
     if MASK == 1:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     if MASK == 2:
@@ -109,21 +122,33 @@ def _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype))
+    if QUANT == 8 or QUANT == 4:
+        if q.dtype == tl.float16:  # p * v_scale can fall below fp16's normal range: weights scaled to <= 1 first
+            v_top = tl.maximum(tl.max(v_sc, 0), 1e-30)
+            pv = _dot((p * (v_sc / v_top)[None, :]).to(q.dtype), v) * v_top
+        else:
+            pv = _dot((p * v_sc[None, :]).to(q.dtype), v)
+        if QUANT == 4:
+            pv += tl.sum(p * v_min[None, :], 1)[:, None]
+        acc = acc * alpha[:, None] + pv
+    elif QUANT == 1:
+        acc = acc * alpha[:, None] + _dot((p * tl.load(vs_ptr + kv_head)).to(q.dtype), v)
+    else:
+        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
+def _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
                   stride_cb, stride_cs, stride_ch,
                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
     """Every row attends to all keys [lo, hi) (lo BLOCK_N-aligned): whole tiles unmasked, then the ragged last one."""
     full = lo + (hi - lo) // BLOCK_N * BLOCK_N
     for start in range(lo, full, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
                                      qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
     for start in range(full, hi, BLOCK_N):  # at most one
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
                                      qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1, QUANT)
     return acc, l_i, m_i
 
@@ -156,6 +181,7 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     d = tl.arange(0, D)
     q_off = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    qsum = tl.sum(q.to(tl.float32), 1)  # the 4-bit cache's min term (_attend_tile)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -164,10 +190,10 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     end = ctx - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the last key any row sees
     interior = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below this are visible to every row: no mask
     for start in range(0, interior, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
                                      kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
     for start in range(interior, end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
                                      kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 2, QUANT)
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -187,10 +213,11 @@ def _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, t, ctx, 
     d = tl.arange(0, D)
     q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :], mask=g_ok[:, None],
                 other=0.0)
+    qsum = tl.sum(q.to(tl.float32), 1)
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, 0, ctx, kv_head, qk_scale,
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, 0, ctx, kv_head, qk_scale,
                                   stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
     out = acc / l_i[:, None]
     o_off = t.to(tl.int64) * stride_ot + head * stride_oh
@@ -283,11 +310,12 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
                 mask=g_ok[:, None], other=0.0)
+    qsum = tl.sum(q.to(tl.float32), 1)
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
                                   stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
     if not SPLIT:  # a single split: final output, no reduce pass
         out = acc / l_i[:, None]

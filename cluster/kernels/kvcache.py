@@ -1,8 +1,25 @@
 """Triton scatter of this step's K/V into the paged cache (see reference.store_kvcache for the semantics), and the
-int8 row quantization shared with the rotary kernel's store."""
+row quantizations (int8, 4-bit, fp8) shared with the rotary kernel's store.
+
+The kernels' QUANT constant: 0 the model dtype, 8 int8 rows, 4 4-bit rows, FP8 e4m3 with a scale per kv head."""
 import torch
 import triton
 import triton.language as tl
+
+FP8 = tl.constexpr(1)
+FP8_MAX = 448.0  # reference.FP8_MAX
+
+
+@triton.jit
+def scale_index(slot, h, H, PAGE: tl.constexpr):
+    """Index of the scale of (slot, head h) in a [num_blocks, H, PAGE] scale array (reference.py's layout)."""
+    return ((slot // PAGE) * H + h) * PAGE + slot % PAGE
+
+
+@triton.jit
+def to_fp8(x, head_scale):
+    """x fp32 [H, D] over its head's scale [H], saturated (an out-of-range cast is NaN), as e4m3."""
+    return tl.clamp(x / head_scale[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -54,13 +71,17 @@ def _store_int4_token(row, cache_ptr, param_ptr, dst, srow, mask, D: tl.constexp
 
 
 @triton.jit
-def _store_rows(x, cache_ptr, scale_ptr, dst, srow, mask, QUANT: tl.constexpr):
-    """Store rows x [H, D] at dst; QUANT 8: as int8 with their scales at srow [H] (mask [H, D])."""
+def _store_rows(x, cache_ptr, scale_ptr, dst, srow, heads, H, mask, QUANT: tl.constexpr):
+    """Store rows x [H, D] at dst (mask [H, D]); QUANT 8: as int8 with their scales at srow [H]; FP8: as e4m3 over
+    the scales of `heads` [H]."""
     if QUANT == 8:
         xf = x.to(tl.float32)
         scale = row_scale(tl.max(tl.where(mask, tl.abs(xf), 0.0), axis=1))
         tl.store(cache_ptr + dst, to_int8(xf, scale), mask=mask)
         tl.store(scale_ptr + srow, scale, mask=tl.max(mask.to(tl.int32), axis=1) > 0)
+    elif QUANT == FP8:
+        head_scale = tl.load(scale_ptr + heads, mask=heads < H, other=1.0)
+        tl.store(cache_ptr + dst, to_fp8(x.to(tl.float32), head_scale), mask=mask)
     else:
         tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -76,8 +97,9 @@ def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding token (e.g. a CUDA-graph batch slot): nothing to store
         return
-    h = tl.arange(0, BLOCK_H)[:, None]
-    srow = slot * H + tl.arange(0, BLOCK_H)  # scales: [num_blocks, PAGE, H(, 2)] contiguous
+    heads = tl.arange(0, BLOCK_H)
+    h = heads[:, None]
+    srow = scale_index(slot, heads, H, PAGE)
     if QUANT == 4:  # pairs (2j, 2j + 1) of each half of the row, packed into bytes
         j = tl.arange(0, BLOCK_D // 4)[None, :]
         mask = (h < H) & (j < D // 4)
@@ -90,17 +112,22 @@ def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + d
         k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-        _store_rows(k, kc_ptr, ks_ptr, dst, srow, mask, QUANT)
-        _store_rows(v, vc_ptr, vs_ptr, dst, srow, mask, QUANT)
+        _store_rows(k, kc_ptr, ks_ptr, dst, srow, heads, H, mask, QUANT)
+        _store_rows(v, vc_ptr, vs_ptr, dst, srow, heads, H, mask, QUANT)
 
 
 def quant_bits(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, D: int) -> int:
-    """0 (model dtype), 8 (int8 cache) or 4 (uint8 cache, two values a byte), with the scales' shapes checked."""
+    """The kernels' QUANT: 0 (model dtype), 8 (int8 cache), 4 (uint8 cache, two values a byte) or FP8 (e4m3
+    cache), with the scales' shapes checked against reference.py's layouts."""
     if k_scale is None:
         return 0
-    bits = 4 if k_cache.dtype == torch.uint8 else 8
-    want = tuple(k_cache.shape[:3]) + ((2,) if bits == 4 else ())
     assert k_scale.is_contiguous() and v_scale is not None and v_scale.is_contiguous()
+    nb, page, hkv = k_cache.shape[:3]
+    if k_cache.dtype == torch.float8_e4m3fn:
+        assert tuple(k_scale.shape) == (hkv,) == tuple(v_scale.shape) and k_cache.shape[3] == D
+        return FP8.value
+    bits = 4 if k_cache.dtype == torch.uint8 else 8
+    want = (nb, hkv, page) + ((2,) if bits == 4 else ())
     assert tuple(k_scale.shape) == want == tuple(v_scale.shape) and k_cache.shape[3] * (2 if bits == 4 else 1) == D
     return bits
 

@@ -7,10 +7,12 @@ Shapes (T = tokens in the step, B = sequences, Hq/Hkv = heads, D = head dim):
   cu_seqlens_q:     [B+1] int32, prefix sums of this step's query tokens per sequence
   slot_mapping:     [T] int64, flat cache slot (block * block_size + offset) of each new token; -1 skips
   k_scale, v_scale: None for a cache in the model dtype. quant_policy 8: the cache is int8 and these are
-                    [num_blocks, block_size, Hkv] fp32, each (token, head) row int8 times its own scale
-                    (max |x| / 127). quant_policy 4: the cache is uint8 [..., D / 2] (value 2j in the low nibble,
-                    2j + 1 in the high one) and these are [num_blocks, block_size, Hkv, 2] fp32, (scale, min) of
-                    each row: x = q * scale + min, q in 0..15
+                    [num_blocks, Hkv, block_size] fp32 (a page's scales of one head side by side), each
+                    (token, head) row int8 times its own scale (max |x| / 127). quant_policy 4: the cache is uint8
+                    [..., D / 2] (value 2j in the low nibble, 2j + 1 in the high one) and these are
+                    [num_blocks, Hkv, block_size, 2] fp32, (scale, min) of each row: x = q * scale + min, q in
+                    0..15. quant_policy 'fp8': the cache is float8_e4m3fn and these are [Hkv] fp32, one scale per
+                    kv head of the layer: x = q * scale (saturating at +-448 * scale).
 """
 from __future__ import annotations
 
@@ -73,11 +75,50 @@ def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[..., 0::2] | (q[..., 1::2] << 4), torch.stack((scale, lo), dim=-1)
 
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value; casting anything larger gives NaN, so it saturates here
+
+
+def quantize_fp8(x: torch.Tensor, head_scale: torch.Tensor) -> torch.Tensor:
+    """x [..., Hkv, D] -> float8_e4m3fn [..., Hkv, D]: x / its head's scale, saturated, rounded to nearest even."""
+    return (x.float() / head_scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == torch.float8_e4m3fn
+
+
+def _select(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """cache.index_select(0, rows), for fp8 too (as bytes: torch's CPU gather and scatter have no fp8 kernels)."""
+    if is_fp8(cache):
+        return cache.view(torch.uint8).index_select(0, rows).view(cache.dtype)
+    return cache.index_select(0, rows)
+
+
+def scales_to_layout(scale: torch.Tensor) -> torch.Tensor:
+    """Per-row scales as quantize_int8/int4 return them for a cache [nb, page, Hkv, D] ([nb, page, Hkv(, 2)]) ->
+    the cache's scale layout [nb, Hkv, page(, 2)], contiguous."""
+    return scale.transpose(1, 2).contiguous()
+
+
+def scale_rows(scale: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The per-row scales of `blocks`, as rows: [len(blocks) * page, Hkv(, 2)] (the cache's rows' order)."""
+    return scale.index_select(0, blocks).transpose(1, 2).flatten(0, 1)
+
+
+def dequantize_cache(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A whole cache [nb, page, Hkv, D(/2)] with its scales in the cache's layout -> [nb, page, Hkv, D] in dtype."""
+    if scale is not None and not is_fp8(cache):
+        scale = scale.transpose(1, 2)
+    return dequantize(cache, scale, dtype)
+
+
 def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Rows of the cache in `dtype`: as they are, int8 times the row's scale, or 4-bit (uint8 cache) with the
-    row's (scale, min)."""
+    """Rows of the cache in `dtype`: as they are, int8 times the row's scale, 4-bit (uint8 cache) with the
+    row's (scale, min), or fp8 times its head's scale ([Hkv])."""
     if scale is None:
         return cache.to(dtype)
+    if is_fp8(cache):
+        return (cache.float() * scale.unsqueeze(-1)).to(dtype)
     if cache.dtype == torch.uint8:
         q = torch.stack((cache & 0xF, cache >> 4), dim=-1).flatten(-2).float()
         return (q * scale[..., :1] + scale[..., 1:]).to(dtype)
@@ -95,10 +136,13 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         if scale is None:
             cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, x.to(cache.dtype))
+        elif is_fp8(cache):
+            cache.view(torch.uint8).view(nb * bs, h, d).index_copy_(0, slot_mapping,
+                                                                    quantize_fp8(x, scale).view(torch.uint8))
         else:
             xq, xs = (quantize_int4 if cache.dtype == torch.uint8 else quantize_int8)(x)
             cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, xq)
-            scale.view(nb * bs, h, -1).index_copy_(0, slot_mapping, xs.view(xs.shape[0], h, -1))
+            scale[slot_mapping // bs, :, slot_mapping % bs] = xs  # [T, h(, 2)]: the rows' scales
 
 
 def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -115,8 +159,10 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int, scale: torch
             dtype: torch.dtype) -> torch.Tensor:
     bs = cache.shape[1]
     blocks = block_table[:(n + bs - 1) // bs]
-    rows = cache.index_select(0, blocks).flatten(0, 1)[:n]  # [n, Hkv, D]
-    return dequantize(rows, None if scale is None else scale.index_select(0, blocks).flatten(0, 1)[:n], dtype)
+    rows = _select(cache, blocks).flatten(0, 1)[:n]  # [n, Hkv, D]
+    if scale is not None and not is_fp8(cache):
+        scale = scale_rows(scale, blocks)[:n]
+    return dequantize(rows, scale, dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -162,10 +208,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     nblocks = (max_ctx + bs - 1) // bs
     bt = block_tables[:, :nblocks].clamp(0, nb - 1).flatten()
     # index_select, not k_cache[bt]: on the CPU it is about 8x faster than advanced indexing
-    ks = None if k_scale is None else k_scale.index_select(0, bt)
-    vs = None if v_scale is None else v_scale.index_select(0, bt)
-    k = dequantize(k_cache.index_select(0, bt), ks, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)  # [B,Hkv,L,D]
-    v = dequantize(v_cache.index_select(0, bt), vs, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)
+    fp8 = is_fp8(k_cache)
+    ks = None if k_scale is None else k_scale if fp8 else scale_rows(k_scale, bt)
+    vs = None if v_scale is None else v_scale if fp8 else scale_rows(v_scale, bt)
+    k = dequantize(_select(k_cache, bt).flatten(0, 1), ks, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)
+    v = dequantize(_select(v_cache, bt).flatten(0, 1), vs, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)
     mask = torch.arange(nblocks * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
     qb = q.view(B, hkv, group, d)
     o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from cluster.kernels import pdl
-from cluster.kernels.kvcache import quant_bits, row_scale, store_int4_rows, to_int8
+from cluster.kernels.kvcache import FP8, quant_bits, row_scale, scale_index, store_int4_rows, to_fp8, to_int8
 from cluster.kernels.pdl import wait_for_previous
 
 
@@ -54,7 +54,7 @@ def _rotate_store_int4(k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, t, 
     r1e, r1o = (k1e * ce - k2e * se).to(in_ty).to(tl.float32), (k1o * co - k2o * so).to(in_ty).to(tl.float32)
     r2e, r2o = (k2e * ce + k1e * se).to(in_ty).to(tl.float32), (k2o * co + k1o * so).to(in_ty).to(tl.float32)
     dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cslot + h * stride_ch + j
-    srow = slot * HK + tl.arange(0, BLOCK_HK)
+    srow = scale_index(slot, tl.arange(0, BLOCK_HK), HK, PAGE)
     store_int4_rows(r1e, r1o, r2e, r2o, kc_ptr, ks_ptr, dst, srow, mask, HALF // 2)
     vb = v_ptr + t * stride_vt + h * stride_vh + de
     store_int4_rows(tl.load(vb, mask=mask, other=0.0).to(tl.float32), tl.load(vb + 1, mask=mask, other=0.0).to(tl.float32),
@@ -90,7 +90,7 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, k
                                stride_kh, stride_vt, stride_vh, stride_cs, stride_cb, stride_cslot, stride_ch, HK,
                                BLOCK_HK, HALF, BLOCK_HALF, PAGE)
         elif QUANT == 8:
-            srow = slot * HK + tl.arange(0, BLOCK_HK)  # scales: [num_blocks, PAGE, HK] contiguous
+            srow = scale_index(slot, tl.arange(0, BLOCK_HK), HK, PAGE)  # scales: [num_blocks, HK, PAGE]
             in_ty = k_ptr.dtype.element_ty  # the rotated key rounded to the model dtype, as the reference's
             r1 = (k1 * cos - k2 * sin).to(in_ty).to(tl.float32)
             r2 = (k2 * cos + k1 * sin).to(in_ty).to(tl.float32)
@@ -98,6 +98,18 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, kc_ptr, vc_ptr, k
             v1 = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
             v2 = tl.load(vp + HALF, mask=mask, other=0.0).to(tl.float32)
             _store_int8_halves(v1, v2, vc_ptr, vs_ptr, dst, srow, mask, HALF)
+        elif QUANT == FP8:
+            heads = tl.arange(0, BLOCK_HK)
+            k_hs = tl.load(ks_ptr + heads, mask=heads < HK, other=1.0)  # [HK]: each head's scale
+            v_hs = tl.load(vs_ptr + heads, mask=heads < HK, other=1.0)
+            in_ty = k_ptr.dtype.element_ty
+            r1 = (k1 * cos - k2 * sin).to(in_ty).to(tl.float32)
+            r2 = (k2 * cos + k1 * sin).to(in_ty).to(tl.float32)
+            tl.store(kc_ptr + dst, to_fp8(r1, k_hs), mask=mask)
+            tl.store(kc_ptr + dst + HALF, to_fp8(r2, k_hs), mask=mask)
+            tl.store(vc_ptr + dst, to_fp8(tl.load(vp, mask=mask, other=0.0).to(tl.float32), v_hs), mask=mask)
+            tl.store(vc_ptr + dst + HALF, to_fp8(tl.load(vp + HALF, mask=mask, other=0.0).to(tl.float32), v_hs),
+                     mask=mask)
         else:
             out_ty = kc_ptr.dtype.element_ty
             tl.store(kc_ptr + dst, (k1 * cos - k2 * sin).to(k_ptr.dtype.element_ty).to(out_ty), mask=mask)
