@@ -11,7 +11,7 @@ import torch
 
 from cluster.kernels import reference
 
-__all__ = ["linear", "linear_w4", "moe_experts", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
+__all__ = ["linear", "linear_fp8", "linear_w4", "moe_experts", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
            "silu_and_mul", "store_kvcache"]
 
 _modules: dict[str, ModuleType | None] = {}
@@ -52,6 +52,20 @@ def linear_w4(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     if mod is not None:
         return mod.linear_w4(x, qweight, zeros, scales, bias, gated)
     y = reference.linear_w4(x, qweight, zeros, scales, bias)
+    return silu_and_mul(y) if gated else y
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+               gated: bool = False) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T + bias for an e4m3 weight with per-output-channel fp32 scales
+    (cluster/quant/fp8.py). On CUDA up to 16 rows read the fp8 bytes in a GEMV, more go to torch._scaled_mm with
+    per-token activation scales; elsewhere the weight is dequantized (quant.fp8.linear). gated: silu_and_mul."""
+    mod = _triton("fp8", x)
+    if mod is not None:
+        return mod.linear_fp8(x, weight, scale, bias, gated)
+    from cluster.quant import fp8
+
+    y = fp8.linear(x, weight, scale, bias)
     return silu_and_mul(y) if gated else y
 
 
