@@ -46,8 +46,9 @@ def convert_main(args: argparse.Namespace) -> int:
     from cluster.convert.source import resolve_source
 
     dtype = "bfloat16" if args.dtype == "auto" else args.dtype
-    cfg = convert_checkpoint(resolve_source(args.model), Path(args.out), args.tp, dtype)
-    print(f"wrote {args.tp} shard(s) of {cfg.num_layers} layers ({dtype}) to {args.out}")
+    cfg = convert_checkpoint(resolve_source(args.model), Path(args.out), args.tp, dtype, quant=args.quant)
+    quant = f", {cfg.quant['method']} weights" if cfg.quant else ""
+    print(f"wrote {args.tp} shard(s) of {cfg.num_layers} layers ({dtype}{quant}) to {args.out}")
     return 0
 
 
@@ -79,6 +80,19 @@ def auto_awq_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def fp8_main(args: argparse.Namespace) -> int:
+    """FP8 weights of an HF model (or the embedded default): a compressed-tensors checkpoint every command takes."""
+    import time
+
+    from cluster.quant.fp8_export import write_fp8_checkpoint
+
+    t0 = time.time()
+    out, linears = write_fp8_checkpoint(args.model, args.work_dir)
+    print(f"wrote FP8 checkpoint ({linears} linears in e4m3, a scale per output channel, activations per token; "
+          f"{time.time() - t0:.0f} s) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--quant", default=None, choices=["awq", "fp8"],
+                   help="quantize a full-precision checkpoint's weights (see `cluster serve --help`)")
     p.set_defaults(func=convert_main)
 
     lite = sub.add_parser("lite", help="quantization").add_subparsers(dest="lite_command", required=True)
@@ -112,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true", help="plain round-to-nearest, no activation-aware scales")
     p.add_argument("--device", default=None)
     p.set_defaults(func=auto_awq_main)
+    p = lite.add_parser("fp8", help="FP8 (e4m3) weights, a scale per output channel; writes a compressed-tensors "
+                        "checkpoint (serve it on compute capability >= 8.9, or on the CPU)")
+    p.add_argument("model", nargs="?", default=None, help="HF checkpoint dir or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--work-dir", required=True, help="where the quantized checkpoint goes")
+    p.set_defaults(func=fp8_main)
 
     serve.add_serve_args(sub)
     parser.description = f"LLM serving and chat; commands: {', '.join(sub.choices)} (cluster COMMAND --help)"

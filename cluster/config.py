@@ -23,6 +23,9 @@ class EngineConfig(BaseModel):
     num_blocks: int | None = Field(None, ge=1, description="fix the KV cache size in blocks (overrides cache_max_entry_count)")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block (a power of two)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of a prompt prefix seen before")
+    quant: Literal["awq", "fp8"] | None = Field(
+        None, description="weights: 'awq' 4-bit (W4A16), 'fp8' e4m3 W8A8 (compute capability >= 8.9); applied at "
+        "conversion to a full-precision checkpoint; default: as the checkpoint is")
     quant_policy: Literal[0, 4, 8, "fp8"] = Field(
         0, description="KV cache: 0 as the model's dtype, 8 int8, 4 4-bit, 'fp8' e4m3 (compute capability >= 8.9)")
     device: str | None = Field(None, description="'cuda' or 'cpu'; default: cuda when available")

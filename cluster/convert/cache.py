@@ -24,21 +24,31 @@ def cache_key(src: Source, tp: int, dtype: str, quant: str = "") -> str:
         st = f.stat()
         h.update(f"{f}|{st.st_size}|{int(st.st_mtime)}".encode())
     name = Path(src.gguf_file).stem if src.gguf_file else src.path.name
-    return f"{name}-tp{tp}-{dtype}-{h.hexdigest()[:12]}"
+    return f"{name}-tp{tp}-{dtype}{'-' + quant if quant else ''}-{h.hexdigest()[:12]}"
 
 
 def ensure_converted(model: str | None, tp: int, dtype: str, cache_dir: str | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, quant: str | None = None) -> Path:
     """Return a directory in engine format for `model`: itself if already converted, else the (new) cache entry.
+    quant: EngineConfig.quant, applied at conversion to a full-precision checkpoint (part of the cache key).
 
     A file lock makes concurrent workers of one replica convert once and the others wait."""
+    from cluster.convert.quant import checkpoint_quant, effective_quant
+
     if model and is_converted(Path(model)):
         cfg = ModelConfig.load(Path(model) / "config.json")
         if cfg.tp != tp:
             raise ValueError(f"{model} was converted for tp={cfg.tp}, not tp={tp}; run `cluster convert` with --tp {tp}")
+        effective_quant(model, quant)  # a contradicting --quant is an error
         return Path(model)
     src = resolve_source(model)
-    out = cache_root(cache_dir) / cache_key(src, tp, dtype)
+    if quant:
+        from cluster.convert.hf import read_hf_config
+
+        effective_quant(model, quant)
+        if checkpoint_quant(read_hf_config(src)):
+            quant = None  # the checkpoint's own quantization: the same entry as without --quant
+    out = cache_root(cache_dir) / cache_key(src, tp, dtype, quant or "")
     if is_converted(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +57,7 @@ def ensure_converted(model: str | None, tp: int, dtype: str, cache_dir: str | No
         if not is_converted(out):
             tmp = Path(str(out) + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
-            convert_checkpoint(src, tmp, tp, dtype, progress=progress)
+            convert_checkpoint(src, tmp, tp, dtype, progress=progress, quant=quant)
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
     return out

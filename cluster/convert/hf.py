@@ -11,15 +11,20 @@ Expert layers (Mixtral, Qwen2-MoE) have instead, every expert on every rank, sli
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from cluster.convert.awq import AWQReader, awq_config, merge_shards
+from cluster.convert import fp8 as fp8_ckpt
+from cluster.convert.awq import AWQReader, merge_shards
+from cluster.convert.quant import log_at_conversion, quantize_layer_rtn, resolve_quant
 from cluster.convert.source import Source
+from cluster.quant import fp8
 from cluster.models.config import ModelConfig
 
+log = logging.getLogger(__name__)
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "internlm2", "internlm", "smollm", "mixtral", "qwen2_moe"}
 
 
@@ -84,7 +89,9 @@ def _rope_inv_freq(hf: dict) -> tuple[torch.Tensor, float]:
     return rot.inv_freq.float().clone(), float(getattr(rot, "attention_scaling", 1.0))
 
 
-def engine_config(hf: dict, dtype: str, tp: int, source: str) -> ModelConfig:
+def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None = None) -> ModelConfig:
+    """The engine's ModelConfig; quant: EngineConfig.quant, applied at conversion unless the checkpoint says its own
+    (convert/quant.py)."""
     model_type = hf.get("model_type", "")
     if model_type not in LLAMA_FAMILY:
         raise ValueError(f"model type {model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY | {'llava'})}")
@@ -110,11 +117,14 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str) -> ModelConfig:
         tp=tp,
         source=source,
         hf_model_type=model_type,
-        quant=awq_config(hf),
+        quant=resolve_quant(hf, quant),
         **_moe_fields(hf, model_type),
     )
     if cfg.quant and cfg.num_experts:
-        raise ValueError("4-bit (AWQ) mixture-of-experts checkpoints are not supported yet")
+        raise ValueError(f"{cfg.quant['method']}-quantized mixture-of-experts models are not supported yet; "
+                         "serve this one without --quant")
+    if cfg.quant.get("method") == "fp8" and hf.get("quantization_config") and model_type in ("internlm2", "internlm"):
+        raise ValueError("FP8 InternLM2 checkpoints are not supported; convert the bf16 one with --quant fp8")
     cfg.check_tp(tp)
     return cfg
 
@@ -275,23 +285,43 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
             shards[r]["lm_head.weight"] = _vocab_rows(head, cfg, r, tp)
         shards[r]["norm.weight"] = get("model.norm.weight")
         shards[r]["rotary.inv_freq"] = inv_freq.to(embed.device)
-    awq = AWQReader(get) if cfg.quant else None
-    for i in tqdm(range(cfg.num_layers), desc=f"converting {Path(cfg.source).name} (tp={tp}, {cfg.dtype})",
+    method, stored = cfg.quant.get("method"), bool(hf.get("quantization_config"))  # stored: in the checkpoint
+    awq = AWQReader(get) if method == "awq" and stored else None
+    f8 = fp8_ckpt.FP8Reader(get, hf, tp) if method == "fp8" and stored else None
+    quant = f" {method}" if method else ""
+    for i in tqdm(range(cfg.num_layers), desc=f"converting {Path(cfg.source).name} (tp={tp}, {cfg.dtype}{quant})",
                   disable=not progress, unit="layer"):
-        if awq is not None:  # the 4-bit q values, zeros and scales slice over ranks like the weight they make
-            parts = [_hf_layer_tensors(view, hf, cfg, i) for view in (awq.q, awq.zeros, awq.scales)]
-            awq.clear()
+        if method == "awq":  # the 4-bit q values, zeros and scales slice over ranks like the weight they make
+            if awq is not None:
+                parts = [_hf_layer_tensors(view, hf, cfg, i) for view in (awq.q, awq.zeros, awq.scales)]
+                awq.clear()
+            else:
+                parts = quantize_layer_rtn(_hf_layer_tensors(get, hf, cfg, i), cfg.quant["group_size"])
             for r in range(tp):
                 shards[r].update(merge_shards(*(shard_layer(t, cfg, r, tp, i) for t in parts)))
+            continue
+        if method == "fp8":  # e4m3 values and their per-channel scales, sliced alike (convert/fp8.py)
+            if f8 is not None:
+                parts = [_hf_layer_tensors(view, hf, cfg, i) for view in (f8.q, f8.scale)]
+                f8.clear()
+            else:
+                parts = fp8_ckpt.quantize_layer(_hf_layer_tensors(get, hf, cfg, i), tp)
+            for r in range(tp):
+                shards[r].update(fp8_ckpt.merge_shards(*(shard_layer(t, cfg, r, tp, i) for t in parts)))
             continue
         t = _hf_layer_tensors(get, hf, cfg, i)
         for r in range(tp):
             shards[r].update(shard_layer(t, cfg, r, tp, i))
+    if f8 is not None and f8.requantized:
+        log.info("%d decoder linears the checkpoint left in full precision were quantized to fp8 per channel",
+                 f8.requantized)
     return shards
 
 
-def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress: bool = True) -> ModelConfig:
-    """Write config.json, rank{r}.safetensors for every rank, and the tokenizer into `out_dir`."""
+def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress: bool = True,
+                       quant: str | None = None) -> ModelConfig:
+    """Write config.json, rank{r}.safetensors for every rank, and the tokenizer into `out_dir`. quant: 'awq' or
+    'fp8' to quantize a full-precision checkpoint here (see convert/quant.py)."""
     from safetensors.torch import save_file
 
     from cluster.convert import llava
@@ -302,7 +332,9 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
     if vlm:
         hf, get, vision_get = llava.text_config(hf), llava.text_reader(get), get
         vision = llava.vision_fields(read_hf_config(src))
-    cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")))
+    cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")), quant)
+    if cfg.quant and not hf.get("quantization_config"):
+        log_at_conversion(cfg.quant["method"])
     _add_generation_eos(src, cfg)
     torch_dtype = getattr(torch, dtype)
     shards = build_shards(get, hf, cfg, tp, progress)
@@ -311,7 +343,8 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         cfg.vision = vision
         llava.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
-        keep = {k for k, v in shard.items() if k == "rotary.inv_freq" or not v.is_floating_point()}  # + 4-bit q
+        keep = {k for k, v in shard.items() if k == "rotary.inv_freq" or not v.is_floating_point()  # + 4-bit q
+                or v.dtype == fp8.FP8 or k.endswith(".weight_scale")}
         save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
                   str(out_dir / f"rank{r}.safetensors"))
     _save_tokenizer(src, out_dir)

@@ -48,14 +48,20 @@ def session_len_for(cfg: ModelConfig, ec: EngineConfig) -> int:
 
 
 def resolve_model(model: str | None, ec: EngineConfig, progress: bool = False) -> tuple[Path, ModelConfig, int]:
-    """(model_dir, ModelConfig, session_len): the converted checkpoint for this tp and dtype, the same answer on
-    every rank (conversion is file-locked, so concurrent ranks convert once)."""
+    """(model_dir, ModelConfig, session_len): the converted checkpoint for this tp, dtype and quantization, the
+    same answer on every rank (conversion is file-locked, so concurrent ranks convert once)."""
     from cluster.convert.cache import ensure_converted, resolve_dtype
     from cluster.engine.model_runner import default_device
     from cluster.models.config import ModelConfig
 
-    dtype = resolve_dtype(model, ec.dtype, default_device(ec).type)
-    model_dir = ensure_converted(model, ec.tp, dtype, ec.cache_dir, progress=progress)
+    from cluster.convert.quant import effective_quant
+    from cluster.quant.fp8 import check_device
+
+    device = default_device(ec)
+    dtype = resolve_dtype(model, ec.dtype, device.type)
+    if (ec.quant or device.type == "cuda") and effective_quant(model, ec.quant) == "fp8":
+        check_device(device)  # before converting: an FP8 model on an older GPU is a one-line error
+    model_dir = ensure_converted(model, ec.tp, dtype, ec.cache_dir, progress=progress, quant=ec.quant)
     cfg = ModelConfig.load(model_dir / "config.json")
     return model_dir, cfg, session_len_for(cfg, ec)
 

@@ -39,7 +39,7 @@ def pack_cpu_weights(model: nn.Module) -> None:
     """Give every linear layer of a CPU model its packed weight, and free the plain copy it replaces, so the
     weights are not held twice (a tied LM head packs the embedding's weight, which the lookup still needs)."""
     for m in model.modules():
-        if isinstance(m, PackableLinear) and not m.w4:
+        if isinstance(m, PackableLinear) and not (m.w4 or m.fp8):
             m.packed = cpu_pack(m.matmul_weight())
             if m.packed is not None and isinstance(m.weight, nn.Parameter):
                 m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
@@ -48,12 +48,18 @@ def pack_cpu_weights(model: nn.Module) -> None:
 class PackableLinear(nn.Module):
     packed: torch.Tensor | None = None
     w4 = False  # 4-bit weight (qweight, zeros, scales) instead of `weight`; see cluster/quant/int4.py
+    fp8 = False  # `weight` in e4m3 with `weight_scale` [out] fp32 beside it; see cluster/quant/fp8.py
 
     def matmul_weight(self) -> torch.Tensor:
         return self.weight
 
-    def _make_weight(self, out_features: int, in_features: int, group: int) -> None:
-        if group:
+    def _make_weight(self, out_features: int, in_features: int, group: int, fp8: bool = False) -> None:
+        if fp8:
+            self.fp8 = True
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                       requires_grad=False)
+            self.weight_scale = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        elif group:
             self.w4 = True
             self.qweight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8),
                                         requires_grad=False)
@@ -65,15 +71,18 @@ class PackableLinear(nn.Module):
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
         if self.w4:
             return kernels.linear_w4(x, self.qweight, self.zeros, self.scales, bias, gated)
+        if self.fp8:
+            return kernels.linear_fp8(x, self.weight, self.weight_scale, bias, gated)
         return matmul(x, self.weight, bias, self.packed, gated)
 
 
 class ColumnLinear(PackableLinear):
     """Output features split over ranks (fused qkv, fused gate/up): each rank computes its own slice."""
 
-    def __init__(self, in_features: int, out_features_per_rank: int, bias: bool = False, group: int = 0):
+    def __init__(self, in_features: int, out_features_per_rank: int, bias: bool = False, group: int = 0,
+                 fp8: bool = False):
         super().__init__()
-        self._make_weight(out_features_per_rank, in_features, group)
+        self._make_weight(out_features_per_rank, in_features, group, fp8)
         self.bias = nn.Parameter(torch.empty(out_features_per_rank), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
@@ -84,9 +93,9 @@ class ColumnLinear(PackableLinear):
 class RowLinear(PackableLinear):
     """Input features split over ranks (o_proj, down_proj): partial sums all-reduced into the full output."""
 
-    def __init__(self, in_features_per_rank: int, out_features: int, group: int = 0):
+    def __init__(self, in_features_per_rank: int, out_features: int, group: int = 0, fp8: bool = False):
         super().__init__()
-        self._make_weight(out_features, in_features_per_rank, group)
+        self._make_weight(out_features, in_features_per_rank, group, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self._matmul(x, None))

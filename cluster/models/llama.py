@@ -34,9 +34,9 @@ class LlamaAttention(nn.Module):
         s = shard_sizes(cfg, tp)
         self.q_size = s["heads"] * cfg.head_dim
         self.kv_size = s["kv_heads"] * cfg.head_dim
-        group = cfg.quant.get("group_size", 0)
-        self.qkv_proj = ColumnLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, group)
-        self.o_proj = RowLinear(self.q_size, cfg.hidden_size, group)
+        group, fp8 = cfg.quant.get("group_size", 0), cfg.quant.get("method") == "fp8"
+        self.qkv_proj = ColumnLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, group, fp8)
+        self.o_proj = RowLinear(self.q_size, cfg.hidden_size, group, fp8)
         self.attn = PagedAttention(s["heads"], s["kv_heads"], cfg.head_dim)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata, rotary: Rotary) -> torch.Tensor:
@@ -54,9 +54,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int):
         super().__init__()
         ffn = shard_sizes(cfg, tp)["ffn"]
-        group = cfg.quant.get("group_size", 0)
-        self.gate_up_proj = ColumnLinear(cfg.hidden_size, 2 * ffn, group=group)
-        self.down_proj = RowLinear(ffn, cfg.hidden_size, group)
+        group, fp8 = cfg.quant.get("group_size", 0), cfg.quant.get("method") == "fp8"
+        self.gate_up_proj = ColumnLinear(cfg.hidden_size, 2 * ffn, group=group, fp8=fp8)
+        self.down_proj = RowLinear(ffn, cfg.hidden_size, group, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x, gated=True))
