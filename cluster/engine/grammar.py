@@ -11,6 +11,7 @@ matcher then accepts each token on the host, after the step. So a constrained re
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Collection, Optional
 
 from cluster.config import GenerationConfig
+from cluster.engine.string_bounds import chain_ebnf, warm_ebnf
 from cluster.tool_parsers import ToolFormat
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 CACHE_ENTRIES = 512  # compiled grammars kept per engine (least recently used dropped)
 XGRAMMAR_CACHE_BYTES = 256 * 2**20
+WARM_STRING_LENGTH = 256  # bounded strings up to this many characters are compiled once, in the background
+WARM_STEP = 16  # ... that many characters a compile call
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -136,15 +140,13 @@ def tool_calls_format(gen: GenerationConfig, fmt: ToolFormat | None, specials: C
     named = isinstance(gen.tool_choice, dict)
     if named:
         functions = [f for f in functions if f["name"] == gen.tool_choice["function"]["name"]]
-    head, tail = fmt.call.split("{call}")
 
     def call(f: dict) -> dict:
         params = f.get("parameters") or {"type": "object", "properties": {}}
-        opening = '{"name": ' + json.dumps(f["name"], ensure_ascii=False) + f', "{fmt.args_key}": '
+        before, after = fmt.around_args(f["name"])
         return {"type": "sequence", "elements": [
-            *_pieces(head, specials), {"type": "const_string", "value": opening},
-            {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": 1},
-            {"type": "const_string", "value": "}"}, *_pieces(tail, specials)]}
+            *_pieces(before, specials),
+            {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": 1}, *_pieces(after, specials)]}
 
     one = call(functions[0]) if len(functions) == 1 else {"type": "or", "elements": [call(f) for f in functions]}
     calls = one
@@ -174,8 +176,10 @@ class Grammars:
     token is out of every grammar, where xgrammar would otherwise let its text into a JSON string (and the
     detokenizer then drop it)."""
 
-    def __init__(self, hf_tokenizer, vocab_size: int, keep: Collection[str] = (), max_threads: int = 2):
+    def __init__(self, hf_tokenizer, vocab_size: int, keep: Collection[str] = (), max_threads: int = 2,
+                 warm_strings: int = WARM_STRING_LENGTH):
         self.hf, self.vocab_size, self.keep, self.max_threads = hf_tokenizer, vocab_size, set(keep), max_threads
+        self.warm_strings = warm_strings  # the bounded-string chain built in the background (0: none)
         self._lock = threading.Lock()
         self._cache: OrderedDict[GrammarKey, Any] = OrderedDict()  # -> CompiledGrammar or GrammarError
         self._compiler = None
@@ -185,6 +189,8 @@ class Grammars:
         with self._lock:
             if self._compiler is None:
                 self._compiler = self._new_compiler()
+                if self.warm_strings:
+                    _Warmer(self).start()
             return self._compiler
 
     def _new_compiler(self):
@@ -221,6 +227,9 @@ class Grammars:
         compiler = self._get_compiler()
         self.compiles += 1
         try:
+            chained = _chained(key) if "Length" in key.source else None
+            if chained is not None:
+                return compiler.compile_grammar(chained)
             if key.kind == "json_schema":
                 return compiler.compile_json_schema(key.source, any_whitespace=False, strict_mode=True)
             if key.kind == "json_object":
@@ -234,11 +243,62 @@ class Grammars:
             log.info("constraint refused (%s): %s", key.param, e)
             return GrammarError(f"{key.param}: {_WHAT[key.kind]} cannot be used: {_clean(e)}", key.param)
 
+    def warm(self, max_len: int = WARM_STRING_LENGTH, stop: Optional[threading.Event] = None) -> None:
+        """Build the masks of the bounded-string chain up to `max_len` characters into the compiler's cache, so
+        that a schema's minLength / maxLength up to that costs nothing to compile (string_bounds.py). Runs on a
+        background thread when the compiler is first made (call it to do that work yourself). In steps of
+        WARM_STEP characters, each reusing the last, so that `stop` is seen between them."""
+        compiler = self._get_compiler()
+        for n in range(min(WARM_STEP, max_len), max_len + WARM_STEP, WARM_STEP):
+            if stop is not None and stop.is_set():
+                return
+            compiler.compile_grammar(warm_ebnf(min(n, max_len)))
+
     def matcher(self, compiled, stop_ids: Collection[int]):
         """A sequence's own matcher; the grammar's end lets only `stop_ids` through (the request's stop tokens)."""
         import xgrammar as xgr
 
         return xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_ids) or None)
+
+
+class _Warmer(threading.Thread):
+    """Grammars.warm on a thread of its own. It stops at the next step when the interpreter exits (atexit), so
+    that no xgrammar thread is still computing while the process tears down."""
+
+    def __init__(self, grammars: Grammars):
+        super().__init__(name="grammar-warm", daemon=True)
+        self.grammars, self.stop = grammars, threading.Event()
+
+    def run(self) -> None:
+        atexit.register(self.halt)
+        try:
+            self.grammars.warm(self.grammars.warm_strings, self.stop)
+        except Exception:  # noqa: BLE001 - only a cache left cold: bounded strings then compile on first use
+            log.warning("warming the bounded-string grammar cache failed", exc_info=True)
+        finally:
+            atexit.unregister(self.halt)
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.join()
+
+
+def _chained(key: GrammarKey) -> str | None:
+    """The constraint as EBNF with its bounded strings as shared chains (string_bounds.py), or None: no bounded
+    string, or a structural tag that names tokens (its EBNF needs the compiler's vocabulary, so it keeps
+    xgrammar's counted form)."""
+    import xgrammar as xgr
+
+    try:
+        if key.kind == "json_schema":
+            grammar = xgr.Grammar.from_json_schema(key.source, any_whitespace=False, strict_mode=True)
+        elif key.kind == "structural_tag":
+            grammar = xgr.Grammar.from_structural_tag(key.source)
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - the plain compile below gives the caller xgrammar's own error
+        return None
+    return chain_ebnf(str(grammar))
 
 
 _local = threading.local()  # a BatchGrammarMatcher (its thread pool) per engine thread
