@@ -8,6 +8,8 @@ model-agnostic. And the Python pipeline, which has no router, gets the same pars
     hermes       Qwen2.5 / Qwen3 / Hermes:  <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>  (repeated)
     llama3_json  Llama 3.1 / 3.2 JSON:      {"name": ..., "parameters": {...}}  (bare, or after <|python_tag|>; "; ")
     mistral      Mistral v0.3:              [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+    mistral_v11  Mistral Small 3.x, Magistral, Devstral (tokenizer v11+):  [TOOL_CALLS]name[ARGS]{...}  (repeated;
+                 [CALL_ID]id may stand before [ARGS]). Either Mistral format parses both shapes.
     internlm2    InternLM2:                 <|action_start|><|plugin|>\\n{"name": ..., "parameters": {...}}<|action_end|>
 
 Streaming: content text goes out as it comes, except a tail that could still become a marker. A call goes out
@@ -33,27 +35,41 @@ class ToolFormat:
     begin: str  # opens one call (`end` set) or all the calls, which then run to the end of the output
     end: str
     args_key: str  # "arguments" or "parameters"
-    call: str  # one call; "{call}" stands for {"name": ..., args_key: {...}}
+    call: str  # one call; "{call}" stands for {"name": ..., args_key: {...}}, or "{name}" and "{args}" apart
     separator: str  # between two calls
     wrap: str = "{calls}"  # around all the calls
     bare_json: bool = False  # calls may also be the whole output as bare JSON, no marker
+    args_marker: str = ""  # a call may be name + this + arguments JSON (Mistral's [ARGS]), not one JSON object
+
+    def around_args(self, name: str) -> tuple[str, str]:
+        """The text of one call before and after its arguments' JSON (what a forced call's grammar writes)."""
+        if "{call}" in self.call:
+            head, tail = self.call.split("{call}")
+            return head + '{"name": ' + json.dumps(name, ensure_ascii=False) + f', "{self.args_key}": ', "}" + tail
+        before, after = self.call.replace("{name}", name).split("{args}")
+        return before, after
 
     def render(self, calls: list[tuple[str, object]]) -> str:
         """(name, arguments) pairs as this format writes them: for a template that does not render
         assistant tool_calls itself, and for the fallback prompt's example."""
-        one = [self.call.replace("{call}", json.dumps({"name": n, self.args_key: a}, ensure_ascii=False))
-               for n, a in calls]
+        one = []
+        for n, a in calls:
+            before, after = self.around_args(n)
+            one.append(before + json.dumps(a, ensure_ascii=False) + after)
         return self.wrap.replace("{calls}", self.separator.join(one))
 
 
 FORMATS = {f.name: f for f in (
     ToolFormat("hermes", "<tool_call>", "</tool_call>", "arguments", "<tool_call>\n{call}\n</tool_call>", "\n"),
     ToolFormat("llama3_json", "<|python_tag|>", "", "parameters", "{call}", "; ", bare_json=True),
-    ToolFormat("mistral", "[TOOL_CALLS]", "", "arguments", "{call}", ", ", wrap="[TOOL_CALLS][{calls}]"),
+    ToolFormat("mistral", "[TOOL_CALLS]", "", "arguments", "{call}", ", ", wrap="[TOOL_CALLS][{calls}]",
+               args_marker="[ARGS]"),
+    ToolFormat("mistral_v11", "[TOOL_CALLS]", "", "arguments", "[TOOL_CALLS]{name}[ARGS]{args}", "",
+               args_marker="[ARGS]"),
     ToolFormat("internlm2", "<|action_start|><|plugin|>", "<|action_end|>", "parameters",
                "<|action_start|><|plugin|>\n{call}<|action_end|>", "\n"),
 )}
-_MARKERS = (("mistral", "[TOOL_CALLS]"), ("internlm2", "<|action_start|>"), ("hermes", "<tool_call>"),
+_MARKERS = (("mistral_v11", "[ARGS]"), ("mistral", "[TOOL_CALLS]"), ("internlm2", "<|action_start|>"), ("hermes", "<tool_call>"),
             ("llama3_json", "<|python_tag|>"))
 
 
@@ -127,6 +143,16 @@ class ToolCallParser:
                 self.buf = self.buf[i + len(fmt.begin):]
                 self.inside, self.at_start = True, False
                 continue
+            if fmt.args_marker and self._named_shape():
+                done, call, rest = self._named_call(final)
+                if not done:
+                    break
+                if call is not None:
+                    calls.append(call)
+                else:  # not a call after all: the markup is content
+                    content.append(fmt.begin + self.buf)
+                self.buf, self.inside = rest, False
+                continue
             closed = False
             if fmt.end and not self.bare:
                 j = self.buf.find(fmt.end)
@@ -147,6 +173,38 @@ class ToolCallParser:
                 content.append(("" if self.bare else fmt.begin) + body + (fmt.end if closed else ""))
             self.buf, self.inside, self.bare = rest, False, False
         return "".join(content), calls
+
+    def _named_shape(self) -> bool:
+        """After Mistral's [TOOL_CALLS]: `name[ARGS]{...}` (v11+) rather than a JSON list (v0.3)."""
+        head = self.buf.lstrip()
+        return bool(head) and head[0] not in "[{"
+
+    def _named_call(self, final: bool) -> tuple[bool, ToolCall | None, str]:
+        """One `name[CALL_ID]id[ARGS]{...}` call at the start of the buffer: (complete, the call or None when it
+        is not one, the text after it). Complete once its arguments' JSON closes, or at the end of the output."""
+        marker = self.fmt.args_marker
+        i = self.buf.find(marker)
+        if i < 0:
+            return (True, None, "") if final else (False, None, "")
+        name, call_id = self.buf[:i].strip(), ""
+        if "[CALL_ID]" in name:
+            name, call_id = (x.strip() for x in name.split("[CALL_ID]", 1))
+        after = self.buf[i + len(marker):]
+        start = len(after) - len(after.lstrip())
+        try:
+            args, end = json.JSONDecoder().raw_decode(after, start)
+        except ValueError:
+            return (True, None, "") if final else (False, None, "")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not name or any(c.isspace() or c in "[]{}\"" for c in name) or not isinstance(args, dict):
+            return True, None, ""
+        call = ToolCall(self.count, name, json.dumps(args, ensure_ascii=False), call_id or self.new_id())
+        self.count += 1
+        return True, call, after[end:]
 
     def _parse(self, body: str) -> list[ToolCall] | None:
         """Every call in `body` (one JSON object, a list of them, or several separated by ';' or ','), or None

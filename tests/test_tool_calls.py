@@ -94,6 +94,42 @@ def test_malformed_calls_stay_content(fmt, text):
     assert calls == [] and content == text
 
 
+@pytest.mark.parametrize("fmt", ["mistral", "mistral_v11"])
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_mistral_formats_parse_both_shapes(fmt, step):
+    """Either Mistral format reads v0.3's JSON list and v11's name[ARGS]{...} (with or without [CALL_ID])."""
+    old = _render("mistral", [CALL_A, CALL_B])
+    new = ('[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris", "unit": "c", "days": 2}'
+           '[TOOL_CALLS]get_time[ARGS] {"zone": "UTC"}')
+    for text in (old, new):
+        content, calls = _feed(ToolCallParser(FORMATS[fmt]), text, step)
+        assert content == "" and [(c.index, c.name, json.loads(c.arguments)) for c in calls] == [
+            (0, "get_weather", CALL_A["arguments"]), (1, "get_time", CALL_B["arguments"])]
+    _, calls = _feed(ToolCallParser(FORMATS[fmt]), new, step)
+    assert calls[0].id == "a1B2c3D4e" and calls[1].id.startswith("call_")
+
+
+def test_mistral_v11_call_goes_out_once_its_arguments_close():
+    p = ToolCallParser(FORMATS["mistral_v11"])
+    assert p.feed('Sure. [TOOL_CALLS]get_time[ARGS]{"zone": ') == ("Sure. ", [])
+    content, calls = p.feed('"UTC"}[TOOL_CA')
+    assert content == "" and [c.name for c in calls] == ["get_time"]
+    content, calls = p.feed('LLS]get_weather[ARGS]{"city": "Oslo", "unit": "f", "days": 1}')
+    assert [c.index for c in calls] == [1] and json.loads(calls[0].arguments)["city"] == "Oslo"
+    assert p.feed("", final=True) == ("", [])
+
+
+@pytest.mark.parametrize("text", [
+    '[TOOL_CALLS]get_weather[ARGS]{"city": "Pa',  # cut by max_tokens
+    "[TOOL_CALLS]get_weather and then nothing",  # no [ARGS]
+    '[TOOL_CALLS]two words[ARGS]{"x": 1}',  # not a function name
+    "[TOOL_CALLS]f[ARGS][1, 2]",  # arguments that are no object
+])
+def test_malformed_mistral_v11_calls_stay_content(text):
+    content, calls = _feed(ToolCallParser(FORMATS["mistral_v11"]), text, 2)
+    assert calls == [] and content == text
+
+
 def test_plain_text_streams_out_with_only_a_possible_marker_held_back():
     p = ToolCallParser(FORMATS["hermes"])
     assert p.feed("Hello <tool") == ("Hello ", [])
@@ -135,6 +171,8 @@ def test_reasoning_then_tool_calls():
 def test_formats_are_detected_from_template_or_vocabulary():
     assert detect_format(QWEN25_TEMPLATE).name == "hermes"
     assert detect_format("{{ '[TOOL_CALLS]' }}").name == "mistral"
+    assert detect_format("{{ '[TOOL_CALLS]' + name + '[ARGS]' + args }}").name == "mistral_v11"
+    assert detect_format(None, {"[TOOL_CALLS]": 5, "[ARGS]": 32}).name == "mistral_v11"
     assert detect_format(None, {"<|action_start|>": 1}).name == "internlm2"
     assert detect_format("{{ '<|python_tag|>' }}").name == "llama3_json"
     assert detect_format("plain").name == "hermes"
