@@ -10,6 +10,7 @@ from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine, Response
 from cluster.engine.multimodal import from_tuple
 from cluster.engine.tokenizer import Prompt, with_tools
+from cluster.schemas import AssistantToolCall, ToolCallFunction
 
 Prompts = Union[Prompt, tuple, list[Union[Prompt, tuple]]]
 
@@ -26,7 +27,9 @@ def _is_single(prompts: Prompts) -> bool:
 
 @dataclass
 class Session:
-    """A conversation: its history is re-sent each turn; the prefix cache makes the old turns nearly free."""
+    """A conversation: its history is re-sent each turn; the prefix cache makes the old turns nearly free. An
+    answer's tool calls stay in it (the assistant message's `tool_calls`, arguments as objects, as chat templates
+    read them); add_tool_result then gives the model each call's result, and chat(None, session) its next turn."""
 
     messages: list[dict] = field(default_factory=list)
     last: Response | None = None
@@ -34,6 +37,23 @@ class Session:
     @property
     def response(self) -> Response | None:
         return self.last
+
+    def add_tool_result(self, tool_call_id: str, content: str) -> "Session":
+        """A `tool` message answering the call `tool_call_id` of the last answer."""
+        called = {c["id"] for m in self.messages if m.get("role") == "assistant" for c in m.get("tool_calls") or ()}
+        if tool_call_id not in called:
+            raise ValueError(f"no tool call {tool_call_id!r} in this session (its calls: {sorted(called) or 'none'})")
+        self.messages.append({"role": "tool", "tool_call_id": tool_call_id, "content": content})
+        return self
+
+
+def assistant_message(result: Response) -> dict:
+    """A finished answer as a history message: its text, and its tool calls as a chat template reads them."""
+    msg: dict = {"role": "assistant", "content": result.text}
+    if result.tool_calls:
+        msg["tool_calls"] = [AssistantToolCall(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+                             .template() for c in result.tool_calls]
+    return msg
 
 
 class Pipeline:
@@ -107,15 +127,21 @@ class Pipeline:
 
     infer = __call__
 
-    def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
+    def chat(self, prompt: str | None, session: Session | None = None, gen_config: GenerationConfig | None = None,
              stream: bool = False, images: list | None = None):
-        """One turn of a conversation; returns the session (or, with stream=True, an iterator of text pieces).
-        images: paths, data: URLs or PIL images shown with this turn's text (vision-language models). A turn that
-        fails before its first token (a bad image, a prompt too long) leaves the session as it was."""
+        """One turn of a conversation; returns the session (or, with stream=True, an iterator of text pieces; the
+        session gets the whole answer, tool calls included, when it ends). images: paths, data: URLs or PIL
+        images shown with this turn's text (vision-language models). prompt None: no user message, the model
+        answers the tool results just added (Session.add_tool_result). A turn that fails before its first token
+        (a bad image, a prompt too long) leaves the session as it was."""
         session = session or Session()
-        parts = [{"type": "image", "image": im} for im in images or []]
-        session.messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}]
-                                 if parts else prompt})
+        if prompt is None:
+            if not session.messages or session.messages[-1].get("role") != "tool":
+                raise ValueError("chat(None, session) answers tool results: add them with session.add_tool_result")
+        else:
+            parts = [{"type": "image", "image": im} for im in images or []]
+            session.messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}]
+                                     if parts else prompt})
 
         def run() -> Iterator[str]:
             result = Response()
@@ -125,9 +151,9 @@ class Pipeline:
                     yield chunk.text
             finally:
                 if result.token_ids or result.finish_reason:
-                    session.messages.append({"role": "assistant", "content": result.text})
+                    session.messages.append(assistant_message(result))
                     session.last = result
-                else:  # nothing came back: the turn did not happen
+                elif prompt is not None:  # nothing came back: the turn did not happen
                     session.messages.pop()
 
         if stream:
@@ -157,4 +183,4 @@ def pipeline(model: str | None = None, engine_config: EngineConfig | None = None
     return Pipeline(model, engine_config, gen_config, do_preprocess)
 
 
-__all__ = ["pipeline", "Pipeline", "Session", "Response"]
+__all__ = ["pipeline", "Pipeline", "Session", "Response", "assistant_message"]

@@ -228,6 +228,18 @@ THINK_TEMPLATE = (  # DeepSeek-R1's way, in ChatML: the generation prompt opens 
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}")
 
 
+def _templated(tiny_models, tmp_path_factory, template: str):
+    """The tiny Qwen2 with `template` as its chat template, in a folder of its own."""
+    src, _ = tiny_models("qwen2")
+    path = tmp_path_factory.mktemp("templated") / "model"
+    shutil.copytree(src, path)
+    (path / "chat_template.jinja").write_text(template)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return path
+
+
 def _serve(tiny_models, engine_cache, tmp_path_factory, template: str):
     """A server over the tiny Qwen2 with `template` as its chat template, for a module fixture to yield."""
     pytest.importorskip("xgrammar")
@@ -238,13 +250,7 @@ def _serve(tiny_models, engine_cache, tmp_path_factory, template: str):
     from cluster.engine.async_engine import AsyncEngine
     from cluster.engine.engine import LLMEngine
 
-    src, _ = tiny_models("qwen2")
-    path = tmp_path_factory.mktemp("templated") / "model"
-    shutil.copytree(src, path)
-    (path / "chat_template.jinja").write_text(template)
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    path = _templated(tiny_models, tmp_path_factory, template)
     engine = AsyncEngine(LLMEngine(str(path), EngineConfig(device="cpu", dtype="float32", session_len=512,
                                                            num_blocks=256, max_batch_size=8, cache_dir=engine_cache)))
     srv = ServerThread(engine)
@@ -431,3 +437,37 @@ def test_reasoning_content_apart_from_content_streamed_or_not(think_server):
         m = sdk.chat.completions.create(model="tiny", messages=ASK, temperature=0, max_tokens=60,
                                         extra_body={"guided_choice": ["yes", "no"]}).choices[0].message
     assert (m.model_extra["reasoning_content"], m.content) == ("Short: no.", "yes")
+
+
+# -- Pipeline.chat keeps tool calls -------------------------------------------------------------------------------
+def test_pipeline_chat_keeps_tool_calls_and_answers_a_tool_result(tiny_models, engine_cache, tmp_path_factory):
+    pytest.importorskip("xgrammar")
+    from cluster.api import Pipeline
+    from cluster.config import EngineConfig, GenerationConfig
+    from cluster.engine.tokenizer import ChatPrompt
+
+    path = _templated(tiny_models, tmp_path_factory, QWEN25_TEMPLATE)
+    gen = GenerationConfig(max_new_tokens=200, temperature=1.0, seed=3, tools=TOOLS,
+                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    with Pipeline(str(path), EngineConfig(device="cpu", dtype="float32", session_len=512, num_blocks=128,
+                                          max_batch_size=4, cache_dir=engine_cache)) as pipe:
+        session = pipe.chat(ASK[0]["content"], gen_config=gen)
+        last = session.messages[-1]
+        assert session.response.finish_reason == "tool_calls" and [c.name for c in session.response.tool_calls] == [
+            "get_weather"]
+        (call,) = last["tool_calls"]
+        assert last["role"] == "assistant" and call["id"] == session.response.tool_calls[0].id
+        assert call["function"]["arguments"] == json.loads(session.response.tool_calls[0].arguments)  # an object
+        with pytest.raises(ValueError, match="no tool call 'call_nope'"):
+            session.add_tool_result("call_nope", "?")
+        with pytest.raises(ValueError, match="add_tool_result"):
+            pipe.chat(None, session, gen)
+        session.add_tool_result(call["id"], "sunny, 21 C")
+        tok = pipe.tokenizer
+        text = tok.decode(tok.prompt_ids(ChatPrompt(session.messages, TOOLS)), skip_special_tokens=False)
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": ' in text
+        assert "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in text
+        follow = GenerationConfig(max_new_tokens=8, temperature=0, tools=TOOLS, tool_choice="none")
+        pieces = list(pipe.chat(None, session, follow, stream=True))
+        assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "assistant"]
+        assert session.messages[-1]["content"] == "".join(pieces) and session.response.finish_reason
