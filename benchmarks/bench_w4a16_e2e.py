@@ -1,7 +1,9 @@
-"""End to end, W4A16 beside bf16: the engine's decode speed with 4-bit weights in the engine's own layout (issue 19).
+"""End to end, W4A16 and FP8 beside bf16: the engine's decode speed with 4-bit weights in the engine's own layout
+and with e4m3 weights (a scale per output channel, activations per token on the _scaled_mm path) (issue 19).
 
 One process, no checkpoint, no Ray: random Llama-3-8B-shape weights (bench_engine's `random_hf_model`), mapped by
-the converter's `build_shards` to a bf16 shard. Then:
+the converter's `build_shards` to a bf16 shard. First the FP8 kernels alone at the 8B layer shapes (fp8_parts.py:
+`ok` / `FAIL` against the dequantized reference, then bf16 and FP8 times at 1 to 4096 rows). Then:
 
 1. the bf16 engine on that shard: warm-up, decode-1, steady decode steps at batch 1 and 64, and 64 x 512-token
    prompts x 256 new tokens (prefill included);
@@ -10,9 +12,14 @@ the converter's `build_shards` to a bf16 shard. Then:
    and the LM head shared with the bf16 shard); the bf16 shard's linears are overwritten in place by their
    dequantized values, so the bf16 engine (whose parameters they are) becomes the reference "dequantized bf16"
    engine: greedy tokens of a few short prompts on it;
-3. the bf16 engine freed, the W4A16 engine built on the 4-bit shard (its kernels tune on first use, during the
+3. the FP8 shard (fp8_parts.fp8_shard, from the original bf16 weights, taken before step 2) likewise: the bf16
+   engine's linears overwritten by its dequantized values, the same greedy prompts;
+4. the bf16 engine freed, the W4A16 engine built on the 4-bit shard (its kernels tune on first use, during the
    engine's start and warm-up); the same greedy prompts (agreement with the dequantized engine: with random
-   weights the original bf16 weights are not the reference), then the same cases as 1.
+   weights the original bf16 weights are not the reference), then the same cases as 1;
+5. the W4A16 engine freed, the FP8 engine on the FP8 shard: agreement with its dequantized engine, the same cases.
+
+Each engine's cases also time a prefill of the offline case's prompts (1 new token): TFLOP/s of its linears.
 
 A decode step's floor is (bytes of every weight it reads: everything but the embedding table, + the KV it reads) /
 --tbps (4.1 TB/s by default, about what `sum` reads on the H200; the run's own probe is recorded beside it).
@@ -21,7 +28,8 @@ A decode step's floor is (bytes of every weight it reads: everything but the emb
     python3 benchmarks/bench_w4a16_e2e.py --shape tiny     # a check of this script, on the CPU (or GPU) in seconds
 
 At the tiny shape the 4-bit shard is also checked against the converter's own path (AutoAWQ GEMM tensors from
-`int4.to_awq` through `build_shards`): identical q values and zeros, scales within fp16 rounding.
+`int4.to_awq` through `build_shards`): identical q values and zeros, scales within fp16 rounding; and the FP8 shard
+against a `cluster lite fp8`-format checkpoint through `build_shards`: identical bytes.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+import fp8_parts
 from bench_engine import SHAPES, _per_second, rand_prompts, random_hf_model, steady_step_ms, timed
 
 from cluster.quant import int4
@@ -132,8 +141,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
             "tokens": len(a[0]) if a else 0}
 
 
-def measure(eng, sz: dict, vocab: int, rng: random.Random, bw: float, weight_bytes: int) -> dict:
-    """Warm-up (every step shape and kernel bucket the cases meet), then the cases; tok/s, ms and floors."""
+def measure(eng, sz: dict, vocab: int, rng: random.Random, bw: float, weight_bytes: int, linear_params: int) -> dict:
+    """Warm-up (every step shape and kernel bucket the cases meet), then the cases; tok/s, ms and floors; prefill
+    TFLOP/s counts the decoder linears' 2 x params a token (attention's own FLOPs left out)."""
     from cluster.config import GenerationConfig
 
     runner = eng.runner
@@ -162,6 +172,10 @@ def measure(eng, sz: dict, vocab: int, rng: random.Random, bw: float, weight_byt
     t = run(rand_prompts(n64, p64, vocab, rng), new64)
     r["offline"] = {"tok_s": n64 * new64 / t, "seconds": t, "floor_tok_s": n64 / floor_s(n64, p64 + new64 / 2)}
     print(f"  {n64} x {p64} prompt, {new64} new: {n64 * new64 / t:.1f} tok/s in {t:.2f} s", flush=True)
+    t = run(rand_prompts(n64, p64, vocab, rng), 1)
+    r["prefill"] = {"tok_s": n64 * p64 / t, "tflops": 2 * linear_params * n64 * p64 / t / 1e12, "seconds": t}
+    print(f"  prefill {n64} x {p64}: {n64 * p64 / t:.0f} tok/s, {r['prefill']['tflops']:.1f} TFLOP/s (linears)",
+          flush=True)
     return r
 
 
@@ -207,6 +221,9 @@ def main() -> None:
     engine_kw = dict(session_len=4096, max_batch_size=64, max_prefill_token_num=8192 if cuda else 256,
                      cache_max_entry_count=args.cache_max_entry_count)
     vocab = SHAPES[args.shape]["vocab_size"]
+    res["fp8_kernels"] = fp8_parts.kernels("tiny" if args.shape == "tiny" else "llama3-8b", args.tbps)
+    save()
+    free()
 
     t0 = time.perf_counter()
     torch.manual_seed(1)
@@ -232,6 +249,7 @@ def main() -> None:
                                                                                   "rotary.inv_freq"))
 
     bytes_bf16 = step_bytes(shard)
+    linear_params = sum(v.numel() for k, v in shard.items() if LINEAR.fullmatch(k))
     rng = random.Random(1)
     t0 = time.perf_counter()
     eng = engine_from_shard(cfg, shard, args.device, **engine_kw)
@@ -240,8 +258,9 @@ def main() -> None:
           "weights", flush=True)
     check_prompts = rand_prompts(sz["check_n"], (16, 64) if cuda else (5, 30), vocab, random.Random(7))
     orig_tokens = greedy(eng, check_prompts, sz["check_new"])
-    res["bf16"].update(measure(eng, sz, vocab, rng, bw, bytes_bf16))
+    res["bf16"].update(measure(eng, sz, vocab, rng, bw, bytes_bf16, linear_params))
     save()
+    f8 = fp8_parts.fp8_shard(shard)  # from the original weights, before quantize_shard overwrites them
 
     t0 = time.perf_counter()
     w4 = quantize_shard(shard, GROUP)  # and the bf16 engine's linears now hold the dequantized weights
@@ -255,6 +274,12 @@ def main() -> None:
     eng.scheduler.bm.enable_prefix_caching = False  # the prompts' cached K/V are of the original weights
     deq_tokens = greedy(eng, check_prompts, sz["check_new"])
     res["agreement_bf16_vs_dequantized"] = agreement(orig_tokens, deq_tokens)
+    fp8_parts.load_dequantized(shard, f8)
+    deq8_tokens = greedy(eng, check_prompts, sz["check_new"])
+    res["agreement_bf16_vs_fp8_dequantized"] = agreement(orig_tokens, deq8_tokens)
+    if args.shape == "tiny":
+        res["fp8_converter_check"] = fp8_parts.check_converter(hf, hf_state, f8)
+        print("fp8 converter check:", res["fp8_converter_check"], flush=True)
     del eng, shard
     free()
     if cuda:
@@ -273,29 +298,64 @@ def main() -> None:
     print("greedy agreement, W4A16 vs the dequantized bf16 engine:", res["agreement_w4a16_vs_dequantized"],
           "| original bf16 vs dequantized:", res["agreement_bf16_vs_dequantized"], flush=True)
     save()
-    res["w4a16"].update(measure(eng, sz, vocab, random.Random(1), bw, bytes_w4))
+    res["w4a16"].update(measure(eng, sz, vocab, random.Random(1), bw, bytes_w4, linear_params))
     if cuda:
         from cluster.kernels import w4a16
 
         res["w4a16"]["tuned_configs"] = w4a16.chosen_configs()
     save()
+    del eng, w4
+    free()
 
-    b, q = res["bf16"], res["w4a16"]
+    from cluster.quant.fp8_export import quantization_config
+
+    bytes_f8 = step_bytes(f8)
+    cfg_8 = engine_config(dict(hf, quantization_config=quantization_config()), "bfloat16", 1, "random")
+    t0 = time.perf_counter()
+    eng = engine_from_shard(cfg_8, f8, args.device, **engine_kw)
+    res["fp8"] = {"engine_start_s": time.perf_counter() - t0, "step_weight_bytes": bytes_f8}
+    print(f"FP8 engine up in {res['fp8']['engine_start_s']:.1f} s (kernel tuning included); a step reads "
+          f"{bytes_f8 / 1e9:.2f} GB of weights", flush=True)
+    res["agreement_fp8_vs_dequantized"] = agreement(greedy(eng, check_prompts, sz["check_new"]), deq8_tokens)
+    print("greedy agreement, FP8 vs the dequantized bf16 engine:", res["agreement_fp8_vs_dequantized"], flush=True)
+    save()
+    res["fp8"].update(measure(eng, sz, vocab, random.Random(1), bw, bytes_f8, linear_params))
+    if cuda:
+        from cluster.kernels import fp8 as kfp8
+
+        res["fp8"]["tuned_configs"] = kfp8.chosen_configs()
+    save()
+
+    print_table(res, sz, args.tbps)
+
+
+def print_table(res: dict, sz: dict, tbps: float) -> None:
+    """bf16, W4A16 and FP8 side by side, each against bf16 and against its own bandwidth floor."""
+    names = ("bf16", "w4a16", "fp8")
     rows = [(f"decode-1 ({sz['p1']} prompt, {sz['new1']} new), tok/s", "decode-1"),
             ("decode-1 steady step, tok/s", "step-1"),
             (f"decode-{sz['n64']} steady step, tok/s", f"step-{sz['n64']}"),
             (f"{sz['n64']} x {sz['p64']} prompt, {sz['new64']} new, tok/s", "offline")]
-    print(f"\nfloors at {args.tbps} TB/s; a step reads {bytes_bf16 / 1e9:.2f} GB (bf16) / {bytes_w4 / 1e9:.2f} GB "
-          f"(W4A16) of weights + KV")
-    print(f"{'case':<40} {'bf16':>9} {'W4A16':>9} {'ratio':>6} {'bf16/fl':>8} {'W4/fl':>6}")
+    gb = " / ".join(f"{res[n]['step_weight_bytes'] / 1e9:.2f}" for n in names)
+    print(f"\nfloors at {tbps} TB/s; a step reads {gb} GB (bf16 / W4A16 / FP8) of weights + KV")
+    print(f"{'case':<40} {'bf16':>9} {'W4A16':>9} {'FP8':>9} {'W4/bf16':>8} {'FP8/bf16':>9} {'bf16/fl':>8} "
+          f"{'W4/fl':>6} {'FP8/fl':>7}")
     for label, key in rows:
-        x, y = b[key], q[key]
-        print(f"{label:<40} {x['tok_s']:9.1f} {y['tok_s']:9.1f} {y['tok_s'] / x['tok_s']:6.2f} "
-              f"{x['tok_s'] / x['floor_tok_s']:8.2f} {y['tok_s'] / y['floor_tok_s']:6.2f}")
+        x, y, z = (res[n][key] for n in names)
+        fl = [v["tok_s"] / v["floor_tok_s"] for v in (x, y, z)]
+        print(f"{label:<40} {x['tok_s']:9.1f} {y['tok_s']:9.1f} {z['tok_s']:9.1f} {y['tok_s'] / x['tok_s']:8.2f} "
+              f"{z['tok_s'] / x['tok_s']:9.2f} {fl[0]:8.2f} {fl[1]:6.2f} {fl[2]:7.2f}")
+    x, y, z = (res[n]["prefill"]["tflops"] for n in names)
+    print(f"{'prefill, TFLOP/s of the linears':<40} {x:9.1f} {y:9.1f} {z:9.1f} {y / x:8.2f} {z / x:9.2f}")
     for n in (1, sz["n64"]):
-        print(f"step-{n}: bf16 {b[f'step-{n}']['ms']:.3f} ms (floor {b[f'step-{n}']['floor_ms']:.3f}), W4A16 "
-              f"{q[f'step-{n}']['ms']:.3f} ms (floor {q[f'step-{n}']['floor_ms']:.3f})")
+        print(f"step-{n}: " + ", ".join(f"{name} {res[name][f'step-{n}']['ms']:.3f} ms (floor "
+                                         f"{res[name][f'step-{n}']['floor_ms']:.3f})" for name in names))
     print("agreement W4A16 vs dequantized:", res["agreement_w4a16_vs_dequantized"])
+    print("agreement FP8 vs dequantized:", res["agreement_fp8_vs_dequantized"])
+    k = res.get("fp8_kernels", {})
+    if k.get("checks"):
+        print(f"fp8 kernel checks: {sum(c['ok'] for c in k['checks'])} / {len(k['checks'])} ok")
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""What 4-bit weights cost in quality: held-out perplexity of a model in full precision, rounded to 4 bits
-(round to nearest) and with AWQ's activation-aware scales, as `cluster lite auto_awq` makes them.
+"""What quantized weights cost in quality: held-out perplexity of a model in full precision, rounded to 4 bits
+(round to nearest) and with AWQ's activation-aware scales, as `cluster lite auto_awq` makes them, and in FP8 (e4m3,
+a scale per output channel, as `cluster lite fp8` and `--quant fp8` make them): weights alone (what the decode GEMV
+computes, W8A16) and with every linear's input also rounded to e4m3 per token (W8A8, the torch._scaled_mm path of
+prefill and large batches).
 
     python benchmarks/quant_quality.py [MODEL] [--group 64] [--json OUT]
 
@@ -27,6 +30,26 @@ def perplexity(model, ids: torch.Tensor) -> float:
         return math.exp(model(ids, labels=ids).loss.item())
 
 
+def fp8_model(base, activations: bool):
+    """A copy of `base` with every decoder linear's weight through e4m3 per channel; activations: each linear's
+    input through e4m3 per token as well (forward pre-hooks)."""
+    from cluster.quant import fp8
+
+    model = copy.deepcopy(base)
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    with torch.no_grad():
+        for m in linears:
+            m.weight.copy_(fp8.dequantize(*fp8.quantize_weight(m.weight)))
+            if activations:
+                def hook(_, args):
+                    x = args[0]
+                    q, s = fp8.quantize_tokens(x.reshape(-1, x.shape[-1]))
+                    return ((q.float() * s).reshape(x.shape).to(x.dtype),)
+
+                m.register_forward_pre_hook(hook)
+    return model, len(linears)
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,6 +60,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=None)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=["int4", "fp8"], default=None, help="just these rows (AWQ's search is minutes)")
     args = ap.parse_args()
     src = resolve_source(args.model)
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
@@ -45,7 +69,7 @@ def main() -> None:
     held = tok(HELD_OUT, return_tensors="pt").input_ids
     calib = awq.calibration_ids(tok, awq.default_calibration_text(), 64, 128)
     rows = [{"weights": "fp32", "ppl": perplexity(base, held), "seconds": 0.0}]
-    for name, search in (("int4 round-to-nearest", False), ("int4 AWQ", True)):
+    for name, search in (("int4 round-to-nearest", False), ("int4 AWQ", True)) if args.only != "fp8" else ():
         model = copy.deepcopy(base)
         t0 = time.time()
         quantized = awq.quantize_model(model, calib, args.group, search=search, progress=True)
@@ -54,6 +78,11 @@ def main() -> None:
             for mod, (q, zeros, scales) in quantized.items():  # through the checkpoint's fp16 scales
                 model.get_submodule(mod).weight.copy_(int4.dequantize(q, zeros, scales.half().float()))
         rows.append({"weights": name, "ppl": perplexity(model, held), "seconds": seconds})
+    fp8_rows = (("fp8 e4m3 weights, per channel (W8A16)", False), ("fp8 W8A8 (+ activations per token)", True))
+    for name, acts in fp8_rows if args.only != "int4" else ():
+        t0 = time.time()
+        model, _ = fp8_model(base, acts)
+        rows.append({"weights": name, "ppl": perplexity(model, held), "seconds": time.time() - t0})
     print(f"\n{src.gguf_file or src.path.name}: held-out perplexity ({held.shape[1]} tokens), group {args.group}, "
           f"calibration {calib.shape[0]} x {calib.shape[1]} tokens")
     print("| weights | perplexity | vs fp32 | quantize time |\n|---|---:|---:|---:|")

@@ -26,12 +26,11 @@ from cluster.kernels.pdl import wait_for_previous
 from cluster.quant import fp8 as q8
 
 GEMV_ROWS = 16  # up to this many rows the step is bound by the weights' bytes: the GEMVs
+# few configs: each is timed at engine start per layer shape (and per row bucket for the 2..16-row kernel)
 GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8) for s in (2, 4)
-                if bn * bk <= 16384]
-DOT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4, 8) for s in (3, 4)
-               if bn * bk <= 16384]
+                for bn in (4, 8, 16) for bk in (1024, 2048) for w in (4, 8) for s in (2, 3) if bn * bk <= 16384]
+DOT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)
+               for bn in (16, 32, 64) for bk in (128, 256) for s in (3, 4)]
 INTERPRETER_GEMV = {"BLOCK_N": 4, "BLOCK_K": 64}  # the interpreter cannot time configs
 INTERPRETER_DOT = {"BLOCK_N": 16, "BLOCK_K": 32}
 
@@ -85,11 +84,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.autotune(configs=DOT_CONFIGS, key=["M", "N", "K", "GATED"])
+@triton.autotune(configs=DOT_CONFIGS, key=["M_BUCKET", "N", "K", "GATED"])
 @triton.jit
-def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                      USE_PDL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """2..16 rows: the fp8 tile widened to x's dtype in registers, one 16-row tile of x on the tensor cores."""
+    """2..16 rows: the fp8 tile widened to x's dtype in registers, one 16-row tile of x on the tensor cores.
+    M_BUCKET (M's power of two) only keys the autotuner, so 16 row counts tune 4 times."""
     BLOCK_M: tl.constexpr = 16
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -163,7 +163,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
         head = (x, weight, scale, b, y, n, k)
     else:
         kernel, cfg = _gemv_dot_kernel, config or (INTERPRETER_DOT if interp else None)
-        head = (x, weight, scale, b, y, m, n, k)
+        head = (x, weight, scale, b, y, m, triton.next_power_of_2(m), n, k)
         kw["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
     if cfg is not None:
         kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](*head, *args, **cfg, **kw)
