@@ -70,11 +70,12 @@ def record(kernel: str, shape: str, err: float, dtype: torch.dtype, ms: float, n
     ok = err == err and err < TOL[dtype]
     row = dict(kernel=kernel, shape=shape, rel_err=err, ok=ok, ms=ms, gbps=nbytes / ms / 1e6 if nbytes else None,
                tflops=flops / ms / 1e9 if flops else None, note=note)
-    row["frac"] = (row["gbps"] * 1e9 / PEAK_BW) if nbytes else (row["tflops"] * 1e12 / PEAK_FLOPS)
+    row["frac"] = (row["gbps"] * 1e9 / PEAK_BW) if nbytes else (row["tflops"] * 1e12 / PEAK_FLOPS) if flops else None
     ROWS.append(row)
-    rate = f"{row['gbps']:8.0f} GB/s" if nbytes else f"{row['tflops']:8.1f} TF/s"
+    rate = f"{row['gbps']:8.0f} GB/s" if nbytes else f"{row['tflops']:8.1f} TF/s" if flops else " " * 13
+    frac = f"{row['frac']:6.1%}" if row["frac"] is not None else " " * 6
     print(f"  {kernel:<22} {shape:<34} err={err:.2e} {'ok' if ok else 'FAIL'} {ms * 1e3:9.1f} us {rate} "
-          f"{row['frac']:6.1%} {note}", flush=True)
+          f"{frac} {note}", flush=True)
 
 
 def guarded(fn):
@@ -292,21 +293,105 @@ def bench_decode(B: int, ctx_len: int, page: int = 16, dtype=torch.bfloat16, gra
            note=f"graph x{len(caches)} splits={attention.decode_num_splits(B, HKV, bound, DEV)}")
 
 
+KV_POLICIES = (8, "fp8", 4)
+
+
+def quant_cache(cache: torch.Tensor, bits) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 cache as the engine stores it under quant_policy `bits` (scales in the cache's layout)."""
+    if bits == "fp8":
+        head_scale = torch.ones(cache.shape[2], device=cache.device)
+        return reference.quantize_fp8(cache, head_scale), head_scale
+    q, s = (reference.quantize_int8 if bits == 8 else reference.quantize_int4)(cache)
+    return q, reference.scales_to_layout(s)
+
+
+def row_bytes(bits) -> int:
+    """Bytes of one cached (token, head) row of K or V, scales included."""
+    return {0: 2 * D, 8: D + 4, 4: D // 2 + 8, "fp8": D}[bits]
+
+
 @guarded
-def bench_decode_quant(B: int, ctx_len: int, bits: int, page: int = 16) -> None:
-    """Decode over a quantized cache (quant_policy 8 or 4): a half or a quarter of bf16's K/V bytes, plus 4 or 8
-    bytes of scales per row. Checked against the reference reading the same cache; rated by the bytes it reads."""
-    q, [(kc, vc)], tables, ctx, cu = make_cache([ctx_len] * B, [1] * B, page, torch.bfloat16)
-    quantize = reference.quantize_int8 if bits == 8 else reference.quantize_int4
-    (kq, ks), (vq, vs) = quantize(kc), quantize(vc)
+def bench_decode_quant(B: int, ctx_len: int, bits, page: int = 16) -> None:
+    """Decode over a quantized cache beside bf16 on the same shape, as graph replays over distinct caches (one per
+    layer, as the engine's decode graph holds them), the context lengths changed in place after capture. Checked
+    against the reference reading the same cache; rated by the bytes each reads."""
+    nbytes = 2.0 * B * ctx_len * HKV * row_bytes(bits)
+    copies = max(1, min(128, int(-(-200e6 // nbytes))))
+    q, caches, tables, ctx, cu = make_cache([ctx_len] * B, [1] * B, page, torch.bfloat16, copies)
+    qcaches = [(quant_cache(kc, bits), quant_cache(vc, bits)) for kc, vc in caches]
+    caches = None
     scale = D ** -0.5
-    want = reference.paged_attention(q.float(), kq, vq, tables, ctx, cu, scale, ks, vs)
+    bound = tables.shape[1] * page
+
+    def call(kv_k, kv_v):
+        return attention.paged_decode_attention(q, kv_k[0], kv_v[0], tables, ctx, scale, bound, k_scale=kv_k[1],
+                                                v_scale=kv_v[1])
+
+    def want(i):
+        (kq, ks), (vq, vs) = qcaches[i]
+        return reference.paged_attention(q.float(), kq, vq, tables, ctx, cu, scale, ks, vs)
+
+    g, outs = capture(call, qcaches)
+    err = max(rel_err(o, want(i)) for i, o in enumerate(outs[:2]))
+    ctx.copy_(torch.randint(1, ctx_len + 1, (B,), device=DEV, dtype=torch.int32))
+    outs[0].fill_(float("nan"))
+    g.replay()
+    err = max(err, rel_err(outs[0], want(0)))
+    ctx.fill_(ctx_len)
+    ms = bench(g.replay) / len(qcaches)
+    record(f"paged_decode {bits}", f"B={B} ctx={ctx_len} page={page}", err, torch.bfloat16, ms, nbytes=nbytes,
+           note=f"graph x{len(qcaches)}")
+
+
+@guarded
+def bench_prefill_quant(name: str, q_lens: list[int], ctx_lens: list[int], bits, page: int = 16) -> None:
+    q, [(kc, vc)], tables, ctx, cu = make_cache(ctx_lens, q_lens, page, torch.bfloat16)
+    (kq, ks), (vq, vs) = quant_cache(kc, bits), quant_cache(vc, bits)
+    scale = D ** -0.5
     with poisoned():
-        out = attention.paged_decode_attention(q, kq, vq, tables, ctx, scale, ctx_len, k_scale=ks, v_scale=vs)
-    nbytes = 2.0 * B * ctx_len * HKV * (D + 4 if bits == 8 else D // 2 + 8)
-    record(f"paged_decode int{bits}", f"B={B} ctx={ctx_len} page={page}", rel_err(out, want), torch.bfloat16,
-           bench(lambda: attention.paged_decode_attention(q, kq, vq, tables, ctx, scale, ctx_len, k_scale=ks,
-                                                          v_scale=vs)), nbytes=nbytes, note="eager")
+        out = attention.paged_attention(q, kq, vq, tables, ctx, cu, scale, ks, vs)
+    err = rel_err(out, reference.paged_attention(q.float(), kq, vq, tables, ctx, cu, scale, ks, vs))
+    ms = bench(lambda: attention.paged_attention(q, kq, vq, tables, ctx, cu, scale, ks, vs))
+    record(f"paged_attention {bits}", f"{name} page={page}", err, torch.bfloat16, ms,
+           flops=attn_flops(q_lens, ctx_lens))
+
+
+@guarded
+def check_store_quant(T: int, bits, page: int = 16) -> None:
+    """rotary_and_store and store_kvcache into a quantized cache: the bytes (and scales) the reference writes."""
+    dtype = torch.bfloat16
+    q, k, v = _qkv_views(T, dtype)
+    pos = torch.randint(0, 8192, (T,), device=DEV)
+    nblocks = -(-T // page) + 2
+    slots = torch.randperm(nblocks * page, device=DEV)[:T]
+    cos_sin = _llama3_cos_sin()
+    worst, diff = 0.0, []
+    for fn, kernel in (("store_kvcache", kvcache.store_kvcache), ("rotary_and_store", rotary.rotary_and_store)):
+        made = []
+        for impl in (getattr(reference, fn), kernel):
+            kc, ks = quant_cache(torch.zeros(nblocks, page, HKV, D, dtype=dtype, device=DEV), bits)
+            vc, vs = quant_cache(torch.zeros(nblocks, page, HKV, D, dtype=dtype, device=DEV), bits)
+            args = (k, v) if fn == "store_kvcache" else (q.clone(), k, v, pos, cos_sin)
+            impl(*args, kc, vc, slots, ks, vs)
+            made.append((kc, vc, ks, vs))
+        (rk, rv, rks, rvs), (gk, gv, gks, gvs) = made
+        for which, got, want, gs, ws in (("k", gk, rk, gks, rks), ("v", gv, rv, gvs, rvs)):
+            g_deq = reference.dequantize_cache(got, gs, torch.float32)
+            w_deq = reference.dequantize_cache(want, ws, torch.float32)
+            diff.append((got.view(torch.uint8) != want.view(torch.uint8)).float().mean().item())
+            if fn == "rotary_and_store" and which == "k":
+                # the rotated key may round one bf16 step apart, which may move a value one quantization step
+                if bits == "fp8":
+                    step = w_deq.abs() / 8 + 2 ** -9
+                else:
+                    sc = torch.maximum(gs, ws).transpose(1, 2)
+                    step = (sc[..., :1] if bits == 4 else sc.unsqueeze(-1))
+                if not ((g_deq - w_deq).abs() <= 1.01 * step + w_deq.abs() / 128 + 1e-6).all():  # + a bf16 ulp
+                    worst = float("nan")
+            else:
+                worst = max(worst, rel_err(g_deq, w_deq) if w_deq.norm() > 0 else 0.0)
+    record(f"store {bits}", f"T={T} kv[{HKV},{D}] page={page}", worst, dtype, float("nan"),
+           note="bytes differing from the reference: " + " ".join(f"{x:.1e}" for x in diff))
 
 
 def capture(call, caches) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]:
@@ -416,8 +501,89 @@ def host_overhead() -> None:
         print(f"   host overhead {name:<26} {us:6.1f} us/call", flush=True)
 
 
+def kv_quant_rows() -> None:
+    """Issue 18's cases: each quantized cache beside bf16 (graph-captured decode, prefill and mixed batches)."""
+    for bits in KV_POLICIES:
+        check_store_quant(4096, bits)
+    for B, c in ((64, 2048), (1, 8192), (64, 8192), (16, 4096)):
+        bench_decode(B, c, graph=True)
+        for bits in KV_POLICIES:
+            bench_decode_quant(B, c, bits)
+    for name, ql, cl in (("16x2048 packed", [2048] * 16, [2048] * 16),
+                         ("4x512 chunk over 3584 cached", [512] * 4, [4096] * 4),
+                         ("2048 prefill + 63 decodes", [2048] + [1] * 63, [2048] * 64)):
+        bench_prefill(name, ql, cl)
+        for bits in KV_POLICIES:
+            bench_prefill_quant(name, ql, cl, bits)
+
+
+def sweep_decode_quant(B: int, ctx_len: int, bits, page: int = 16) -> None:
+    """Graph-replay time per call of a few tile configs for one quantized cache: sizes DECODE_CONFIG_BY_QUANT."""
+    nbytes = 2.0 * B * ctx_len * HKV * row_bytes(bits)
+    copies = max(1, min(128, int(-(-200e6 // nbytes))))
+    q, caches, tables, ctx, cu = make_cache([ctx_len] * B, [1] * B, page, torch.bfloat16, copies)
+    qcaches = [(quant_cache(kc, bits), quant_cache(vc, bits)) for kc, vc in caches]
+    caches = None
+    (kq, ks), (vq, vs) = qcaches[0]
+    want = reference.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.088, ks, vs)
+    quant = kvcache.quant_bits(kq, ks, vs, D)
+    base = dict(attention.DECODE_CONFIG_BY_QUANT)
+    for over in [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
+                 [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 2), (128, 8, 3), (64, 8, 3), (64, 2, 3)]]:
+        attention.DECODE_CONFIG_BY_QUANT[quant] = over
+        try:
+            g, outs = capture(lambda kk, vv: attention.paged_decode_attention(
+                q, kk[0], vv[0], tables, ctx, 0.088, ctx_len, k_scale=kk[1], v_scale=vv[1]), qcaches)
+            err, ms = rel_err(outs[0], want), bench(g.replay) / len(qcaches)
+        except Exception as e:  # noqa: BLE001
+            err, ms = float("nan"), float("nan")
+            print("   ", over, repr(e)[:120])
+        SWEEPS.append(dict(kernel=f"decode-graph {bits}", B=B, ctx=ctx_len, cfg=over, err=err, ms=ms,
+                           gbps=nbytes / ms / 1e6))
+        print(f"   decode {bits} B={B} ctx={ctx_len} {over} err={err:.1e} {ms * 1e3:6.1f} us "
+              f"{nbytes / ms / 1e6:6.0f} GB/s", flush=True)
+    attention.DECODE_CONFIG_BY_QUANT.clear()
+    attention.DECODE_CONFIG_BY_QUANT.update(base)
+
+
+def kv_quant_table() -> None:
+    """Each quantized cache's time over bf16's on the same case, against issue 18's targets."""
+    target = {("decode", 8): 0.8, ("decode", "fp8"): 0.8, ("decode", 4): 0.7}
+    base = {r["shape"].split(" page")[0]: r["ms"] for r in ROWS
+            if r.get("kernel") in ("paged_decode", "paged_attention") and "graph" in (r.get("note") or "graph")
+            and r.get("ms") == r.get("ms")}
+    print(f"\n{'kernel':<24} {'case':<34} {'ok':>4} {'us':>8} {'bf16 us':>8} {'x bf16':>7} {'GB/s':>6} {'target':>7}")
+    for r in ROWS:
+        k = r.get("kernel", "")
+        if not any(k.startswith(p + " ") for p in ("paged_decode", "paged_attention", "store")):
+            continue
+        case = r["shape"].split(" page")[0]
+        b = base.get(case)
+        kind, bits = k.split(" ")[0], k.split(" ")[-1]
+        bits = int(bits) if bits.isdigit() else bits
+        tgt = target.get(("decode", bits)) if kind == "paged_decode" else None
+        if tgt and case.startswith("B=1 "):
+            tgt = 1.0
+        ratio = r["ms"] / b if b and r.get("ms") == r.get("ms") else float("nan")
+        gbps = f"{r['gbps']:6.0f}" if r.get("gbps") else "     -"
+        print(f"{k:<24} {case:<34} {'ok' if r.get('ok') else 'FAIL':>4} {r.get('ms', float('nan')) * 1e3:8.1f} "
+              f"{(b or float('nan')) * 1e3:8.1f} {ratio:7.2f} {gbps} {tgt or '':>7}")
+
+
 def main() -> None:
     sweep = "--sweep" in sys.argv
+    if "--kv" in sys.argv:  # issue 18's rows only, then their config sweeps
+        torch.manual_seed(int(time.time()))
+        kv_quant_rows()
+        if sweep:
+            for B, c in ((64, 2048), (1, 8192)):
+                for bits in KV_POLICIES:
+                    sweep_decode_quant(B, c, bits)
+        kv_quant_table()
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "kernels_kv.json").write_text(json.dumps({"rows": ROWS, "sweeps": SWEEPS},
+                                                                                indent=1, default=str))
+        return
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name} SMs={props.multi_processor_count} torch {torch.__version__} triton {triton.__version__}")
     print(f"prefill {attention.PREFILL_CONFIG} mixed {attention.MIXED_CONFIG} decode {attention.DECODE_CONFIG}",
@@ -445,9 +611,7 @@ def main() -> None:
         for c in (512, 2048, 8192):
             bench_decode(B, c)
     bench_decode(64, 2048, page=64)
-    for B, c in ((1, 8192), (64, 2048)):
-        for bits in (8, 4):
-            bench_decode_quant(B, c, bits)
+    kv_quant_rows()
     bench_decode(64, 2048, page=256, graph=False)
     bench_decode(8, 1000, dtype=torch.float16, graph=False)
     bench_decode(3, 777, page=32, dtype=torch.float32, graph=False)

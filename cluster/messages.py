@@ -157,6 +157,7 @@ class EngineStats:
     num_running: Optional[int] = None
     num_waiting: Optional[int] = None
     kv_blocks_total: Optional[int] = None
+    kv_tokens_total: Optional[int] = None  # blocks x block_size: what a quantized cache multiplies
     kv_blocks_free: Optional[int] = None
     kv_usage: Optional[float] = None
     num_preemptions: Optional[int] = None

@@ -36,6 +36,8 @@ PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, DECODE
 MIXED_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DECODE_ROWS=True)
 MIXED_BELOW = 64
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, MIN_SPLIT_TOKENS=64, MAX_SPLITS=64)
+# Per quantized cache (kvcache.py's QUANT), what differs from DECODE_CONFIG; from the sweeps of gpu_kernels.py --kv.
+DECODE_CONFIG_BY_QUANT: dict[int, dict] = {}
 
 
 @triton.jit
@@ -87,7 +89,9 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
         kb = _load_rows(kc_ptr, ptrs, n_ok, MASK)
         vb = _load_rows(vc_ptr, ptrs, n_ok, MASK)
         k = tl.interleave(kb & 0xF, kb >> 4).to(tl.float32).to(q.dtype)  # via fp32: exact, folded by the compiler
-        v = tl.interleave(vb & 0xF, vb >> 4).to(tl.float32).to(q.dtype)  # (and right in Triton's interpreter)
+        # (and right in Triton's interpreter). V centred, -8..7: with 0..15 the two parts of p @ v, each several
+        # times the result, would cancel and magnify the model-dtype rounding of p * v_scale
+        v = (tl.interleave(vb & 0xF, vb >> 4).to(tl.float32) - 8.0).to(q.dtype)
     else:
         ptrs = off[:, None] + tl.arange(0, D)[None, :]
         k = _load_rows(kc_ptr, ptrs, n_ok, MASK)
@@ -102,7 +106,7 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
             k_sc = _load_scales(ks_ptr, 2 * srow, n_ok, MASK)
             v_sc = _load_scales(vs_ptr, 2 * srow, n_ok, MASK)
             k_min = _load_scales(ks_ptr, 2 * srow + 1, n_ok, MASK)
-            v_min = _load_scales(vs_ptr, 2 * srow + 1, n_ok, MASK)
+            v_min = _load_scales(vs_ptr, 2 * srow + 1, n_ok, MASK) + 8.0 * v_sc  # the centred values' offset
             s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
         else:
             k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
@@ -359,9 +363,10 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def decode_num_splits(batch: int, kv_heads: int, max_context_len: int, device: torch.device) -> int:
+def decode_num_splits(batch: int, kv_heads: int, max_context_len: int, device: torch.device,
+                      cfg: dict | None = None) -> int:
     """Enough (seq, kv head, split) programs for ~2 waves over the SMs, but no split under MIN_SPLIT_TOKENS keys."""
-    cfg = DECODE_CONFIG
+    cfg = cfg or DECODE_CONFIG
     want = triton.cdiv(2 * _sm_count(device), batch * kv_heads)
     return max(1, min(want, triton.cdiv(max_context_len, cfg["MIN_SPLIT_TOKENS"]), cfg["MAX_SPLITS"]))
 
@@ -382,9 +387,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    cfg = DECODE_CONFIG
+    cfg = {**DECODE_CONFIG, **DECODE_CONFIG_BY_QUANT.get(quant, {})}
     bound = max_context_len if max_context_len is not None else block_tables.shape[1] * k_cache.shape[1]
-    splits = num_splits or decode_num_splits(B, hkv, int(bound), q.device)
+    splits = num_splits or decode_num_splits(B, hkv, int(bound), q.device, cfg)
     if splits > 1:
         mid_o = torch.empty((B, hq, splits, d), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((B, hq, splits), dtype=torch.float32, device=q.device)

@@ -18,6 +18,7 @@ ENGINE_METRICS = [  # (metric, EngineStats field, help, counter?)
     ("cluster_kv_cache_usage_ratio", "kv_usage", "share of KV cache blocks in use", False),
     ("cluster_kv_cache_free_blocks", "kv_blocks_free", "free KV cache blocks", False),
     ("cluster_kv_cache_capacity_blocks", "kv_blocks_total", "KV cache blocks", False),
+    ("cluster_kv_cache_capacity_tokens", "kv_tokens_total", "tokens the KV cache holds", False),
     ("cluster_requests_running", "num_running", "requests in the running batch", False),
     ("cluster_requests_waiting", "num_waiting", "requests queued in the engine", False),
     ("cluster_preemptions_total", "num_preemptions", "requests preempted for KV space", True),
