@@ -2,7 +2,7 @@
 installed by `make browser`, which `make test` runs), against the router app served by uvicorn on a free loopback
 port in this process. Two models behind it: the tiny random LLaVA of tests/test_llava.py on the real engine (a
 conversation, the history it keeps, an attached image), and a scripted fake engine whose answers are known (Markdown
-and HTML in an answer, a long answer to stop)."""
+and HTML in an answer, a long answer to stop, an answer with reasoning and a tool call)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -22,6 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from cluster.deployments.replica import Connection, LocalWorkerClient, ReplicaCore  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
+from cluster.messages import ToolCall  # noqa: E402
 from cluster.serving.app import create_app  # noqa: E402
 from cluster.serving.backends import LocalBackend  # noqa: E402
 from cluster.serving.server import OpenAIServer  # noqa: E402
@@ -32,17 +34,41 @@ from test_router_protocol import FakeEngine, Out  # noqa: E402
 MARKDOWN = ("Here is code:\n```python\nprint('<b>hi</b>')\n```\nand **bold** and `x = 1`.\n"
             "<img src=x onerror=\"window.__xss=1\"> <script>window.__xss=2</script>")
 STORY = "once " * 300  # 300 steps of 30 ms: long enough to stop in the middle
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@dataclass
+class RichOut(Out):
+    """An output with what a thinking, tool-calling model's parsers give (LLMEngine's RequestOutput has both)."""
+
+    reasoning: str = ""
+    tool_calls: list | None = None
 
 
 class ScriptedEngine(FakeEngine):
-    """Answers MARKDOWN, or STORY when asked for a story, a word per step."""
+    """Answers MARKDOWN, or STORY when asked for a story, a word per step; asked about the weather, it reasons in
+    two pieces, then calls get_weather."""
 
     model_name = "scripted"
     session_len = 4096
 
     def prepare_prompt(self, prompt):
-        story = "story" in str(prompt[-1]["content"])
-        return [1 if story else 0] + self.tokenizer.prompt_ids(prompt)
+        self.prompts = getattr(self, "prompts", []) + [prompt]
+        said = str(prompt[-1]["content"])
+        kind = 1 if "story" in said else 2 if "weather" in said else 0
+        flat = [{**m, "content": m.get("content") or ""} for m in prompt]
+        return [kind] + self.tokenizer.prompt_ids(flat)
+
+    def submit(self, ids, gen, rid, loop, sink):
+        self.gens = getattr(self, "gens", []) + [gen]
+        return super().submit(ids, gen, rid, loop, sink)
+
+    def _weather(self, rid, ids, n: int) -> RichOut:
+        if n < 2:
+            return RichOut(rid, "", [n + 1], None, None, len(ids), n + 1, reasoning=["Thinking about ", "the weather."][n])
+        call = ToolCall(0, "get_weather", '{"city": "Paris"}', "call_w1")
+        return RichOut(rid, "", [n + 1], None, "tool_calls", len(ids), n + 1, tool_calls=[call])
 
     def loop(self):
         while not self.stop:
@@ -51,6 +77,14 @@ class ScriptedEngine(FakeEngine):
                 items = list(self.reqs.items())
             for rid, r in items:
                 ids, gen, sink, n = r
+                if ids[0] == 2:
+                    r[3] = n + 1
+                    out = self._weather(rid, ids, n)
+                    if out.finish_reason:
+                        with self.lock:
+                            self.reqs.pop(rid, None)
+                    sink.put(out)
+                    continue
                 pieces = re.findall(r"\S+\s*|\s+", STORY if ids[0] else MARKDOWN)
                 done = n + 1 >= min(len(pieces), gen.max_new_tokens)
                 r[3] = n + 1
@@ -212,3 +246,29 @@ def test_stop_mid_answer_is_marked_and_aborts(page):
     assert not page.scripted.reqs and page.scripted.aborted
     if os.environ.get("WEBUI_SCREENSHOT"):
         page.save_screenshot(os.environ["WEBUI_SCREENSHOT"].replace(".png", "-stopped.png"))
+
+
+def test_reasoning_and_tool_calls_are_shown_and_kept(page):
+    import json
+
+    page.find_element(By.ID, "clear").click()
+    page.find_element(By.ID, "tools").send_keys(json.dumps(TOOLS))
+    _send(page, "scripted", "What is the weather in Paris?")
+    answer = _answers(page)[-1]
+    think = answer.find_element(By.CSS_SELECTOR, "details.think")
+    assert think.is_displayed() and think.find_element(By.CSS_SELECTOR, "summary").text == "reasoning"
+    assert "Thinking about the weather." in think.text
+    (call,) = answer.find_elements(By.CSS_SELECTOR, ".call")
+    assert call.find_element(By.CSS_SELECTOR, ".fn").text == "get_weather"
+    assert json.loads(call.find_element(By.CSS_SELECTOR, "pre").text) == {"city": "Paris"}
+    assert page.scripted.gens[-1].tools == TOOLS and not page.find_elements(By.CSS_SELECTOR, ".error")
+    page.find_element(By.ID, "tools").clear()
+    _send(page, "scripted", "Thanks")
+    kept = page.scripted.prompts[-1][-2]
+    assert kept["role"] == "assistant" and kept["tool_calls"][0]["id"] == "call_w1"
+    assert kept["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    plain = _answers(page)[-1]
+    assert not plain.find_element(By.CSS_SELECTOR, "details.think").is_displayed()
+    assert not plain.find_elements(By.CSS_SELECTOR, ".call") and page.scripted.gens[-1].tools is None
+    if os.environ.get("WEBUI_SCREENSHOT"):
+        page.save_screenshot(os.environ["WEBUI_SCREENSHOT"].replace(".png", "-tools.png"))

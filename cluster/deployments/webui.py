@@ -40,6 +40,14 @@ _PAGE = r"""<!doctype html>
  #imgname span{overflow:hidden;text-overflow:ellipsis}
  #imgclear{padding:0 6px}
  .stats{font-size:12px;color:#6b7280}
+ .think{color:#4b5563;font-size:90%;border-left:3px solid #cbd5e1;padding-left:8px;margin-bottom:6px}
+ .think summary{cursor:pointer;font-size:12px;color:#6b7280}
+ .think p{margin:2px 0 0}
+ .think[hidden],.calls:empty{display:none}
+ .call{border-left:3px solid #7c3aed;background:#f5f3ff;padding:4px 8px;margin-top:6px;border-radius:4px}
+ .call .fn{font-family:ui-monospace,monospace;font-weight:600}
+ .call .fn::before{content:"tool call ";font-family:system-ui,sans-serif;font-weight:400;font-size:12px;color:#6b7280}
+ .call pre{margin:4px 0 0;background:#ede9fe;color:#1e1b4b}
 </style></head><body>
 <header><b>cluster</b>
  <label>model <select id="model"></select></label>
@@ -47,6 +55,8 @@ _PAGE = r"""<!doctype html>
  <label>max tokens <input id="maxtok" type="number" min="1" value="512" style="width:5em"></label>
  <label>API key <input id="key" type="password" placeholder="(none)" style="width:10em"></label>
  <label>system <input id="system" placeholder="system prompt" style="width:14em"></label>
+ <label title="OpenAI tools, a JSON list: the answer's tool calls are shown, not run">tools <input id="tools"
+  placeholder='[{"type": "function", ...}]' style="width:12em"></label>
  <button id="clear" type="button">new chat</button>
 </header>
 <div id="log"></div>
@@ -87,6 +97,31 @@ function render(box, text){  // fenced code blocks (an unclosed one, while strea
   }
   if (code !== null) block(); flush();
 }
+// An answer's reasoning (reasoning_content) and tool calls, shown apart from its text; textContent only.
+function showThink(box, inner, text){ box.hidden = !text; inner.textContent = text; }
+function showCalls(box, calls){
+  box.textContent = "";
+  for (const c of calls){
+    const d = node("div", "call"); d.appendChild(node("span", "fn", c.function.name));
+    let args = c.function.arguments;
+    try { args = JSON.stringify(JSON.parse(args), null, 2); } catch(_){}  // still arriving, or not JSON: as it is
+    const pre = node("pre"); pre.appendChild(node("code", "", args)); d.appendChild(pre); box.appendChild(d);
+  }
+}
+function mergeCalls(calls, deltas){  // OpenAI's streamed tool_calls: entries by index, arguments in pieces
+  for (const t of deltas){
+    let c = calls.find(x => x.index === t.index);
+    if (!c){ c = {index: t.index, id: "", type: "function", function: {name: "", arguments: ""}}; calls.push(c); }
+    if (t.id) c.id = t.id;
+    const f = t.function || {}; if (f.name) c.function.name += f.name; if (f.arguments) c.function.arguments += f.arguments;
+  }
+}
+function readTools(){
+  const v = $("tools").value.trim(); if (!v) return null;
+  let t; try { t = JSON.parse(v); } catch(e){ throw new Error("tools: not valid JSON (" + e.message + ")"); }
+  if (!Array.isArray(t)) throw new Error("tools: give a JSON list of tools");
+  return t;
+}
 function showImage(){ const f = $("img").files[0]; $("imgname").hidden = !f; $("imgfile").textContent = $("imgfile").title = f ? f.name : ""; }
 async function loadModels(){
   try { const r = await fetch(API + "/v1/models", {headers: headers()}); const j = await r.json();
@@ -101,6 +136,7 @@ $("imgclear").onclick = () => { $("img").value = ""; showImage(); };
 $("in").addEventListener("keydown", e => { if (e.key === "Enter" && !e.shiftKey){ e.preventDefault(); $("f").requestSubmit(); } });
 $("f").onsubmit = async e => {
   e.preventDefault(); const text = $("in").value.trim(); if (!text || ctrl) return;
+  let tools; try { tools = readTools(); } catch(err){ add("error", err.message); return; }
   const file = $("img").files[0]; let content = text, url = null;
   if (file){  // an image goes inline as a data: URL, before the text (as LLaVA was trained)
     try { url = await readImage(file); } catch(err){ add("error", err.message); return; }
@@ -109,14 +145,19 @@ $("f").onsubmit = async e => {
   }
   const said = add("user", ""); if (url){ const im = node("img"); im.src = url; im.alt = file.name; said.appendChild(im); }
   said.appendChild(node("span", "", text)); $("in").value = ""; history.push({role:"user", content});
-  const out = add("assistant", ""), body = node("div"); out.appendChild(body);
+  const out = add("assistant", ""), think = node("details", "think"), body = node("div"), callBox = node("div", "calls");
+  const thinkText = node("p");
+  think.open = true; think.appendChild(node("summary", "", "reasoning")); think.appendChild(thinkText);
+  think.hidden = true; out.appendChild(think); out.appendChild(body); out.appendChild(callBox);
   const msgs = ($("system").value ? [{role:"system", content:$("system").value}] : []).concat(history);
   ctrl = new AbortController(); $("stop").disabled = false; $("send").disabled = true;
-  const t0 = performance.now(); let t1 = null, answer = "", usage = null, stopped = false;
+  const t0 = performance.now(); let t1 = null, answer = "", reasoning = "", calls = [], usage = null, stopped = false;
+  const req = {model: $("model").value, messages: msgs, stream: true, stream_options: {include_usage: true},
+               temperature: parseFloat($("temp").value), max_tokens: parseInt($("maxtok").value)};
+  if (tools) req.tools = tools;
   try {
     const r = await fetch(API + "/v1/chat/completions", {method:"POST", headers: headers(), signal: ctrl.signal,
-      body: JSON.stringify({model: $("model").value, messages: msgs, stream: true, stream_options: {include_usage: true},
-                            temperature: parseFloat($("temp").value), max_tokens: parseInt($("maxtok").value)})});
+      body: JSON.stringify(req)});
     if (!r.ok){ const j = await r.json().catch(() => ({})); throw new Error(j.error ? j.error.message : ("HTTP " + r.status)); }
     const reader = r.body.getReader(), dec = new TextDecoder(); let buf = "";
     for (;;){
@@ -127,11 +168,20 @@ $("f").onsubmit = async e => {
         if (!line.startsWith("data:")) continue; const data = line.slice(5).trim(); if (data === "[DONE]") continue;
         const j = JSON.parse(data); if (j.error) throw new Error(j.error.message);
         if (j.usage) usage = j.usage;
-        for (const c of j.choices || []){ const d = c.delta && c.delta.content; if (d){ if (t1 === null) t1 = performance.now(); answer += d; render(body, answer); $("log").scrollTop = 1e9; } }
+        for (const c of j.choices || []){
+          const d = c.delta || {};
+          if ((d.content || d.reasoning_content || d.tool_calls) && t1 === null) t1 = performance.now();
+          if (d.reasoning_content){ reasoning += d.reasoning_content; showThink(think, thinkText, reasoning); }
+          if (d.content){ answer += d.content; render(body, answer); }
+          if (d.tool_calls){ mergeCalls(calls, d.tool_calls); showCalls(callBox, calls); }
+          $("log").scrollTop = 1e9;
+        }
       }
     }
   } catch(err){ if (err.name === "AbortError") stopped = true; else add("error", err.message); }
-  if (answer) history.push({role:"assistant", content: answer});
+  if (calls.length) history.push({role:"assistant", content: answer || null,
+                                  tool_calls: calls.map(c => ({id: c.id, type: "function", function: c.function}))});
+  else if (answer) history.push({role:"assistant", content: answer});
   else history.pop();  // no answer to keep: drop the question too, so user and assistant turns still alternate
   if (stopped){ out.className += " stopped"; out.appendChild(node("div", "tag", "stopped")); }
   if (usage){ const secs = (performance.now() - t0) / 1000; out.appendChild(node("div", "stats", `${usage.completion_tokens} tokens, ${secs.toFixed(2)} s` + (t1 ? `, first token after ${((t1 - t0)/1000).toFixed(2)} s` : ""))); }
