@@ -1,13 +1,21 @@
-"""Structured output's cost on the CPU with the embedded SmolLM2 (fp32): time per output token under a JSON schema
-against the same decode unconstrained (issue 15's target: at most 1.1x), and grammar compilation of a 50-field
-schema (target: under 100 ms, cached thereafter).
+"""Structured output's cost: time per output token under a JSON schema against the same decode unconstrained
+(issue 15's target: at most 1.1x), and grammar compilation of a 50-field schema (target: under 100 ms, cached
+thereafter), with and without a string length bound.
 
-TPOT is the mean wall time of a decode step (every request gets one token per step), over the steps after the
+TPOT is the median wall time of a decode step (every request gets one token per step), over the steps after the
 first token, at each concurrency. Both runs decode the same number of tokens: the schema (an array of at least
 256 small objects) cannot end before max_new_tokens, and the unconstrained run ignores EOS. The grammar's own
-share of a step (filling the bitmask on the host, applying it to the logits) is timed apart.
+share of a step (filling the bitmask on the host, sending it and applying it to the logits) is timed apart.
+
+By default the embedded SmolLM2 on the CPU (fp32). With --shape, random weights of that shape
+(bench_engine.SHAPES; bf16 on CUDA, fp32 on the CPU) and the tokenizer in --tokenizer: a folder of Hugging Face
+tokenizer files, which --save-tokenizer writes from the embedded SmolLM2 (its GGUF needs the gguf package; the
+folder does not). The logits keep the shape's width (128256 for llama3-8b); ids past the tokenizer's 49152 are
+never allowed by a grammar and decode to nothing.
 
     python benchmarks/bench_structured.py [--concurrency 1,8,32] [--tokens 64] [--out result.json]
+    python benchmarks/bench_structured.py --save-tokenizer .tok
+    python benchmarks/bench_structured.py --device cuda --shape llama3-8b --tokenizer .tok --concurrency 1,8,64
 """
 from __future__ import annotations
 
@@ -41,24 +49,60 @@ BOUNDED = fifty(TYPES + [{"type": "string", "maxLength": 32}])  # ... with one s
 PROMPT = [{"role": "user", "content": "List the items as JSON."}]
 
 
+def _fill_us(grammars: Grammars, compiled, text: str) -> float:
+    """Mean time to fill one row's bitmask while the matcher walks `text`'s tokens."""
+    import xgrammar as xgr
+
+    m, bitmask, total = grammars.matcher(compiled, ()), xgr.allocate_token_bitmask(1, grammars.vocab_size), 0.0
+    ids = grammars.hf.encode(text, add_special_tokens=False)
+    for i in ids:
+        t = time.perf_counter()
+        m.fill_next_token_bitmask(bitmask)
+        total += time.perf_counter() - t
+        assert m.accept_token(i), text
+    return total / len(ids) * 1e6
+
+
 def compile_times(engine: LLMEngine) -> dict:
-    """Fresh caches: the tokenizer's vocabulary table (once per engine), a first compile, and a cached one."""
-    out = {}
+    """Fresh caches each time. `tokenizer_info_ms`: the vocabulary table, once per engine. Per schema: xgrammar's
+    own lowering (a bounded string as a counted repetition; what ran before string_bounds.py), ours cold (the
+    chain of a bounded string computed on first use), ours after the engine's background warm-up (the chain up to
+    WARM_STRING_LENGTH characters already built), and a cached lookup. Then the bitmask fill per token inside a
+    32-character string under each lowering."""
+    out: dict = {}
+    hf, vocab = engine.tokenizer.hf, engine.grammars.vocab_size
+    t0 = time.perf_counter()
+    Grammars(hf, vocab, warm_strings=0)._get_compiler()
+    out["tokenizer_info_ms"] = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    warm = Grammars(hf, vocab, warm_strings=0)
+    warm.warm()
+    out["warm_up_ms"] = (time.perf_counter() - t0) * 1e3 - out["tokenizer_info_ms"]
     for name, schema in (("50_fields", FIFTY), ("50_fields_with_maxLength", BOUNDED)):
-        g = Grammars(engine.tokenizer.hf, engine.grammars.vocab_size)
-        t0 = time.perf_counter()
-        g._get_compiler()
-        t1 = time.perf_counter()
-        key = GrammarKey("json_schema", json.dumps(schema))
-        g.get(key)
-        t2 = time.perf_counter()
+        src = json.dumps(schema)
+        plain = Grammars(hf, vocab, warm_strings=0)
+        compiler = plain._get_compiler()
+        t = time.perf_counter()
+        compiler.compile_json_schema(src, any_whitespace=False, strict_mode=True)
+        out[f"compile_{name}_xgrammar_ms"] = (time.perf_counter() - t) * 1e3
+        cold = Grammars(hf, vocab, warm_strings=0)
+        cold._get_compiler()
+        key = GrammarKey("json_schema", src)
+        for label, g in (("cold", cold), ("warm", warm)):
+            t = time.perf_counter()
+            g.get(key)
+            out[f"compile_{name}_{label}_ms"] = (time.perf_counter() - t) * 1e3
         cached = []
         for _ in range(100):
             t = time.perf_counter()
-            g.get(key)
+            warm.get(key)
             cached.append(time.perf_counter() - t)
-        out.update({"tokenizer_info_ms": (t1 - t0) * 1e3, f"compile_{name}_ms": (t2 - t1) * 1e3,
-                    f"cached_{name}_us": statistics.median(cached) * 1e6})
+        out[f"cached_{name}_us"] = statistics.median(cached) * 1e6
+    one = json.dumps({"type": "object", "properties": {"s": {"type": "string", "maxLength": 32}}, "required": ["s"]})
+    text = '{"s": "' + "the quick brown fox jumps over t" + '"}'
+    counted = warm._get_compiler().compile_json_schema(one, any_whitespace=False, strict_mode=True)
+    out["fill_maxLength_32_xgrammar_us"] = _fill_us(warm, counted, text)
+    out["fill_maxLength_32_chain_us"] = _fill_us(warm, warm.get(GrammarKey("json_schema", one)), text)
     return out
 
 
@@ -101,23 +145,75 @@ def decode_steps(engine: LLMEngine, n: int, gen: GenerationConfig) -> list[float
     return times
 
 
+def build_engine(args) -> LLMEngine:
+    """The embedded SmolLM2, or random weights of --shape with the tokenizer of --tokenizer."""
+    cpu = args.device == "cpu"
+    kw = dict(session_len=1024, max_batch_size=max(64, *args.levels))
+    if cpu:
+        kw["num_blocks"] = 2048
+    else:
+        kw["cache_max_entry_count"] = 0.5
+    if args.shape is None:
+        return LLMEngine(None, EngineConfig(device=args.device, dtype="float32" if cpu else "bfloat16", **kw))
+    from bench_engine import SHAPES, engine_from_hf, random_hf_model
+
+    from cluster.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(args.tokenizer or _embedded_dir())
+    vocab = args.vocab_size or SHAPES[args.shape]["vocab_size"]
+    if vocab < len(tok.hf):
+        raise SystemExit(f"--shape {args.shape}: its logits are {vocab} wide, the tokenizer has {len(tok.hf)} ids; "
+                         f"give --vocab-size {len(tok.hf)} (or more)")
+    SHAPES[args.shape] = {**SHAPES[args.shape], "vocab_size": vocab}
+    dtype = torch.float32 if cpu else torch.bfloat16
+    torch.manual_seed(0)
+    hf_model = random_hf_model(args.shape, dtype, 2048, device=args.device)
+    base = engine_from_hf(hf_model, str(dtype).split(".")[1], device=args.device, **kw)
+    del hf_model
+    if not cpu:
+        torch.cuda.empty_cache()
+    return LLMEngine(runner=base.runner, tokenizer=tok, engine_config=EngineConfig(**kw, device=args.device))
+
+
+def _embedded_dir():
+    from cluster.convert.cache import ensure_converted
+
+    return ensure_converted(None, 1, "float32", progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shape", help="random weights of bench_engine's shape (llama3-8b, tiny, ...)")
+    ap.add_argument("--vocab-size", type=int, help="the logits' width with --shape (default: the shape's)")
+    ap.add_argument("--tokenizer", help="tokenizer folder with --shape (default: the embedded SmolLM2's)")
+    ap.add_argument("--save-tokenizer", metavar="DIR", help="write the embedded SmolLM2's tokenizer files, then exit")
+    ap.add_argument("--skip-compile", action="store_true", help="no compile-time section")
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    engine = LLMEngine(None, EngineConfig(device="cpu", dtype="float32", session_len=1024, num_blocks=2048,
-                                          max_batch_size=64))
-    result = {"compile": compile_times(engine), "tpot": []}
-    print(json.dumps(result["compile"]))
+    if args.save_tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(_embedded_dir())).save_pretrained(args.save_tokenizer)
+        print("tokenizer files in", args.save_tokenizer)
+        return
+    args.levels = [int(x) for x in args.concurrency.split(",")]
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    engine = build_engine(args)
+    result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "shape": args.shape or "SmolLM2-135M", "vocab": engine.grammars.vocab_size, "tpot": []}
+    if not args.skip_compile:
+        result["compile"] = compile_times(engine)
+        print(json.dumps(result["compile"]), flush=True)
     free = GenerationConfig(max_new_tokens=args.tokens, temperature=0, ignore_eos=True)
     constrained = GenerationConfig(max_new_tokens=args.tokens, temperature=0, guided_json=LONG)
-    decode_steps(engine, 2, free)  # warm-up (oneDNN, the grammar's compile)
+    decode_steps(engine, 2, free)  # warm-up (oneDNN or CUDA graphs, the grammar's compile)
     decode_steps(engine, 2, constrained)
-    for c in (int(x) for x in args.concurrency.split(",")):
+    for c in args.levels:
         row = {"concurrency": c}
         steps: dict[str, list[float]] = {"free": [], "json_schema": []}
         with MaskTimer() as mt:
@@ -129,7 +225,7 @@ def main() -> None:
         row["mask_ms_per_step"] = mt.total / max(1, mt.calls) * 1e3
         row["ratio"] = row["json_schema_tpot_ms"] / row["free_tpot_ms"]
         result["tpot"].append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
