@@ -529,7 +529,8 @@ def sweep_decode_quant(B: int, ctx_len: int, bits, page: int = 16) -> None:
     quant = kvcache.quant_bits(kq, ks, vs, D)
     base = dict(attention.DECODE_CONFIG_BY_QUANT)
     for over in [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
-                 [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 2), (128, 8, 3), (64, 8, 3), (64, 2, 3)]]:
+                 [(64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 2, 3), (64, 1, 3), (128, 1, 2), (32, 2, 3),
+                  (32, 1, 4), (256, 2, 2), (128, 4, 2)]]:
         attention.DECODE_CONFIG_BY_QUANT[quant] = over
         try:
             g, outs = capture(lambda kk, vv: attention.paged_decode_attention(
@@ -544,6 +545,31 @@ def sweep_decode_quant(B: int, ctx_len: int, bits, page: int = 16) -> None:
               f"{nbytes / ms / 1e6:6.0f} GB/s", flush=True)
     attention.DECODE_CONFIG_BY_QUANT.clear()
     attention.DECODE_CONFIG_BY_QUANT.update(base)
+
+
+def sweep_prefill_quant(name: str, q_lens: list[int], ctx_lens: list[int], bits, page: int = 16) -> None:
+    """paged_attention over a quantized cache for a few tile configs: sizes PREFILL_CONFIG_BY_QUANT."""
+    q, [(kc, vc)], tables, ctx, cu = make_cache(ctx_lens, q_lens, page, torch.bfloat16)
+    (kq, ks), (vq, vs) = quant_cache(kc, bits), quant_cache(vc, bits)
+    want = reference.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.088, ks, vs)
+    quant = kvcache.quant_bits(kq, ks, vs, D)
+    flops = attn_flops(q_lens, ctx_lens)
+    base = dict(attention.PREFILL_CONFIG_BY_QUANT)
+    for bm, bn, w, st in [(128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+                          (64, 32, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2)]:
+        over = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+        attention.PREFILL_CONFIG_BY_QUANT[quant] = over
+        try:
+            err = rel_err(attention.paged_attention(q, kq, vq, tables, ctx, cu, 0.088, ks, vs), want)
+            ms = bench(lambda: attention.paged_attention(q, kq, vq, tables, ctx, cu, 0.088, ks, vs))
+        except Exception as e:  # noqa: BLE001 (e.g. out of shared memory)
+            err, ms = float("nan"), float("nan")
+            print("   ", over, repr(e)[:120])
+        SWEEPS.append(dict(kernel=f"prefill {bits}", case=name, cfg=over, err=err, ms=ms, tflops=flops / ms / 1e9))
+        print(f"   prefill {bits} {name} {over} err={err:.1e} {ms * 1e3:8.1f} us {flops / ms / 1e9:6.1f} TF/s",
+              flush=True)
+    attention.PREFILL_CONFIG_BY_QUANT.clear()
+    attention.PREFILL_CONFIG_BY_QUANT.update(base)
 
 
 def kv_quant_table() -> None:
@@ -574,11 +600,15 @@ def main() -> None:
     sweep = "--sweep" in sys.argv
     if "--kv" in sys.argv:  # issue 18's rows only, then their config sweeps
         torch.manual_seed(int(time.time()))
-        kv_quant_rows()
+        if "--sweep-only" not in sys.argv:
+            kv_quant_rows()
         if sweep:
-            for B, c in ((64, 2048), (1, 8192)):
+            for B, c in ((64, 2048), (1, 8192), (16, 4096)):
                 for bits in KV_POLICIES:
                     sweep_decode_quant(B, c, bits)
+            for bits in KV_POLICIES:
+                sweep_prefill_quant("16x2048 packed", [2048] * 16, [2048] * 16, bits)
+                sweep_prefill_quant("2048 prefill + 63 decodes", [2048] + [1] * 63, [2048] * 64, bits)
         kv_quant_table()
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "kernels_kv.json").write_text(json.dumps({"rows": ROWS, "sweeps": SWEEPS},

@@ -37,7 +37,11 @@ MIXED_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DECODE_RO
 MIXED_BELOW = 64
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, MIN_SPLIT_TOKENS=64, MAX_SPLITS=64)
 # Per quantized cache (kvcache.py's QUANT), what differs from DECODE_CONFIG; from the sweeps of gpu_kernels.py --kv.
-DECODE_CONFIG_BY_QUANT: dict[int, dict] = {}
+# H200 (run 1 of issue 18): 2 warps a program instead of 4 took B=64 ctx 2048 from 180 to 116 us (int8), 152 to 116
+# (fp8), 217 to 154 (4-bit): each program's 16 query rows leave 4 warps mostly converting for one another.
+DECODE_CONFIG_BY_QUANT: dict[int, dict] = {8: dict(num_warps=2), 1: dict(num_warps=2), 4: dict(num_warps=2)}
+# Likewise for paged_attention's prefill and mixed tiles (whichever the batch picks).
+PREFILL_CONFIG_BY_QUANT: dict[int, dict] = {}
 
 
 @triton.jit
@@ -277,6 +281,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if T == 0 or B == 0:
         return out
     cfg = PREFILL_CONFIG if T >= MIXED_BELOW * B else MIXED_CONFIG  # python ints only: no sync
+    cfg = {**cfg, **PREFILL_CONFIG_BY_QUANT.get(quant, {})}
     if q.element_size() == 4:  # fp32 tiles are twice the bytes: the bf16 tile size would spill registers
         cfg = {**cfg, "BLOCK_M": min(cfg["BLOCK_M"], 64)}
     block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
