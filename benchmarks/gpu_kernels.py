@@ -528,13 +528,15 @@ def sweep_decode_quant(B: int, ctx_len: int, bits, page: int = 16) -> None:
     want = reference.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.088, ks, vs)
     quant = kvcache.quant_bits(kq, ks, vs, D)
     base = dict(attention.DECODE_CONFIG_BY_QUANT)
-    for over in [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
-                 [(64, 2, 3), (64, 2, 4), (128, 2, 2), (128, 2, 3), (64, 1, 3), (128, 1, 2), (32, 2, 3),
-                  (32, 1, 4), (256, 2, 2), (128, 4, 2)]]:
+    for over, splits in [(dict(BLOCK_N=bn, num_warps=w, num_stages=st), n) for bn, w, st, n in
+                         [(64, 2, 3, None), (64, 2, 3, 2), (64, 2, 3, 4), (128, 2, 2, None), (128, 2, 2, 2),
+                          (64, 4, 3, None), (128, 4, 2, None), (32, 2, 3, None)]]:
         attention.DECODE_CONFIG_BY_QUANT[quant] = over
+        over = {**over, "splits": splits}
         try:
             g, outs = capture(lambda kk, vv: attention.paged_decode_attention(
-                q, kk[0], vv[0], tables, ctx, 0.088, ctx_len, k_scale=kk[1], v_scale=vv[1]), qcaches)
+                q, kk[0], vv[0], tables, ctx, 0.088, ctx_len, k_scale=kk[1], v_scale=vv[1], num_splits=splits),
+                qcaches)
             err, ms = rel_err(outs[0], want), bench(g.replay) / len(qcaches)
         except Exception as e:  # noqa: BLE001
             err, ms = float("nan"), float("nan")
@@ -603,9 +605,10 @@ def main() -> None:
         if "--sweep-only" not in sys.argv:
             kv_quant_rows()
         if sweep:
-            for B, c in ((64, 2048), (1, 8192), (16, 4096)):
+            for B, c in ((64, 2048), (1, 8192)):
                 for bits in KV_POLICIES:
                     sweep_decode_quant(B, c, bits)
+        if "--sweep-prefill" in sys.argv:
             for bits in KV_POLICIES:
                 sweep_prefill_quant("16x2048 packed", [2048] * 16, [2048] * 16, bits)
                 sweep_prefill_quant("2048 prefill + 63 decodes", [2048] + [1] * 63, [2048] * 64, bits)

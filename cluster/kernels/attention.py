@@ -70,6 +70,69 @@ def _load_scales(ptr, idx, n_ok, MASK: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """The online softmax's update for scores s: (p, the old rows' rescale, l_i, m_i)."""
+    # Each row sees at least one key of its first tile (key 0, or the first key of a split), so m_new is finite from
+    # then on and a row fully masked in a later tile gets p = 0 rather than NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _v_weights(p, v_sc, dtype: tl.constexpr):
+    """p * v_scale in the dots' dtype, and the factor the product takes back: in fp16, p * v_scale can fall below
+    the normal range, so the weights are scaled to <= 1 first."""
+    if dtype == tl.float16:
+        v_top = tl.maximum(tl.max(v_sc, 0), 1e-30)
+        return (p * (v_sc / v_top)[None, :]).to(dtype), v_top
+    else:
+        return (p * v_sc[None, :]).to(dtype), 1.0
+
+
+@triton.jit
+def _int4_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE: tl.constexpr, MASK: tl.constexpr):
+    """The 4-bit rows' (scale, min) of K and V; V's min for values centred on 8 (-8..7, see _attend_tile)."""
+    srow = 2 * ((page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE)  # grid axis 1 is the kv head
+    k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
+    v_sc = _load_scales(vs_ptr, srow, n_ok, MASK)
+    k_min = _load_scales(ks_ptr, srow + 1, n_ok, MASK)
+    v_min = _load_scales(vs_ptr, srow + 1, n_ok, MASK) + 8.0 * v_sc
+    return k_sc, k_min, v_sc, v_min
+
+
+@triton.jit
+def _attend_tile_int4_halves(acc_e, acc_o, l_i, m_i, q_e, q_o, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start,
+                             ctx, kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
+                             D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """_attend_tile over a 4-bit cache for decode (MASK 0 or 1), without putting the nibbles back in value order:
+    the low nibbles are the even dimensions and the high ones the odd, so q comes split the same way (q_e, q_o) and
+    the output accumulates as its even and odd columns (acc_e, acc_o)."""
+    n = start + tl.arange(0, BLOCK_N)
+    n_ok = n < ctx
+    if MASK == 0:
+        page = tl.load(bt_row + n // PAGE).to(tl.int64)
+    else:
+        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    ptrs = (page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch)[:, None] + tl.arange(0, D // 2)[None, :]
+    kb = _load_rows(kc_ptr, ptrs, n_ok, MASK)
+    vb = _load_rows(vc_ptr, ptrs, n_ok, MASK)
+    dt = q_e.dtype
+    s = _dot(q_e, tl.trans((kb & 0xF).to(tl.float32).to(dt))) + _dot(q_o, tl.trans((kb >> 4).to(tl.float32).to(dt)))
+    k_sc, k_min, v_sc, v_min = _int4_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE, MASK)
+    s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
+    if MASK == 1:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
+    w, v_top = _v_weights(p, v_sc, dt)
+    pm = tl.sum(p * v_min[None, :], 1)[:, None]
+    acc_e = acc_e * alpha[:, None] + _dot(w, ((vb & 0xF).to(tl.float32) - 8.0).to(dt)) * v_top + pm
+    acc_o = acc_o * alpha[:, None] + _dot(w, ((vb >> 4).to(tl.float32) - 8.0).to(dt)) * v_top + pm
+    return acc_e, acc_o, l_i, m_new
+
+
+@triton.jit
 def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
                  stride_cb, stride_cs, stride_ch,
                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
@@ -104,18 +167,14 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
             k, v = k.to(tl.float32), v.to(tl.float32)
         k, v = k.to(q.dtype), v.to(q.dtype)
     s = _dot(q, tl.trans(k))
-    if QUANT == 8 or QUANT == 4:
+    if QUANT == 4:
+        k_sc, k_min, v_sc, v_min = _int4_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE, MASK)
+        s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
+    elif QUANT == 8:
         srow = (page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE  # grid axis 1 is the kv head in both kernels
-        if QUANT == 4:
-            k_sc = _load_scales(ks_ptr, 2 * srow, n_ok, MASK)
-            v_sc = _load_scales(vs_ptr, 2 * srow, n_ok, MASK)
-            k_min = _load_scales(ks_ptr, 2 * srow + 1, n_ok, MASK)
-            v_min = _load_scales(vs_ptr, 2 * srow + 1, n_ok, MASK) + 8.0 * v_sc  # the centred values' offset
-            s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
-        else:
-            k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
-            v_sc = _load_scales(vs_ptr, srow, n_ok, MASK)
-            s = s * (k_sc * qk_scale)[None, :]
+        k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
+        v_sc = _load_scales(vs_ptr, srow, n_ok, MASK)
+        s = s * (k_sc * qk_scale)[None, :]
     elif QUANT == 1:  # kvcache.FP8: one scale per kv head
         s = s * (qk_scale * tl.load(ks_ptr + kv_head))
     else:
@@ -124,18 +183,10 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
         s = tl.where(n_ok[None, :], s, float("-inf"))
     if MASK == 2:
         s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-    # Each row sees at least one key of its first tile (key 0, or the first key of a split), so m_new is finite from
-    # then on and a row fully masked in a later tile gets p = 0 rather than NaN.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
     if QUANT == 8 or QUANT == 4:
-        if q.dtype == tl.float16:  # p * v_scale can fall below fp16's normal range: weights scaled to <= 1 first
-            v_top = tl.maximum(tl.max(v_sc, 0), 1e-30)
-            pv = _dot((p * (v_sc / v_top)[None, :]).to(q.dtype), v) * v_top
-        else:
-            pv = _dot((p * v_sc[None, :]).to(q.dtype), v)
+        w, v_top = _v_weights(p, v_sc, q.dtype)
+        pv = _dot(w, v) * v_top
         if QUANT == 4:
             pv += tl.sum(p * v_min[None, :], 1)[:, None]
         acc = acc * alpha[:, None] + pv
@@ -316,26 +367,55 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
     g = tl.arange(0, GROUP_P)  # the q heads of this kv head, padded to a tl.dot-able 16 rows
     g_ok = g < GROUP
     head = kv_head * GROUP + g
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None], other=0.0)
-    qsum = tl.sum(q.to(tl.float32), 1)
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
-    acc = tl.zeros([GROUP_P, D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
-                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
-    if not SPLIT:  # a single split: final output, no reduce pass
+    if QUANT == 4:  # the even and odd dimensions apart (_attend_tile_int4_halves)
+        j = tl.arange(0, D // 2)
+        q_e = tl.load(q_row + 2 * j[None, :], mask=g_ok[:, None], other=0.0)
+        q_o = tl.load(q_row + 2 * j[None, :] + 1, mask=g_ok[:, None], other=0.0)
+        qsum = tl.sum(q_e.to(tl.float32), 1) + tl.sum(q_o.to(tl.float32), 1)
+        acc_e = tl.zeros([GROUP_P, D // 2], tl.float32)
+        acc_o = tl.zeros([GROUP_P, D // 2], tl.float32)
+        full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for start in range(lo, full, BLOCK_N):
+            acc_e, acc_o, l_i, m_i = _attend_tile_int4_halves(
+                acc_e, acc_o, l_i, m_i, q_e, q_o, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, kv_head,
+                qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0)
+        for start in range(full, hi, BLOCK_N):  # at most one
+            acc_e, acc_o, l_i, m_i = _attend_tile_int4_halves(
+                acc_e, acc_o, l_i, m_i, q_e, q_o, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, kv_head,
+                qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1)
+        _write_decode(acc_e, l_i, m_i, 2 * j, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
+                      NUM_SPLITS, GROUP, D, SPLIT)
+        _write_decode(acc_o, l_i, m_i, 2 * j + 1, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob,
+                      stride_oh, NUM_SPLITS, GROUP, D, SPLIT)
+    else:
+        d = tl.arange(0, D)
+        q = tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0)
+        acc = tl.zeros([GROUP_P, D], tl.float32)
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, l_i, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head,
+                                      qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
+        _write_decode(acc, l_i, m_i, d, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
+                      NUM_SPLITS, GROUP, D, SPLIT)
+
+
+@triton.jit
+def _write_decode(acc, l_i, m_i, cols, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
+                  NUM_SPLITS, GROUP: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr):
+    """Output columns `cols` of a split's rows: final (a single split), or the partial result, normalised, with its
+    log2-sum-exp2 for the reduce pass (an empty split, past ctx, gets weight 0)."""
+    if not SPLIT:
         out = acc / l_i[:, None]
         o_off = b.to(tl.int64) * stride_ob + head * stride_oh
-        tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
-    else:  # partial result, normalised, with its log2-sum-exp2; an empty split (past ctx) gets weight 0
+        tl.store(o_ptr + o_off[:, None] + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         row = (b * (GROUP * tl.num_programs(1)) + head).to(tl.int64) * NUM_SPLITS + split  # [B, Hq, S] index
-        tl.store(mo_ptr + row[:, None] * D + d[None, :], out, mask=g_ok[:, None])
+        tl.store(mo_ptr + row[:, None] * D + cols[None, :], out, mask=g_ok[:, None])
         tl.store(mlse_ptr + row, lse, mask=g_ok)
 
 
