@@ -87,6 +87,32 @@ def measure(eng, sz: dict, vocab: int, seed: int, bw: float, weight_bytes: int) 
     return r
 
 
+def tune_prefill() -> dict:
+    """gpu_kernels.sweep_prefill_quant on a packed prefill and a mixed batch per quantized cache; the tiles with the
+    least total time go into attention.PREFILL_CONFIG_BY_QUANT for the engines below."""
+    import gpu_kernels as gk
+
+    from cluster.kernels import attention, kvcache
+
+    chosen = {}
+    for bits in gk.KV_POLICIES:
+        start = len(gk.SWEEPS)
+        gk.sweep_prefill_quant("16x2048 packed", [2048] * 16, [2048] * 16, bits)
+        gk.sweep_prefill_quant("2048 prefill + 63 decodes", [2048] + [1] * 63, [2048] * 64, bits)
+        total: dict[str, list] = {}
+        for row in gk.SWEEPS[start:]:
+            key = json.dumps(row["cfg"], sort_keys=True)
+            total.setdefault(key, [0.0, 0])
+            total[key][0] += row["ms"] if row["ms"] == row["ms"] else float("inf")
+            total[key][1] += 1
+        best = min(total, key=lambda k: total[k][0])
+        q = {8: 8, 4: 4, "fp8": kvcache.FP8.value}[bits]
+        attention.PREFILL_CONFIG_BY_QUANT[q] = json.loads(best)
+        chosen[str(bits)] = {"cfg": json.loads(best), "ms_both_cases": total[best][0]}
+        print(f"prefill tiles for {bits}: {best} ({total[best][0] * 1e3:.0f} us over both cases)", flush=True)
+    return chosen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -95,6 +121,8 @@ def main() -> None:
     ap.add_argument("--tbps", type=float, default=4.1, help="read bandwidth of the floors, TB/s")
     ap.add_argument("--cache-max-entry-count", type=float, default=0.3)
     ap.add_argument("--policies", default=",".join(map(str, POLICIES)))
+    ap.add_argument("--tune-prefill", action="store_true",
+                    help="first sweep paged_attention's tiles per quantized cache (gpu_kernels.py) and use the best")
     args = ap.parse_args()
     cuda = args.device == "cuda"
     if not cuda:
@@ -109,6 +137,8 @@ def main() -> None:
     res: dict = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
                  "torch": torch.__version__, "sizes": sz, "cache_max_entry_count": args.cache_max_entry_count,
                  "tbps_floor": args.tbps, "policies": {}}
+    if args.tune_prefill and cuda:
+        res["prefill_configs"] = tune_prefill()
     torch.manual_seed(1)
     dtype = torch.bfloat16 if cuda else torch.float32
     hf_model = random_hf_model(args.shape, dtype, sz["session"], device=args.device)
