@@ -376,12 +376,18 @@ def ref_attention(q, k_cache, v_cache, tables, ctx, cu, scale):
     return ref.paged_attention(q.float(), k_cache.float(), v_cache.float(), tables, ctx, cu, scale)
 
 
+def use_decode_config(monkeypatch, cfg: dict) -> None:
+    monkeypatch.setattr(attn, "DECODE_CONFIG", cfg)
+    monkeypatch.setattr(attn, "DECODE_CONFIG_BY_QUANT", {})
+
+
 SMALL_PREFILL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, DECODE_ROWS=True)
 
 
 def use_prefill_config(monkeypatch, cfg: dict) -> None:
     """The same launch config for prefill-heavy and decode-heavy batches."""
     monkeypatch.setattr(attn, "PREFILL_CONFIG", cfg)
+    monkeypatch.setattr(attn, "PREFILL_CONFIG_BY_QUANT", {})  # the quantized caches' GPU tiles too
     monkeypatch.setattr(attn, "MIXED_CONFIG", cfg)
 
 
@@ -441,7 +447,7 @@ def test_paged_attention_head_dim_128_strided_q(monkeypatch):
 @pytest.mark.parametrize("page", [16, 32])
 @pytest.mark.parametrize("splits", [1, 3, None])
 def test_paged_decode_attention(dtype, hq, hkv, page, splits, monkeypatch):
-    monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
+    use_decode_config(monkeypatch, SMALL_DECODE)
     ctx_lens = [1, 45, 16, 70]
     q, kc, vc, tables, ctx, cu = make_batch([1] * 4, ctx_lens, hq, hkv, 64, page, dtype)
     want = ref_attention(q, kc, vc, tables, ctx, cu, 0.125)
@@ -451,7 +457,7 @@ def test_paged_decode_attention(dtype, hq, hkv, page, splits, monkeypatch):
 
 
 def test_decode_agrees_with_prefill_kernel(monkeypatch):
-    monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
+    use_decode_config(monkeypatch, SMALL_DECODE)
     q, kc, vc, tables, ctx, cu = make_batch([1, 1, 1], [33, 5, 64], 8, 2, 64, 16, torch.float32)
     a = attn.paged_decode_attention(q, kc, vc, tables, ctx, 0.2)
     b = attn.paged_attention(q, kc, vc, tables, ctx, cu, 0.2)
@@ -504,7 +510,7 @@ def test_paged_attention_quantized_cache(dtype, tiles, bits, close, monkeypatch)
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_paged_decode_attention_quantized_cache(splits, bits, monkeypatch):
-    monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
+    use_decode_config(monkeypatch, SMALL_DECODE)
     q, kc, vc, tables, ctx, cu = make_batch([1] * 4, [1, 45, 16, 70], 4, 2, 64, 16, torch.bfloat16)
     (kq, ks), (vq, vs) = quantized(kc, bits), quantized(vc, bits)
     want = ref.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.125, ks, vs)
@@ -587,7 +593,7 @@ def test_paged_attention_fp8_cache(dtype, monkeypatch):
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_paged_decode_attention_fp8_cache(splits, monkeypatch):
-    monkeypatch.setattr(attn, "DECODE_CONFIG", SMALL_DECODE)
+    use_decode_config(monkeypatch, SMALL_DECODE)
     q, kc, vc, tables, ctx, cu = make_batch([1] * 5, [1, 45, 16, 70, 33], 6, 2, 64, 16, torch.bfloat16)
     (kq, ks), (vq, vs) = fp8_cache(kc), fp8_cache(vc)
     want = ref.paged_attention(q.float(), kq, vq, tables, ctx, cu, 0.125, ks, vs)

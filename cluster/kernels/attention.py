@@ -40,8 +40,12 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, MIN_SPLIT_TOKENS=64,
 # H200 (run 1 of issue 18): 2 warps a program instead of 4 took B=64 ctx 2048 from 180 to 116 us (int8), 152 to 116
 # (fp8), 217 to 154 (4-bit): each program's 16 query rows leave 4 warps mostly converting for one another.
 DECODE_CONFIG_BY_QUANT: dict[int, dict] = {8: dict(num_warps=2), 1: dict(num_warps=2), 4: dict(num_warps=2)}
-# Likewise for paged_attention's prefill and mixed tiles (whichever the batch picks).
-PREFILL_CONFIG_BY_QUANT: dict[int, dict] = {}
+# Likewise for paged_attention's prefill and mixed tiles (whichever the batch picks): the least time over 16 x 2048
+# packed and 2048 + 63 decodes in the H200 sweep of bench_kv_quant.py --tune-prefill.
+PREFILL_CONFIG_BY_QUANT: dict[int, dict] = {
+    8: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    1: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    4: dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)}
 
 
 @triton.jit
