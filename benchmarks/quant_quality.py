@@ -50,6 +50,42 @@ def fp8_model(base, activations: bool):
     return model, len(linears)
 
 
+def engine_perplexity(eng, ids: list[int]) -> float:
+    """Held-out perplexity through our engine: one prefill of the text whose attention reads the cache it has just
+    written (quantized under quant_policy), with logits at every position."""
+    import torch.nn.functional as F
+
+    from cluster.engine.model_runner import StepInput
+
+    runner, n = eng.runner, len(ids)
+    bs = runner.block_size
+    blocks = -(-n // bs)
+    assert blocks <= runner.num_blocks, "the held-out text must fit the cache"
+    step = StepInput(
+        input_ids=torch.tensor(ids), positions=torch.arange(n), slot_mapping=torch.arange(n),
+        block_tables=torch.arange(blocks, dtype=torch.int32)[None], context_lens=torch.tensor([n], dtype=torch.int32),
+        cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32), logit_indices=torch.arange(n - 1), max_context_len=n,
+        decode_only=False)
+    logits = runner.execute(step)
+    return math.exp(F.cross_entropy(logits, torch.tensor(ids[1:])).item())
+
+
+def kv_rows(model: str | None, held: torch.Tensor) -> list[dict]:
+    """Each KV cache policy's held-out perplexity through our engine (fp32 weights on the CPU): the first row is the
+    engine with the full cache, so the others' change is the cache's alone."""
+    from cluster.config import EngineConfig
+    from cluster.engine.engine import LLMEngine
+
+    rows = []
+    for policy, name in ((0, "our engine, fp32 KV cache"), (8, "KV int8 (quant_policy 8)"),
+                         ("fp8", "KV fp8 e4m3 (quant_policy 'fp8')"), (4, "KV 4-bit (quant_policy 4)")):
+        t0 = time.time()
+        eng = LLMEngine(model, EngineConfig(device="cpu", dtype="float32", quant_policy=policy,
+                                            enable_prefix_caching=False))
+        rows.append({"weights": name, "ppl": engine_perplexity(eng, held[0].tolist()), "seconds": time.time() - t0})
+    return rows
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,7 +96,8 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=None)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", choices=["int4", "fp8"], default=None, help="just these rows (AWQ's search is minutes)")
+    ap.add_argument("--only", choices=["int4", "fp8", "kv"], default=None,
+                    help="just these rows (AWQ's search is minutes); kv: the KV cache policies through our engine")
     args = ap.parse_args()
     src = resolve_source(args.model)
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
@@ -69,7 +106,9 @@ def main() -> None:
     held = tok(HELD_OUT, return_tensors="pt").input_ids
     calib = awq.calibration_ids(tok, awq.default_calibration_text(), 64, 128)
     rows = [{"weights": "fp32", "ppl": perplexity(base, held), "seconds": 0.0}]
-    for name, search in (("int4 round-to-nearest", False), ("int4 AWQ", True)) if args.only != "fp8" else ():
+    if args.only in (None, "kv"):
+        rows += kv_rows(args.model, held)
+    for name, search in (("int4 round-to-nearest", False), ("int4 AWQ", True)) if args.only in (None, "int4") else ():
         model = copy.deepcopy(base)
         t0 = time.time()
         quantized = awq.quantize_model(model, calib, args.group, search=search, progress=True)
@@ -79,7 +118,7 @@ def main() -> None:
                 model.get_submodule(mod).weight.copy_(int4.dequantize(q, zeros, scales.half().float()))
         rows.append({"weights": name, "ppl": perplexity(model, held), "seconds": seconds})
     fp8_rows = (("fp8 e4m3 weights, per channel (W8A16)", False), ("fp8 W8A8 (+ activations per token)", True))
-    for name, acts in fp8_rows if args.only != "int4" else ():
+    for name, acts in fp8_rows if args.only in (None, "fp8") else ():
         t0 = time.time()
         model, _ = fp8_model(base, acts)
         rows.append({"weights": name, "ppl": perplexity(model, held), "seconds": time.time() - t0})

@@ -34,7 +34,8 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> tuple[sub
 
 
 @pytest.mark.parametrize("command", ["chat", "serve"])
-def test_every_engine_field_has_a_flag(command):
+def test_every_engine_field_has_a_flag(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100000")  # no wrapping: argparse may break a line after a hyphen
     p = _subparser(command)
     options = {s for a in p._actions for s in a.option_strings}
     help_text = " ".join(p.format_help().split())
