@@ -522,3 +522,53 @@ async def test_echo_returns_the_prompt_and_refuses_what_it_cannot_echo():
     assert_error(await c.post("/v1/completions", json={"model": "fake-model", "prompt": [1, 2], "echo": True}),
                  400, contains="text prompts")
     c.engine.shutdown()
+
+
+class HeldBackEngine(FakeEngine):
+    """Each request's first token comes after `delay` seconds, with its text held back (a partial character):
+    Out text '' until the second token completes it."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay, self.born = delay, {}
+
+    def submit(self, ids, gen, rid, loop, sink):
+        self.born[rid] = time.perf_counter()
+        return super().submit(ids, gen, rid, loop, sink)
+
+    def loop(self):
+        while not self.stop:
+            time.sleep(self.step_s)
+            with self.lock:
+                items = [(rid, r) for rid, r in self.reqs.items()
+                         if time.perf_counter() - self.born.get(rid, 0) >= self.delay]
+            for rid, r in items:
+                ids, gen, sink, n = r
+                tok = n + 1
+                r[3] = tok
+                text = "" if tok == 1 else (" t1 t2" if tok == 2 else f" t{tok}")
+                reason = "length" if tok >= gen.max_new_tokens else None
+                if reason:
+                    with self.lock:
+                        self.reqs.pop(rid, None)
+                sink.put(Out(rid, text, [tok], None, reason, len(ids), tok))
+
+
+async def test_chat_stream_role_comes_with_the_first_token_and_every_step_streams():
+    """The role chunk is not sent on arrival (a client timing the first chunk would read prefill as ~0), and a
+    step whose text is held back still streams a chunk (empty content), so clients see progress."""
+    c = await make_client(HeldBackEngine(delay=0.4))
+    t0 = time.perf_counter()
+    arrivals = []
+    async with c.stream("POST", "/v1/chat/completions", json=chat_body(stream=True)) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                arrivals.append((time.perf_counter() - t0, json.loads(line[6:])))
+    deltas = [ch["choices"][0]["delta"] for _, ch in arrivals]
+    assert arrivals[0][0] >= 0.4 and deltas[0] == {"role": "assistant", "content": ""}
+    assert deltas[1] == {"content": ""}  # the held-back first token
+    assert "".join(d.get("content", "") for d in deltas) == " t1 t2 t3 t4"
+    assert len(arrivals) >= 3  # the role, the held-back step, the rest (steps between two polls are merged)
+    assert arrivals[-1][1]["choices"][0]["finish_reason"] == "length"
+    c.engine.shutdown()

@@ -212,22 +212,29 @@ class ResponseBuilder:
     def _choice_chunk(self, index: int, d: Delta, offset: int) -> dict:
         lp = self.job.logprobs
         if self.chat:
-            return {"index": index, "delta": chat_delta(d),
+            delta = chat_delta(d)
+            if not delta and d.finish_reason is None:  # a step whose text is held back: progress, no text yet
+                delta = {"content": ""}
+            return {"index": index, "delta": delta,
                     "logprobs": chat_logprobs(d.logprobs or []) if lp else None, "finish_reason": d.finish_reason}
         return {"index": index, "text": d.text,
                 "logprobs": completion_logprobs(d.logprobs or [], offset) if lp else None,
                 "finish_reason": d.finish_reason}
 
+    def _role_chunk(self, index: int, inc: bool) -> bytes:
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}], with_usage_key=inc)
+
     async def stream(self, events: "EventStream") -> AsyncIterator[bytes]:
         inc = self.req.include_usage
         offsets: dict[int, int] = defaultdict(int)  # text sent so far per completion choice (logprob offsets)
         finished: set[int] = set()
+        # chat: each choice's role chunk goes out with its first token, not on arrival, so a client timing the
+        # first chunk measures the time to the first token (prefill included), as with vLLM and OpenAI
+        role_due = {c.index for c in self.job.choices} if self.chat else set()
         try:
-            for c in self.job.choices:  # the first chunk: the role (chat), or the echoed prompt (completions)
-                if self.chat:
-                    yield self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], with_usage_key=inc)
-                elif self._echo(c.index):
+            for c in self.job.choices:  # completions: the echoed prompt first
+                if not self.chat and self._echo(c.index):
                     offsets[c.index] = len(self._echo(c.index))
                     yield self._chunk([{"index": c.index, "text": self._echo(c.index), "logprobs": None,
                                         "finish_reason": None}], with_usage_key=inc)
@@ -238,8 +245,14 @@ class ResponseBuilder:
                 self._see(ev)
                 out = []
                 for i, d in ev.choices.items():
-                    if not (d.text or d.reasoning or d.tool_calls or d.logprobs) and d.finish_reason is None:
-                        continue  # held-back text (a partial character, a possible stop word or tool call)
+                    if not (d.text or d.reasoning or d.tool_calls or d.logprobs or d.token_ids) \
+                            and d.finish_reason is None:
+                        continue
+                    if i in role_due:
+                        role_due.discard(i)
+                        yield self._role_chunk(i, inc)
+                    # a step whose text is held back (a partial character, a possible stop word or tool call)
+                    # still gets its chunk, empty: the client sees progress
                     out.append(self._choice_chunk(i, d, offsets[i]))
                     offsets[i] += len(d.text)
                     if d.finish_reason is not None:
@@ -247,6 +260,8 @@ class ResponseBuilder:
                 if out:
                     last = len(finished) == self.n and not inc  # without include_usage: usage rides on the last
                     yield self._chunk(out, usage=self.usage() if last else None, with_usage_key=inc)
+            for i in sorted(role_due):  # a choice that never produced a token still gets its role
+                yield self._role_chunk(i, inc)
             if inc:
                 yield self._chunk([], usage=self.usage())
             yield b"data: [DONE]\n\n"
