@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine
@@ -94,3 +95,11 @@ def test_quantized_cache_through_chunks_preemption_and_prefix_hits(tiny_models, 
     again = tight.generate([PROMPTS[2]], G)[0]
     assert again.cached_token_len > 0 and again.token_ids == want[2]
     assert tight.bm.num_free == tight.bm.num_blocks
+
+
+def test_fp8_cache_is_refused_below_compute_capability_8_9(monkeypatch):
+    from cluster.engine.model_runner import ModelRunner
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    with pytest.raises(ValueError, match=r"quant_policy='fp8' .* 8\.0: use --quant-policy 8"):
+        ModelRunner(None, {}, EngineConfig(quant_policy="fp8"), torch.device("cuda", 0), 64)

@@ -19,6 +19,7 @@ from cluster.layers.linear import pack_cpu_weights
 from cluster.models.config import ModelConfig
 from cluster.models.llama import shard_sizes
 from cluster.models.registry import build_model
+from cluster.quant import fp8
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -78,11 +79,9 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], engine_cfg: EngineConfig,
                  device: torch.device, session_len: int, tp_rank: int = 0, tp_size: int = 1):
         self.cfg, self.engine_cfg, self.device = cfg, engine_cfg, device
-        if engine_cfg.quant_policy == "fp8" and device.type == "cuda":
-            cc = torch.cuda.get_device_capability(device)
-            if cc < (8, 9):
-                raise ValueError(f"quant_policy='fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper); this "
-                                 f"one is {cc[0]}.{cc[1]}: use --quant-policy 8 (int8, 1.9x the tokens) instead")
+        if engine_cfg.quant_policy == "fp8":
+            fp8.check_device(device, "quant_policy='fp8' (an e4m3 KV cache)",
+                             "--quant-policy 8 (int8, 1.9x the tokens) instead")
         self.session_len = session_len
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.block_size = engine_cfg.block_size

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 FP8 = tl.constexpr(1)
-FP8_MAX = tl.constexpr(448.0)  # reference.FP8_MAX
+FP8_MAX = tl.constexpr(448.0)  # cluster.quant.fp8.FP8_MAX
 
 
 @triton.jit

@@ -75,12 +75,11 @@ def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[..., 0::2] | (q[..., 1::2] << 4), torch.stack((scale, lo), dim=-1)
 
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value; casting anything larger gives NaN, so it saturates here
-
-
 def quantize_fp8(x: torch.Tensor, head_scale: torch.Tensor) -> torch.Tensor:
     """x [..., Hkv, D] -> float8_e4m3fn [..., Hkv, D]: x / its head's scale, saturated, rounded to nearest even."""
-    return (x.float() / head_scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    from cluster.quant.fp8 import to_fp8
+
+    return to_fp8(x.float() / head_scale.unsqueeze(-1))
 
 
 def is_fp8(cache: torch.Tensor) -> bool:

@@ -63,14 +63,15 @@ def from_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
     return quantize_weight(dequantize_blocks(q, scale_inv, block))
 
 
-def check_device(device: torch.device) -> None:
-    """FP8 matrix math needs Ada or Hopper; say so in one line, with the ways out, on an older GPU."""
+def check_device(device: torch.device, what: str = "FP8", fix: str = "--quant awq or no --quant") -> None:
+    """e4m3 (FP8 weights, the fp8 KV cache) needs Ada or Hopper; say so in one line, with the ways out, on an
+    older GPU."""
     if device.type != "cuda":
         return
     cc = torch.cuda.get_device_capability(device)
     if tuple(cc) < (8, 9):
-        raise ValueError(f"FP8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is {cc[0]}.{cc[1]}: use "
-                         "--quant awq or no --quant")
+        raise ValueError(f"{what} needs compute capability >= 8.9 (Ada/Hopper); this GPU is {cc[0]}.{cc[1]}: use "
+                         f"{fix}")
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
