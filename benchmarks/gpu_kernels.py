@@ -306,8 +306,8 @@ def quant_cache(cache: torch.Tensor, bits) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def row_bytes(bits) -> int:
-    """Bytes of one cached (token, head) row of K or V, scales included."""
-    return {0: 2 * D, 8: D + 4, 4: D // 2 + 8, "fp8": D}[bits]
+    """Bytes of one cached (token, head) row of K or V, scales included (bf16 for the unquantized cache)."""
+    return reference.kv_row_bytes(bits, D, 2)
 
 
 @guarded

@@ -14,6 +14,7 @@ from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import OutOfMemoryError
 from cluster.engine.sequence import Sequence
+from cluster.kernels.reference import kv_row_bytes
 from cluster.layers.attention import AttnMetadata
 from cluster.layers.linear import pack_cpu_weights
 from cluster.models.config import ModelConfig
@@ -113,11 +114,9 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        """K and V of one block in every layer: model-dtype rows; int8 rows and an fp32 scale each; 4-bit rows
-        and an fp32 (scale, min) each; or e4m3 rows (their scales are one per kv head and layer)."""
-        d = self.cfg.head_dim
-        row = {0: d * torch.tensor([], dtype=self.dtype).element_size(), 8: d + 4, 4: d // 2 + 8, "fp8": d}
-        return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row[self.kv_bits]
+        """K and V of one block in every layer (reference.kv_row_bytes a row)."""
+        row = kv_row_bytes(self.kv_bits, self.cfg.head_dim, torch.tensor([], dtype=self.dtype).element_size())
+        return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row
 
     def init_cache(self, num_blocks: int) -> None:
         """Allocate the paged KV cache, num_blocks blocks in every layer (replacing any cache there was), and its

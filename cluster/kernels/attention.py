@@ -336,7 +336,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if T == 0 or B == 0:
         return out
     cfg = PREFILL_CONFIG if T >= MIXED_BELOW * B else MIXED_CONFIG  # python ints only: no sync
-    cfg = {**cfg, **PREFILL_CONFIG_BY_QUANT.get(quant, {})}
+    if quant:
+        cfg = {**cfg, **PREFILL_CONFIG_BY_QUANT.get(quant, {})}
     if q.element_size() == 4:  # fp32 tiles are twice the bytes: the bf16 tile size would spill registers
         cfg = {**cfg, "BLOCK_M": min(cfg["BLOCK_M"], 64)}
     block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
@@ -399,6 +400,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
         d = tl.arange(0, D)
         q = tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0)
         acc = tl.zeros([GROUP_P, D], tl.float32)
+        # qsum is 4-bit's only: l_i stands in for it, unused
         acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, l_i, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head,
                                       qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
         _write_decode(acc, l_i, m_i, d, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
@@ -476,7 +478,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    cfg = {**DECODE_CONFIG, **DECODE_CONFIG_BY_QUANT.get(quant, {})}
+    cfg = {**DECODE_CONFIG, **DECODE_CONFIG_BY_QUANT.get(quant, {})} if quant else DECODE_CONFIG
     bound = max_context_len if max_context_len is not None else block_tables.shape[1] * k_cache.shape[1]
     splits = num_splits or decode_num_splits(B, hkv, int(bound), q.device, cfg)
     if splits > 1:

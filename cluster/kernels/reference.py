@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cluster.quant.fp8 import to_fp8
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """RMSNorm in fp32; with `residual`, adds it first and also returns the sum (the next residual)."""
@@ -77,9 +79,14 @@ def quantize_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_fp8(x: torch.Tensor, head_scale: torch.Tensor) -> torch.Tensor:
     """x [..., Hkv, D] -> float8_e4m3fn [..., Hkv, D]: x / its head's scale, saturated, rounded to nearest even."""
-    from cluster.quant.fp8 import to_fp8
-
     return to_fp8(x.float() / head_scale.unsqueeze(-1))
+
+
+def kv_row_bytes(quant_policy, head_dim: int, elem_size: int) -> int:
+    """Bytes of one cached (token, kv head) row of K or V under quant_policy, its scales included (the layouts
+    above): model-dtype values; int8 and an fp32 scale; 4-bit and an fp32 (scale, min); e4m3 (its scales are one
+    per kv head and layer)."""
+    return {0: head_dim * elem_size, 8: head_dim + 4, 4: head_dim // 2 + 8, "fp8": head_dim}[quant_policy]
 
 
 def is_fp8(cache: torch.Tensor) -> bool:
