@@ -19,13 +19,14 @@ import torch
 
 from cluster.convert import fp8 as fp8_ckpt
 from cluster.convert.awq import AWQReader, merge_shards
+from cluster.convert.families import family_for
+from cluster.convert.family import NORM_KEYS, config_view, read_layer, read_model
 from cluster.convert.quant import log_at_conversion, quantize_layer_rtn, resolve_quant
 from cluster.convert.source import Source
 from cluster.quant import fp8
 from cluster.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
-LLAMA_FAMILY = {"llama", "mistral", "qwen2", "internlm2", "internlm", "smollm", "mixtral", "qwen2_moe"}
 
 
 def read_hf_config(src: Source) -> dict:
@@ -92,125 +93,52 @@ def _rope_inv_freq(hf: dict) -> tuple[torch.Tensor, float]:
 def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None = None) -> ModelConfig:
     """The engine's ModelConfig; quant: EngineConfig.quant, applied at conversion unless the checkpoint says its own
     (convert/quant.py)."""
-    model_type = hf.get("model_type", "")
-    if model_type not in LLAMA_FAMILY:
-        raise ValueError(f"model type {model_type!r} is not supported yet; supported: {sorted(LLAMA_FAMILY | {'llava'})}")
-    heads = hf["num_attention_heads"]
-    eos = hf.get("eos_token_id")
-    cfg = ModelConfig(
+    fam = family_for(hf.get("model_type", ""))
+    view = config_view(fam, hf)
+    heads = view["num_attention_heads"]
+    eos = view.get("eos_token_id")
+    fields = dict(
         architecture="llama",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
+        vocab_size=view["vocab_size"],
+        hidden_size=view["hidden_size"],
+        intermediate_size=view["intermediate_size"],
+        num_layers=view["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False) or hf.get("bias", False) or model_type == "qwen2"
-                            or (model_type == "qwen2_moe" and hf.get("qkv_bias", True))),
+        num_kv_heads=view.get("num_key_value_heads") or heads,
+        head_dim=view.get("head_dim") or view["hidden_size"] // heads,
+        rms_norm_eps=view.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=view.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(view.get("tie_word_embeddings", False)),
+        attention_bias=bool(view.get("attention_bias", False)),
         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
-        bos_token_id=hf.get("bos_token_id"),
+        bos_token_id=view.get("bos_token_id"),
         dtype=dtype,
         tp=tp,
         source=source,
-        hf_model_type=model_type,
-        quant=resolve_quant(hf, quant),
-        **_moe_fields(hf, model_type),
+        hf_model_type=view.get("model_type", ""),
+        quant=resolve_quant(view, quant),
     )
+    fields.update(fam.fields)
+    if fam.config_hook:
+        fields.update(fam.config_hook(view))
+    cfg = ModelConfig(**fields)
     if cfg.quant and cfg.num_experts:
         raise ValueError(f"{cfg.quant['method']}-quantized mixture-of-experts models are not supported yet; "
                          "serve this one without --quant")
-    if cfg.quant.get("method") == "fp8" and hf.get("quantization_config") and model_type in ("internlm2", "internlm"):
-        raise ValueError("FP8 InternLM2 checkpoints are not supported; convert the bf16 one with --quant fp8")
+    if cfg.quant.get("method") == "fp8" and view.get("quantization_config") and not _proj_named(fam):
+        raise ValueError(f"FP8 {fam.name} checkpoints are not supported; convert the bf16 one with --quant fp8")
     cfg.check_tp(tp)
     return cfg
 
 
-def _moe_fields(hf: dict, model_type: str) -> dict:
-    layers = hf["num_hidden_layers"]
-    if model_type == "mixtral":
-        return dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
-                    moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True,
-                    sparse_layers=list(range(layers)))
-    if model_type == "qwen2_moe":
-        step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
-        sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0] if hf.get("num_experts") else []
-        return dict(num_experts=hf.get("num_experts", 0) if sparse else 0,
-                    num_experts_per_tok=hf.get("num_experts_per_tok", 0), moe_intermediate_size=hf["moe_intermediate_size"],
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                    shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) or 0,
-                    sparse_layers=sparse)
-    return {}
-
-
-def _hf_expert_tensors(get, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
-    """One expert layer's full tensors: gate, up [E, F, H] and down [E, H, F] stacked over experts, the router,
-    and Qwen2-MoE's shared expert. Reads per-expert checkpoints (what Mixtral and Qwen ship, and what transformers
-    saves) and transformers' fused 3D layout."""
-    mixtral = cfg.hf_model_type == "mixtral"
-    names = getattr(get, "names", set())
-    legacy = f"model.layers.{i}.block_sparse_moe.gate.weight"  # Mixtral's checkpoints; transformers 5 says mlp.
-    p = f"model.layers.{i}." + ("block_sparse_moe." if mixtral and (legacy in names or not names) else "mlp.")
-    if p + "experts.gate_up_proj" in names:
-        gate_up = get(p + "experts.gate_up_proj")
-        gate, up = gate_up.chunk(2, dim=1)
-        down = get(p + "experts.down_proj")
-    else:
-        w1, w3, w2 = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-        experts = range(cfg.num_experts)
-        gate = torch.stack([get(f"{p}experts.{e}.{w1}.weight") for e in experts])
-        up = torch.stack([get(f"{p}experts.{e}.{w3}.weight") for e in experts])
-        down = torch.stack([get(f"{p}experts.{e}.{w2}.weight") for e in experts])
-    t = {"router": get(p + "gate.weight"), "e_gate": gate, "e_up": up, "e_down": down}
-    if cfg.shared_expert_intermediate_size:
-        t.update(gate=get(p + "shared_expert.gate_proj.weight"), up=get(p + "shared_expert.up_proj.weight"),
-                 down=get(p + "shared_expert.down_proj.weight"), shared_gate=get(p + "shared_expert_gate.weight"))
-    return t
+def _proj_named(fam) -> bool:
+    """FP8 checkpoints are read by their `*_proj` linears (convert/fp8.py); a family named otherwise is not."""
+    return all(m.endswith("_proj") for k, m in fam.layer.items() if k not in NORM_KEYS)
 
 
 def _hf_layer_tensors(get, hf: dict, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
     """One layer's full (unsharded) tensors, in engine meaning: q, k, v separate so each rank can slice them."""
-    if cfg.hf_model_type in ("internlm2", "internlm"):
-        p = f"model.layers.{i}."
-        wqkv = get(p + "attention.wqkv.weight")
-        group = cfg.num_heads // cfg.num_kv_heads
-        w = wqkv.view(cfg.num_kv_heads, group + 2, cfg.head_dim, cfg.hidden_size)
-        t = {
-            "q": w[:, :group].reshape(-1, cfg.hidden_size),
-            "k": w[:, group].reshape(-1, cfg.hidden_size),
-            "v": w[:, group + 1].reshape(-1, cfg.hidden_size),
-            "o": get(p + "attention.wo.weight"),
-            "gate": get(p + "feed_forward.w1.weight"),
-            "up": get(p + "feed_forward.w3.weight"),
-            "down": get(p + "feed_forward.w2.weight"),
-            "ln1": get(p + "attention_norm.weight"),
-            "ln2": get(p + "ffn_norm.weight"),
-        }
-        if cfg.attention_bias:
-            b = get(p + "attention.wqkv.bias").view(cfg.num_kv_heads, group + 2, cfg.head_dim)
-            t.update(q_b=b[:, :group].reshape(-1), k_b=b[:, group].reshape(-1), v_b=b[:, group + 1].reshape(-1))
-        return t
-    p = f"model.layers.{i}."
-    t = {
-        "q": get(p + "self_attn.q_proj.weight"),
-        "k": get(p + "self_attn.k_proj.weight"),
-        "v": get(p + "self_attn.v_proj.weight"),
-        "o": get(p + "self_attn.o_proj.weight"),
-        "ln1": get(p + "input_layernorm.weight"),
-        "ln2": get(p + "post_attention_layernorm.weight"),
-    }
-    if cfg.is_sparse(i):
-        t.update(_hf_expert_tensors(get, cfg, i))
-    else:
-        t.update(gate=get(p + "mlp.gate_proj.weight"), up=get(p + "mlp.up_proj.weight"),
-                 down=get(p + "mlp.down_proj.weight"))
-    if cfg.attention_bias:
-        t.update(q_b=get(p + "self_attn.q_proj.bias"), k_b=get(p + "self_attn.k_proj.bias"),
-                 v_b=get(p + "self_attn.v_proj.bias"))
-    return t
+    return read_layer(family_for(cfg.hf_model_type), get, cfg, i)
 
 
 def _rows(x: torch.Tensor, rank: int, parts: int) -> torch.Tensor:
@@ -274,16 +202,17 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
     """Every rank's engine tensors from a checkpoint reader (each layer read once for all ranks)."""
     from tqdm import tqdm
 
-    internlm = cfg.hf_model_type in ("internlm2", "internlm")
-    embed = get("model.tok_embeddings.weight" if internlm else "model.embed_tokens.weight")
-    head = None if cfg.tie_word_embeddings else get("output.weight" if internlm else "lm_head.weight")
+    fam = family_for(cfg.hf_model_type)
+    hf = config_view(fam, hf)
+    top = read_model(fam, get, cfg)
+    embed, head = top["embed"], top.get("head")
     inv_freq, cfg.rope_attention_scaling = _rope_inv_freq(hf)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for r in range(tp):
         shards[r]["embed_tokens.weight"] = _vocab_rows(embed, cfg, r, tp)
         if head is not None:
             shards[r]["lm_head.weight"] = _vocab_rows(head, cfg, r, tp)
-        shards[r]["norm.weight"] = get("model.norm.weight")
+        shards[r]["norm.weight"] = top["norm"]
         shards[r]["rotary.inv_freq"] = inv_freq.to(embed.device)
     method, stored = cfg.quant.get("method"), bool(hf.get("quantization_config"))  # stored: in the checkpoint
     awq = AWQReader(get) if method == "awq" and stored else None

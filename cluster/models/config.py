@@ -20,7 +20,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k, v biases
+    o_bias: bool = False  # o_proj bias
+    norm_bias: bool = False  # LayerNorm biases (norm == "layer")
     rope_attention_scaling: float = 1.0  # multiplies cos/sin (YaRN-style scalings); inv_freq is stored in the weights
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
