@@ -3,9 +3,10 @@ per model (cluster.deployments.engine).
 
 `build_app(args)` is the Serve application builder (`import_path: cluster.router:build_app` in a Serve config, or
 `cluster serve`). Requests are validated by the router, sent as a Job (cluster.messages) to the model's engine
-deployment through a Serve handle, and answered from its events. Replica choice is `PendingWorkRouter`
-(cluster.serving.replica_choice): two random replicas, the one with less pending work wins. This module imports no
-torch: the router process holds no model.
+deployment through a Serve handle, and answered from its events. Replica choice (cluster.serving.replica_choice)
+is `CacheAwareRouter` by default: the replica holding the longest prefix of the prompt, unless it is overloaded,
+else `PendingWorkRouter`'s (two random replicas, the one with less pending work). This module imports no torch:
+the router process holds no model.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.admission import MAX_REQUEST_BYTES
-from cluster.serving.replica_choice import make_request_router
+from cluster.serving.replica_choice import make_request_routers
 from cluster.serving.server import OpenAIServer
 
 
@@ -89,9 +90,13 @@ def build_app(args: dict | ServeArgs | None = None):
             max_queued_requests=spec.max_queued_requests, ray_actor_options={"num_cpus": 0},
             health_check_period_s=spec.health_check_period_s, health_check_timeout_s=60,
             graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1)
-        if spec.routing == "pending_work":
-            opts["request_router_config"] = RequestRouterConfig(request_router_class=make_request_router(),
-                                                                request_routing_stats_period_s=2.0)
+        if spec.routing != "serve_default":
+            kwargs: dict[str, Any] = {"deployment": spec.deployment_name}
+            if spec.routing == "cache_aware":
+                kwargs["margin_tokens"] = spec.affinity_margin_tokens
+            opts["request_router_config"] = RequestRouterConfig(
+                request_router_class=make_request_routers()[spec.routing], request_router_kwargs=kwargs,
+                request_routing_stats_period_s=2.0)
         engines.append(serve.deployment(EngineReplica).options(**opts).bind(spec.model_dump()))
     ingress = serve.deployment(serve.ingress()(RouterIngress)).options(
         name="router", num_replicas=a.router_replicas, max_ongoing_requests=a.router_max_ongoing_requests,

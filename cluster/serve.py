@@ -36,6 +36,13 @@ def add_serve_args(subparsers) -> None:
                    "whose Serve already runs: where it listens)")
     p.add_argument("--port", type=int, default=None, help=f"(default: {DEFAULT_PORT}, or as --host says)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (data parallelism)")
+    p.add_argument("--routing", choices=["cache_aware", "pending_work", "serve_default"], default="cache_aware",
+                   help="replica choice: the replica holding the longest prefix of the prompt unless it is "
+                        "overloaded (cache_aware), least pending work of two (pending_work), or Serve's own")
+    p.add_argument("--affinity-margin", type=int, default=None, metavar="TOKENS",
+                   help="cache_aware: extra pending work a replica holding the prompt's prefix may carry over the "
+                        "least-loaded one and still get the request (default: 2048, or half the least-loaded "
+                        "one's work if more)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the engine's model name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $CLUSTER_API_KEY)")
     p.add_argument("--max-request-bytes", type=int, default=None,
@@ -94,7 +101,8 @@ def _serve_args(args: argparse.Namespace, local: bool):
     if cpus is None:
         on_cpu = ec.device == "cpu" or not _has_gpu()
         cpus = max(1, (os.cpu_count() or 1) // max(1, args.replicas * ec.tp)) if (local and on_cpu) else 1
-    spec = {"model": model, "name": args.model_name, "replicas": args.replicas,
+    spec = {"model": model, "name": args.model_name, "replicas": args.replicas, "routing": args.routing,
+            "affinity_margin_tokens": args.affinity_margin,
             "engine": ec.model_dump(exclude_defaults=True), "cpus_per_worker": float(cpus),
             "max_waiting": args.max_waiting, "max_queued_requests": args.max_queued_requests}
     spec = {k: v for k, v in spec.items() if v is not None}

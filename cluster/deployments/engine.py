@@ -63,7 +63,13 @@ class ModelSpec(BaseModel):
     max_queued_requests: int = Field(4096, ge=-1, description="requests waiting for a replica before 503; -1: no limit")
     health_check_period_s: float = Field(5.0, gt=0)
     recovery_timeout_s: float = Field(600.0, gt=0, description="a replica rebuilding longer than this is unhealthy")
-    routing: str = Field("pending_work", pattern="^(pending_work|serve_default)$")
+    routing: str = Field("cache_aware", pattern="^(cache_aware|pending_work|serve_default)$",
+                         description="replica choice: cache_aware (the replica holding the longest prefix of the "
+                         "prompt, unless overloaded; cluster.serving.affinity), pending_work (least pending work "
+                         "of two), serve_default (Serve's own)")
+    affinity_margin_tokens: int = Field(2048, ge=0, description="cache_aware: the extra pending work (tokens) a "
+                                        "replica holding the prefix may have over the least-loaded one and still "
+                                        "get the request (or half the least-loaded one's, if more)")
 
     @field_validator("engine")
     @classmethod

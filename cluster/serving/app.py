@@ -7,6 +7,8 @@
     GET  /metrics                     Prometheus text: requests, TTFT, TPOT, tokens, KV usage, queues, preemptions
     GET  /openapi.json                the request schemas
     GET  /                            a small web chat page
+
+A completion's response carries the engine replica that served it in X-Cluster-Replica.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "X-Cluster-Replica"  # the engine replica that answered (its Serve replica id)
 
 
 def create_app(server: OpenAIServer) -> "FastAPI":
@@ -61,11 +65,13 @@ def create_app(server: OpenAIServer) -> "FastAPI":
 
     async def completion(request: Request, chat: bool):
         server.check_auth(request.headers.get("authorization"))
-        body, stream = await server.completion(await read_body(request, server.max_request_bytes), chat)
+        meta: dict = {}
+        body, stream = await server.completion(await read_body(request, server.max_request_bytes), chat, meta)
+        replica = {REPLICA_HEADER: meta["replica"]} if meta.get("replica") else {}
         if stream is not None:
             return StreamingResponse(stream, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(body)
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **replica})
+        return JSONResponse(body, headers=replica)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -1,7 +1,9 @@
 """Prometheus metrics of the router: its own request metrics, and the engines' stats as a collector (read from
-the replicas at scrape time, through the server's short cache)."""
+the replicas at scrape time, through the server's short cache), and what this process's request routers chose."""
 from __future__ import annotations
 
+import threading
+from collections import Counter as Tally
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -23,6 +25,8 @@ ENGINE_METRICS = [  # (metric, EngineStats field, help, counter?)
     ("cluster_requests_waiting", "num_waiting", "requests queued in the engine", False),
     ("cluster_preemptions_total", "num_preemptions", "requests preempted for KV space", True),
     ("cluster_prefix_cache_hit_ratio", "prefix_cache_hit_rate", "prefix cache hits / queries", False),
+    ("cluster_prefix_cache_hit_tokens_total", "prefix_cache_hit_tokens", "prompt tokens found in the prefix cache",
+     True),
     ("cluster_engine_prompt_tokens_total", "tokens_in", "prompt tokens the engine took in", True),
     ("cluster_engine_generation_tokens_total", "tokens_out", "tokens the engine generated", True),
 ]
@@ -48,6 +52,58 @@ class EngineCollector:
             yield family
 
 
+class RoutingCounts:
+    """What the request routers of this process chose, per (deployment, replica). Serve runs a handle's router in
+    the ingress's process (on a loop of its own thread), not in the server's code: it counts here, and /metrics
+    reads these (RoutingCollector). Each router replica counts what it routed itself."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.routed: Tally = Tally()  # (deployment, replica) -> requests
+        self.affinity: Tally = Tally()  # (deployment, replica) -> of which sent there for a cached prefix
+        self.by_load: Tally = Tally()  # (deployment, reason) -> requests routed by load: no_prefix | overloaded | full
+
+    def routed_to(self, deployment: str, replica: str, reason: str | None = None) -> None:
+        """One request went to `replica`; `reason` (cache-aware routing): affinity, or why load decided."""
+        with self._lock:
+            self.routed[(deployment, replica)] += 1
+            if reason == "affinity":
+                self.affinity[(deployment, replica)] += 1
+            elif reason is not None:
+                self.by_load[(deployment, reason)] += 1
+
+    def snapshot(self) -> tuple[dict, dict, dict]:
+        with self._lock:
+            return dict(self.routed), dict(self.affinity), dict(self.by_load)
+
+
+ROUTING = RoutingCounts()
+
+
+class RoutingCollector:
+    """ROUTING as Prometheus counters, labelled by the served model name (`models`: deployment -> model)."""
+
+    def __init__(self, counts: RoutingCounts = ROUTING):
+        self.counts = counts
+        self.models: dict[str, str] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        routed, affinity, by_load = self.counts.snapshot()
+        name = self.models.get
+        for metric, help_, tally, label in (
+                ("cluster_router_routed_requests", "requests this router sent to each engine replica", routed,
+                 "replica"),
+                ("cluster_router_prefix_affinity_hits", "requests sent to a replica because it held their prompt's "
+                 "prefix", affinity, "replica"),
+                ("cluster_router_load_choices", "cache-aware routing's requests routed by pending work: no_prefix (no "
+                 "replica held a prefix worth it), overloaded (the one that did was past the margin), full (it was at "
+                 "max_ongoing_requests)", by_load, "reason")):
+            family = CounterMetricFamily(metric, help_, labels=["model", label])
+            for (dep, what), v in sorted(tally.items()):
+                family.add_metric([name(dep, dep), what], float(v))
+            yield family
+
+
 class RouterMetrics:
     def __init__(self):
         disable_created_metrics()
@@ -65,6 +121,8 @@ class RouterMetrics:
         self.generation_tokens = Counter("cluster_generation_tokens", "tokens generated", ["model"], registry=r)
         self.engines = EngineCollector()
         r.register(self.engines)
+        self.routing = RoutingCollector()
+        r.register(self.routing)
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

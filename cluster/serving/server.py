@@ -134,8 +134,10 @@ class OpenAIServer:
         # default max_tokens: OpenAI's 16 for /v1/completions
         return prompts, make_job(new_id("cmpl"), prompts, req, 16, req.logprobs, req.logprobs is not None, "prompt")
 
-    async def completion(self, raw: bytes, chat: bool) -> tuple[dict | None, AsyncIterator[bytes] | None]:
-        """Returns (JSON body, None) or (None, SSE byte stream)."""
+    async def completion(self, raw: bytes, chat: bool,
+                         meta: dict | None = None) -> tuple[dict | None, AsyncIterator[bytes] | None]:
+        """Returns (JSON body, None) or (None, SSE byte stream); `meta` gets the engine replica that took the request
+        ("replica"), which the app returns as a header (operators, and the cache-aware routing test, read it)."""
         endpoint = "chat" if chat else "completions"
         model = UNKNOWN_MODEL
         self.admit()
@@ -150,6 +152,8 @@ class OpenAIServer:
             prompts, job = await self._job(req, chat)
             check_fits(prompts, req.max_tokens, self._info.get(id(backend), ReplicaInfo()), job.param)
             events, first = await self._start(backend, job)
+            if meta is not None:
+                meta["replica"] = first.replica
             builder = ResponseBuilder(self, req, job, first, endpoint, t0, chat, prompts)  # owns in_flight now
         except APIError as e:
             self.metrics.requests.labels(model, endpoint, str(e.status)).inc()
@@ -205,6 +209,8 @@ class OpenAIServer:
 
     async def metrics_text(self) -> str:
         self.metrics.engines.update(await self._engine_stats.get())
+        self.metrics.routing.models = {b.deployment: name for name, b, _ in self._listed
+                                       if getattr(b, "deployment", None)}  # routers count by deployment
         return self.metrics.text()
 
     async def _engine_stats_now(self) -> dict[str, list[EngineStats]]:
