@@ -41,6 +41,10 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
     """Returns (checkpoint dir, the transformers model to compare with)."""
     import transformers as tf
 
+    from family_models import KINDS, build_family
+
+    if kind in KINDS:
+        return build_family(kind, tokenizer_dir, out)
     torch.manual_seed({"llama": 0, "llama3": 1, "mistral": 2, "qwen2": 3, "internlm2": 0, "gqa1": 4, "mixtral": 6,
                        "qwen2_moe": 7, "llava": 8}[kind])
     if kind == "llava":

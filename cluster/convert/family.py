@@ -77,14 +77,14 @@ def config_view(fam: Family, hf: dict) -> dict:
 
 
 def split_qkv(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, kv = cfg.num_heads * cfg.src_head_dim, cfg.num_kv_heads * cfg.src_head_dim
     return w[:q], w[q:q + kv], w[q + kv:q + 2 * kv]
 
 
 def split_qkv_grouped(w: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows packed per KV head: [q heads of the group, k, v] (InternLM2's wqkv, Falcon's query_key_value)."""
     group = cfg.num_heads // cfg.num_kv_heads
-    x = w.view(cfg.num_kv_heads, group + 2, cfg.head_dim, *w.shape[1:])
+    x = w.view(cfg.num_kv_heads, group + 2, cfg.src_head_dim, *w.shape[1:])
     return (x[:, :group].reshape(-1, *w.shape[1:]), x[:, group].reshape(-1, *w.shape[1:]),
             x[:, group + 1].reshape(-1, *w.shape[1:]))
 

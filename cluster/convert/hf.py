@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from cluster.convert import fp8 as fp8_ckpt
+from cluster.convert import head_layout, rope
 from cluster.convert.awq import AWQReader, merge_shards
 from cluster.convert.families import family_for
 from cluster.convert.family import NORM_KEYS, config_view, read_layer, read_model
@@ -71,25 +72,6 @@ def _tensor_reader(src: Source) -> Callable[[str], torch.Tensor]:
     return get
 
 
-def _rope_inv_freq(hf: dict) -> tuple[torch.Tensor, float]:
-    """Let transformers compute the rope frequencies (every scaling type), once, at conversion."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    kw = {k: hf[k] for k in ("hidden_size", "num_attention_heads", "max_position_embeddings", "head_dim") if hf.get(k)}
-    if hf.get("rope_parameters"):
-        kw["rope_parameters"] = hf["rope_parameters"]
-    else:
-        kw["rope_theta"] = hf.get("rope_theta", 10000.0)
-        scaling = hf.get("rope_scaling")
-        if scaling:
-            scaling = dict(scaling)
-            scaling.setdefault("rope_type", scaling.get("type", "default"))
-            kw["rope_scaling"] = scaling
-    rot = LlamaRotaryEmbedding(LlamaConfig(**kw))
-    return rot.inv_freq.float().clone(), float(getattr(rot, "attention_scaling", 1.0))
-
-
 def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None = None) -> ModelConfig:
     """The engine's ModelConfig; quant: EngineConfig.quant, applied at conversion unless the checkpoint says its own
     (convert/quant.py)."""
@@ -121,6 +103,10 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None 
     fields.update(fam.fields)
     if fam.config_hook:
         fields.update(fam.config_hook(view))
+    fields.update(_head_fields(view, fields, fam.name))
+    limit = rope.context_limit(view, fam.name)
+    if limit:
+        fields["max_position_embeddings"] = limit
     cfg = ModelConfig(**fields)
     if cfg.quant and cfg.num_experts:
         raise ValueError(f"{cfg.quant['method']}-quantized mixture-of-experts models are not supported yet; "
@@ -131,6 +117,20 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None 
     return cfg
 
 
+def _head_fields(view: dict, fields: dict, name: str) -> dict:
+    """head_dim padded to a power of two and the rotary's extent, for convert/head_layout.py."""
+    src = fields["head_dim"]
+    dim = head_layout.padded_dim(src)
+    out = {"head_dim": dim, "real_head_dim": src if dim != src else 0,
+           "rotary_dim": fields.get("rotary_dim") or rope.rotary_dim(view, src)}
+    if out["rotary_dim"] == src:
+        out["rotary_dim"] = 0
+    if dim != src and fields.get("qk_norm"):
+        raise ValueError(f"{name}: head_dim {src} with per-head q/k norms is not supported (the kernels need a "
+                         "power-of-two head_dim, and padding would change the norms' mean)")
+    return out
+
+
 def _proj_named(fam) -> bool:
     """FP8 checkpoints are read by their `*_proj` linears (convert/fp8.py); a family named otherwise is not."""
     return all(m.endswith("_proj") for k, m in fam.layer.items() if k not in NORM_KEYS)
@@ -138,7 +138,9 @@ def _proj_named(fam) -> bool:
 
 def _hf_layer_tensors(get, hf: dict, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
     """One layer's full (unsharded) tensors, in engine meaning: q, k, v separate so each rank can slice them."""
-    return read_layer(family_for(cfg.hf_model_type), get, cfg, i)
+    t = read_layer(family_for(cfg.hf_model_type), get, cfg, i)
+    head_layout.apply(t, cfg)
+    return t
 
 
 def _rows(x: torch.Tensor, rank: int, parts: int) -> torch.Tensor:
@@ -185,6 +187,11 @@ def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int
     if "q_b" in t:
         out[p + "self_attn.qkv_proj.bias"] = torch.cat(
             [_rows(t["q_b"], rank, tp), _kv_rows(t["k_b"], cfg, rank, tp), _kv_rows(t["v_b"], cfg, rank, tp)])
+    if "o_b" in t:  # added once, after the all-reduce
+        out[p + "self_attn.o_proj.bias"] = t["o_b"]
+    for key in ("q_norm", "k_norm"):  # per head: the same on every rank
+        if key in t:
+            out[p + f"self_attn.{key}.weight"] = t[key]
     return out
 
 
@@ -206,7 +213,7 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
     hf = config_view(fam, hf)
     top = read_model(fam, get, cfg)
     embed, head = top["embed"], top.get("head")
-    inv_freq, cfg.rope_attention_scaling = _rope_inv_freq(hf)
+    inv_freq, cfg.rope_attention_scaling = rope.inv_freq(hf, cfg)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for r in range(tp):
         shards[r]["embed_tokens.weight"] = _vocab_rows(embed, cfg, r, tp)

@@ -23,10 +23,11 @@ class AttnMetadata:
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
+        """scale: the softmax scale, when not head_dim ** -0.5 (a head padded to a power of two keeps its own)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = scale or head_dim ** -0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         self.k_scale: torch.Tensor | None = None  # quantized cache (quant_policy 8 or 4): each row's scale(s)

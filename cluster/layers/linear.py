@@ -91,11 +91,15 @@ class ColumnLinear(PackableLinear):
 
 
 class RowLinear(PackableLinear):
-    """Input features split over ranks (o_proj, down_proj): partial sums all-reduced into the full output."""
+    """Input features split over ranks (o_proj, down_proj): partial sums all-reduced into the full output; a bias
+    (whole on every rank) is added once, after the reduction."""
 
-    def __init__(self, in_features_per_rank: int, out_features: int, group: int = 0, fp8: bool = False):
+    def __init__(self, in_features_per_rank: int, out_features: int, group: int = 0, fp8: bool = False,
+                 bias: bool = False):
         super().__init__()
         self._make_weight(out_features, in_features_per_rank, group, fp8)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(self._matmul(x, None))
+        y = all_reduce(self._matmul(x, None))
+        return y if self.bias is None else y + self.bias

@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "llama" (Llama 2/3, Mistral, Qwen2, InternLM2, Mixtral, Qwen2-MoE are all converted to it)
+    architecture: str  # "llama": every family cluster/convert/families.py reads is converted to it
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -24,6 +24,13 @@ class ModelConfig:
     o_bias: bool = False  # o_proj bias
     norm_bias: bool = False  # LayerNorm biases (norm == "layer")
     rope_attention_scaling: float = 1.0  # multiplies cos/sin (YaRN-style scalings); inv_freq is stored in the weights
+    # family features (cluster/convert/families.py); the defaults are Llama's
+    real_head_dim: int = 0  # the checkpoint's head_dim when head_dim was padded to a power of two (0: not padded)
+    rotary_dim: int = 0  # dims of a head the checkpoint rotates (0: all); at conversion, cluster/convert/head_layout.py
+    rope_interleaved: bool = False  # the checkpoint rotates pairs (2j, 2j + 1); conversion reorders them
+    qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (Qwen3)
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+    embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     dtype: str = "float32"
@@ -41,6 +48,11 @@ class ModelConfig:
     vision: dict = field(default_factory=dict)
     # 4-bit weights (AWQ): {"method": "awq", "bits": 4, "group_size": G}; empty: weights in `dtype`
     quant: dict = field(default_factory=dict)
+
+    @property
+    def src_head_dim(self) -> int:
+        """The checkpoint's head_dim (what o_proj reads per head, and what sets the softmax scale)."""
+        return self.real_head_dim or self.head_dim
 
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in self.sparse_layers
@@ -67,7 +79,7 @@ class ModelConfig:
     def _groups_split(self, n: int) -> bool:
         """4-bit weights: each rank's share of o_proj's and down_proj's input is whole groups."""
         g = self.quant.get("group_size", 0)
-        return not g or all((w // n) % g == 0 for w in (self.num_heads * self.head_dim, self.intermediate_size))
+        return not g or all((w // n) % g == 0 for w in (self.num_heads * self.src_head_dim, self.intermediate_size))
 
     def ffn_widths(self) -> list[int]:
         """Every MLP width that tensor parallelism slices: dense, per expert, shared expert."""

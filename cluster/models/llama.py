@@ -1,12 +1,16 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, InternLM2 after conversion; Mixtral and Qwen2-MoE with expert
-MLPs) built from tensor-parallel layers.
+"""The Llama-shaped decoder every converted family runs as (cluster/convert/families.py), built from
+tensor-parallel layers; what differs between families are ModelConfig's feature fields (per-head q/k norms, o_proj
+bias, the MLP's activation, scaled embeddings, expert MLPs).
 
 Parameter names are the engine format's names (see cluster/convert/hf.py); each rank builds its own slice."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from cluster.layers import activation
 from cluster.layers.attention import AttnMetadata, PagedAttention
 from cluster.layers.embedding import LMHead, VocabEmbedding
 from cluster.layers.linear import ColumnLinear, RowLinear
@@ -28,26 +32,40 @@ def shard_sizes(cfg: ModelConfig, tp: int) -> dict[str, int]:
     }
 
 
+@functools.cache
+def embed_scale(scale: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(scale, dtype=dtype))
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int):
         super().__init__()
         s = shard_sizes(cfg, tp)
         self.q_size = s["heads"] * cfg.head_dim
         self.kv_size = s["kv_heads"] * cfg.head_dim
+        self.src_head_dim = cfg.src_head_dim  # o_proj reads these dims of each head (the rest are padding)
         group, fp8 = cfg.quant.get("group_size", 0), cfg.quant.get("method") == "fp8"
         self.qkv_proj = ColumnLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, group, fp8)
-        self.o_proj = RowLinear(self.q_size, cfg.hidden_size, group, fp8)
-        self.attn = PagedAttention(s["heads"], s["kv_heads"], cfg.head_dim)
+        self.o_proj = RowLinear(s["heads"] * cfg.src_head_dim, cfg.hidden_size, group, fp8, cfg.o_bias)
+        self.attn = PagedAttention(s["heads"], s["kv_heads"], cfg.head_dim, cfg.src_head_dim ** -0.5)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dims, before the rotary
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata, rotary: Rotary) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         a = self.attn
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q.reshape(-1, a.head_dim))
+            k = self.k_norm(k.reshape(-1, a.head_dim))
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
         o = a(q, k, v, meta, positions, rotary)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        if self.src_head_dim != a.head_dim:
+            o = o[..., : self.src_head_dim]
+        return self.o_proj(o.reshape(-1, a.num_heads * self.src_head_dim))
 
 
 class LlamaMLP(nn.Module):
@@ -57,9 +75,12 @@ class LlamaMLP(nn.Module):
         group, fp8 = cfg.quant.get("group_size", 0), cfg.quant.get("method") == "fp8"
         self.gate_up_proj = ColumnLinear(cfg.hidden_size, 2 * ffn, group=group, fp8=fp8)
         self.down_proj = RowLinear(ffn, cfg.hidden_size, group, fp8)
+        self.act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x, gated=True))
+        if self.act == "silu":  # SiLU-and-multiply inside the matmul where a kernel fuses it
+            return self.down_proj(self.gate_up_proj(x, gated=True))
+        return self.down_proj(activation.gated(self.gate_up_proj(x), self.act))
 
 
 def make_mlp(cfg: ModelConfig, tp: int, layer: int) -> nn.Module:
@@ -93,6 +114,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.embed_scale = cfg.embed_scale
         s = shard_sizes(cfg, tp)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_attention_scaling)
         self.embed_tokens = VocabEmbedding(s["vocab"], cfg.hidden_size)
@@ -108,6 +130,8 @@ class LlamaForCausalLM(nn.Module):
                 embeds: torch.Tensor | None = None, embed_rows: torch.Tensor | None = None) -> torch.Tensor:
         """embeds/embed_rows: image embeddings (LLaVA) that take the place of the image tokens' embeddings."""
         x = self.embed_tokens(input_ids)
+        if self.embed_scale != 1.0:  # Gemma: sqrt(hidden), rounded to the activations' dtype as transformers does
+            x = x * embed_scale(self.embed_scale, x.dtype)  # a Python float: nothing copied inside a CUDA graph
         if embeds is not None:
             x[embed_rows] = embeds.to(x.dtype)
         residual = None
