@@ -51,6 +51,7 @@ class Launched:
     plan: list[tuple[Sequence, int]]
     sampled: list[Sequence]
     drawn: Drawn | None
+    logits: torch.Tensor | None = None  # a step ahead under a grammar: drawn once the tokens in flight are accepted
 
 
 @dataclass
@@ -258,10 +259,16 @@ class LLMEngine:
                 ids = prev.drawn.tokens
                 if rows != list(range(len(prev.sampled))):
                     ids = ids[to_device(rows, torch.long, ids.device)]
-                self._in_flight = self._launch(ahead, ids)
+                # under a grammar the draw waits for the matchers: the forward runs while the host reads the tokens
+                # in flight, accepts them and fills the masks
+                constrained = any(seq.matcher is not None for seq, _ in ahead)
+                self._in_flight = self._launch(ahead, ids, draw_now=not constrained)
                 self.stats.steps_ahead += 1
             outputs = self._collect(prev)
             if self._in_flight is not None:
+                launched = self._in_flight
+                if launched.logits is not None:  # the tokens in flight are now in every sequence: no pending
+                    launched.drawn, launched.logits = draw(launched.logits, launched.sampled), None
                 self.scheduler.after_step(ahead)  # after the collect: K/V hashing needs the tokens just appended
             return outputs
         plan = self.scheduler.schedule()
@@ -274,12 +281,17 @@ class LLMEngine:
             return []
         return self._collect(launched)
 
-    def _launch(self, plan: list[tuple[Sequence, int]], input_ids: torch.Tensor | None = None) -> Launched:
+    def _launch(self, plan: list[tuple[Sequence, int]], input_ids: torch.Tensor | None = None,
+                draw_now: bool = True) -> Launched:
         step = self.runner.prepare(plan, self.bm)
         logits = self.runner.execute(step, input_ids) if input_ids is not None else self.runner.execute(step)
         self.stats.steps += 1
         sampled = [seq for seq, n in plan if seq.num_computed_tokens + n >= len(seq)]
-        return Launched(plan, sampled, draw(logits, sampled, input_ids) if sampled else None)
+        if not sampled:
+            return Launched(plan, sampled, None)
+        if not draw_now:
+            return Launched(plan, sampled, None, logits)
+        return Launched(plan, sampled, draw(logits, sampled, input_ids))
 
     def _collect(self, launched: Launched) -> list[RequestOutput]:
         if launched.drawn is None:

@@ -87,8 +87,11 @@ def draw(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | Non
     logits = logits.float()
     logits = _apply_penalties(logits, seqs, pending)
     _mask_early_stop(logits, seqs, 1 if pending is not None else 0)
-    if any(s.matcher is not None for s in seqs):  # never in a step ahead: the matchers have seen every token
-        apply_masks(logits, [s.matcher for s in seqs])
+    # the matchers have seen every token (a step ahead under a grammar is drawn after its tokens in flight are
+    # accepted); a sequence finished meanwhile has nothing left to constrain, and its row is dropped
+    matchers = [None if s.is_finished else s.matcher for s in seqs]
+    if any(m is not None for m in matchers):
+        apply_masks(logits, matchers)
     want_lp = [s.gen.logprobs is not None for s in seqs]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 

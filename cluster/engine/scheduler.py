@@ -75,15 +75,14 @@ class Scheduler:
     def schedule_ahead(self, sampled: list[Sequence], dry_run: bool = False) -> list[tuple[Sequence, int]]:
         """The decode step that can run before the tokens of the step in flight (which samples `sampled`) reach the
         host: every running sequence decodes one token, fed from that step on the device, except those its token
-        surely finishes (length). Empty when the step cannot be known ahead: a request could be admitted, a
-        sequence is still prefilling or follows a grammar (structured output), or blocks run short (schedule()
-        then decides who is preempted). Blocks are grown unless `dry_run`."""
+        surely finishes (length). A sequence that follows a grammar runs ahead too: the engine draws that step's
+        tokens only once the matchers have accepted the tokens in flight. Empty when the step cannot be known
+        ahead: a request could be admitted, a sequence is still prefilling, or blocks run short (schedule() then
+        decides who is preempted). Blocks are grown unless `dry_run`."""
         if not sampled:
             return []
         if self.waiting and len(self.running) < self.max_batch_size:
             return []  # room to admit: schedule afresh (a full batch admits nobody, so it runs ahead)
-        if any(seq.matcher is not None for seq in self.running):
-            return []  # a grammar's mask needs the token in flight, read and accepted on the host first
         in_flight = set(sampled)
         plan: list[tuple[Sequence, int]] = []
         for seq in self.running:
