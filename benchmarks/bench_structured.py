@@ -29,7 +29,7 @@ import torch
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine import grammar as grammar_mod
 from cluster.engine.engine import LLMEngine
-from cluster.engine.grammar import GrammarKey, Grammars
+from cluster.engine.grammar import GrammarKey, Grammars, grammar_key
 
 LONG = {"type": "array", "minItems": 256, "items": {"type": "object", "properties": {
     "id": {"type": "integer", "minimum": 0, "maximum": 999}, "tag": {"enum": ["a", "b", "c"]}},
@@ -145,6 +145,57 @@ def decode_steps(engine: LLMEngine, n: int, gen: GenerationConfig) -> list[float
     return times
 
 
+def mask_parts(args) -> dict:
+    """apply_masks' parts timed apart at each concurrency, without a model: the host fill (one matcher, or the
+    batch at 1, 4 and xgrammar's own thread count), the copy to the device and xgrammar's kernel."""
+    from transformers import AutoTokenizer
+
+    import xgrammar as xgr
+
+    hf = AutoTokenizer.from_pretrained(args.tokenizer or str(_embedded_dir()))
+    vocab = args.vocab_size or 128256
+    grammars = Grammars(hf, vocab)
+    compiled = grammars.get(grammar_key(GenerationConfig(guided_json=LONG)))
+    prefix = hf.encode('[{"id": 12, "tag": "a"}, {"id": 3', add_special_tokens=False)
+    dev = torch.device(args.device)
+    out: dict = {}
+
+    def timed(fn, reps: int = 50) -> float:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps * 1e6
+
+    for c in args.levels:
+        ms = [grammars.matcher(compiled, [0]) for _ in range(c)]
+        for i, m in enumerate(ms):
+            for t in prefix[: 3 + i % 10]:
+                assert m.accept_token(t)
+        host = xgr.allocate_token_bitmask(c, vocab)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        on_dev = torch.empty(host.shape, dtype=host.dtype, device=dev)
+        logits = torch.randn(c, vocab, device=dev)
+        row = {"concurrency": c, "fill_-1_us": timed(lambda: host.fill_(-1)),
+               "fill_one_by_one_us": timed(lambda: [m.fill_next_token_bitmask(host, i) for i, m in enumerate(ms)])}
+        for threads in (1, 4, "auto"):
+            batch = xgr.BatchGrammarMatcher(threads)
+            row[f"batch_fill_{threads}_us"] = timed(lambda: batch.batch_fill_next_token_bitmask(ms, host,
+                                                                                              list(range(c))))
+        if dev.type == "cuda":
+            row["copy_us"] = timed(lambda: on_dev.copy_(host, non_blocking=True))
+            row["apply_us"] = timed(lambda: xgr.apply_token_bitmask_inplace(logits, on_dev, vocab_size=vocab))
+        row["apply_masks_us"] = timed(lambda: grammar_mod.apply_masks(logits, ms))
+        out[c] = row
+        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return out
+
+
 def build_engine(args) -> LLMEngine:
     """The embedded SmolLM2, or random weights of --shape with the tokenizer of --tokenizer."""
     cpu = args.device == "cpu"
@@ -192,6 +243,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="tokenizer folder with --shape (default: the embedded SmolLM2's)")
     ap.add_argument("--save-tokenizer", metavar="DIR", help="write the embedded SmolLM2's tokenizer files, then exit")
     ap.add_argument("--skip-compile", action="store_true", help="no compile-time section")
+    ap.add_argument("--mask-parts", action="store_true", help="only time the mask's parts (no model), then exit")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.save_tokenizer:
@@ -201,6 +253,12 @@ def main() -> None:
         print("tokenizer files in", args.save_tokenizer)
         return
     args.levels = [int(x) for x in args.concurrency.split(",")]
+    if args.mask_parts:
+        result = mask_parts(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if args.device == "cpu":
         torch.set_num_threads(2)
     engine = build_engine(args)

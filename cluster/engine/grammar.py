@@ -335,7 +335,10 @@ def apply_masks(logits: "torch.Tensor", matchers: list) -> None:
     if not rows:
         return
     bitmask, on_device = _mask_buffers(len(matchers), logits.shape[-1], logits.device)
-    bitmask.fill_(-1)  # a free row's mask allows all
+    # xgrammar writes a constrained row whole; only a free row is set to allow all, row by row: one fill over many
+    # rows would go to torch's thread pool, which stalled for ms beside xgrammar's busy threads
+    for i in set(range(len(matchers))).difference(rows):
+        bitmask[i].fill_(-1)
     if len(rows) == 1:
         matchers[rows[0]].fill_next_token_bitmask(bitmask, rows[0])
     else:
