@@ -14,6 +14,8 @@
 Both gather K/V one BLOCK_N-key tile at a time: each key's page id comes from block_tables, so a tile may span several
 pages (block_size 16) or part of one (block_size 256). Softmax runs online in base 2 with fp32 accumulators.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,11 @@ import triton.language as tl
 from cluster.kernels import pdl
 from cluster.kernels.kvcache import quant_bits
 from cluster.kernels.pdl import wait_for_previous
+from cluster.kernels.w4a16 import _deq_fast, _deq_plain
+
+# The quantized caches' values become fp16 in integer ops (inline PTX: byte permutes into 0x6400 | x, one packed
+# subtract) on the GPU, and through plain casts under Triton's interpreter, which runs no PTX.
+FAST_CVT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 LOG2E = 1.4426950408889634
 
@@ -39,7 +46,9 @@ DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, MIN_SPLIT_TOKENS=64,
 # Per quantized cache (kvcache.py's QUANT), what differs from DECODE_CONFIG; from the sweeps of gpu_kernels.py --kv.
 # H200 (run 1 of issue 18): 2 warps a program instead of 4 took B=64 ctx 2048 from 180 to 116 us (int8), 152 to 116
 # (fp8), 217 to 154 (4-bit): each program's 16 query rows leave 4 warps mostly converting for one another.
-DECODE_CONFIG_BY_QUANT: dict[int, dict] = {8: dict(num_warps=2), 1: dict(num_warps=2), 4: dict(num_warps=2)}
+# Session 3's sweep: fp8 at 128-key tiles, 2 stages, 94 us at B=64 ctx 2048 (0.69x bf16) and 19.4 us at B=1 ctx 8192.
+DECODE_CONFIG_BY_QUANT: dict[int, dict] = {8: dict(num_warps=2), 1: dict(BLOCK_N=128, num_warps=2, num_stages=2),
+                                           4: dict(num_warps=2)}
 # Likewise for paged_attention's prefill and mixed tiles (whichever the batch picks): the least time over 16 x 2048
 # packed and 2048 + 63 decodes in the H200 sweep of bench_kv_quant.py --tune-prefill.
 PREFILL_CONFIG_BY_QUANT: dict[int, dict] = {
@@ -66,14 +75,6 @@ def _load_rows(ptr, ptrs, n_ok, MASK: tl.constexpr):
 
 
 @triton.jit
-def _load_scales(ptr, idx, n_ok, MASK: tl.constexpr):
-    if MASK == 0:
-        return tl.load(ptr + idx)
-    else:
-        return tl.load(ptr + idx, mask=n_ok, other=0.0)
-
-
-@triton.jit
 def _softmax_step(s, m_i, l_i):
     """The online softmax's update for scores s: (p, the old rows' rescale, l_i, m_i)."""
     # Each row sees at least one key of its first tile (key 0, or the first key of a split), so m_new is finite from
@@ -96,57 +97,76 @@ def _v_weights(p, v_sc, dtype: tl.constexpr):
 
 
 @triton.jit
-def _int4_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE: tl.constexpr, MASK: tl.constexpr):
-    """The 4-bit rows' (scale, min) of K and V; V's min for values centred on 8 (-8..7, see _attend_tile)."""
-    srow = 2 * ((page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE)  # grid axis 1 is the kv head
-    k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
-    v_sc = _load_scales(vs_ptr, srow, n_ok, MASK)
-    k_min = _load_scales(ks_ptr, srow + 1, n_ok, MASK)
-    v_min = _load_scales(vs_ptr, srow + 1, n_ok, MASK) + 8.0 * v_sc
-    return k_sc, k_min, v_sc, v_min
+def _to_dot_dtype(x, like, QUANT: tl.constexpr):
+    """An int8 or e4m3 tile as like's dtype (exact: fp16 holds every int8 and e4m3 value). int8 goes via fp32, which
+    the interpreter casts right (its direct int8 -> bf16 cast does not); on the H200 that was also faster than
+    byte permutes into 0x6400 | (x ^ 0x80) in inline PTX (125 against 114 us at B=64, ctx 2048)."""
+    if FAST_CVT and QUANT == 1 and like.dtype == tl.float16:
+        return x.to(tl.float16)  # e4m3x2 -> f16x2 in one instruction (compute capability 8.9+)
+    else:
+        return x.to(tl.float32).to(like.dtype)
 
 
 @triton.jit
-def _attend_tile_int4_halves(acc_e, acc_o, l_i, m_i, q_e, q_o, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start,
-                             ctx, kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
-                             D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
-    """_attend_tile over a 4-bit cache for decode (MASK 0 or 1), without putting the nibbles back in value order:
-    the low nibbles are the even dimensions and the high ones the odd, so q comes split the same way (q_e, q_o) and
-    the output accumulates as its even and odd columns (acc_e, acc_o)."""
+def _dot_operand(q, QUANT: tl.constexpr):
+    """q as the dots take it: over a quantized cache a 16-bit q becomes fp16 (exact for bf16 in fp16's range), the
+    dtype in which the cache's values convert cheaply; fp32 stays."""
+    if QUANT != 0 and q.dtype != tl.float32:
+        return q.to(tl.float16)
+    else:
+        return q
+
+
+@triton.jit
+def _unpack4(w, like, BIAS: tl.constexpr):
+    """int32 words [N, D / 8] of a 4-bit cache -> [N, D] values (0..15) - BIAS in like's dtype, in value order
+    (value 2j in byte j's low nibble is nibble 2j of the little-endian words, as W4A16's weights, whose
+    dequantization serves: it gives 1024 + q in fp16)."""
+    if FAST_CVT and like.dtype == tl.float16:
+        return _deq_fast(w, tl.full(w.shape, 0x000F000F, tl.int32), "0x64006400", like) - (1024.0 + BIAS)
+    else:
+        return _deq_plain(w, tl.full(w.shape, 0xF, tl.int32), -BIAS, like.dtype)
+
+
+@triton.jit
+def _tile_params(ks_ptr, vs_ptr, bt_row, start, ctx, kv_head, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 QUANT: tl.constexpr):
+    """(k_sc, k_min, v_sc, v_min) [BLOCK_N] of keys [start, start + BLOCK_N) of an int8 (k_min, v_min unused) or 4-bit
+    cache; zeros otherwise. The loops load them one tile ahead: these small gathers feed no dot, so the pipeliner
+    leaves them in the step that uses them, where each would stall it (W4A16's zeros and scales had the same)."""
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < ctx
-    if MASK == 0:
-        page = tl.load(bt_row + n // PAGE).to(tl.int64)
-    else:
+    if QUANT == 4 or QUANT == 8:
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-    ptrs = (page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch)[:, None] + tl.arange(0, D // 2)[None, :]
-    kb = _load_rows(kc_ptr, ptrs, n_ok, MASK)
-    vb = _load_rows(vc_ptr, ptrs, n_ok, MASK)
-    dt = q_e.dtype
-    s = _dot(q_e, tl.trans((kb & 0xF).to(tl.float32).to(dt))) + _dot(q_o, tl.trans((kb >> 4).to(tl.float32).to(dt)))
-    k_sc, k_min, v_sc, v_min = _int4_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE, MASK)
-    s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
-    if MASK == 1:
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
-    w, v_top = _v_weights(p, v_sc, dt)
-    pm = tl.sum(p * v_min[None, :], 1)[:, None]
-    acc_e = acc_e * alpha[:, None] + _dot(w, ((vb & 0xF).to(tl.float32) - 8.0).to(dt)) * v_top + pm
-    acc_o = acc_o * alpha[:, None] + _dot(w, ((vb >> 4).to(tl.float32) - 8.0).to(dt)) * v_top + pm
-    return acc_e, acc_o, l_i, m_new
+        srow = (page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE  # grid axis 1 is the kv head
+        if QUANT == 4:  # (scale, min) pairs; V's min for values centred on 8 (-8..7, see _attend_tile)
+            k_sc = tl.load(ks_ptr + 2 * srow, mask=n_ok, other=0.0)
+            v_sc = tl.load(vs_ptr + 2 * srow, mask=n_ok, other=0.0)
+            k_min = tl.load(ks_ptr + 2 * srow + 1, mask=n_ok, other=0.0)
+            v_min = tl.load(vs_ptr + 2 * srow + 1, mask=n_ok, other=0.0) + 8.0 * v_sc
+            return k_sc, k_min, v_sc, v_min
+        else:
+            k_sc = tl.load(ks_ptr + srow, mask=n_ok, other=0.0)
+            v_sc = tl.load(vs_ptr + srow, mask=n_ok, other=0.0)
+            return k_sc, k_sc, v_sc, v_sc
+    else:
+        z = tl.zeros([BLOCK_N], tl.float32)
+        return z, z, z, z
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
-                 stride_cb, stride_cs, stride_ch,
+def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_min, v_sc, v_min, bt_row, start, ctx,
+                 pos, kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with keys [start, start + BLOCK_N).
 
     MASK: 0 = every key valid and visible (interior tiles), 1 = keys must be < ctx, 2 = also causal (key <= pos).
     A quantized cache (kvcache.py's QUANT; layouts in reference.py) goes into the dots as its integer (or e4m3)
-    values, exact in the model dtype; the scales act on the [rows, keys] scores and probabilities instead of on the
-    [keys, D] tiles: s = (q . k_q) * k_scale (+ sum(q) * k_min for 4 bits), and p @ v = (p * v_scale) @ v_q
-    (+ sum(p * v_min)). So the dequantization costs one convert per loaded value.
+    values, exact in q's dtype (fp16 for a 16-bit model: paged_attention's callers convert q); the scales act on
+    the [rows, keys] scores and probabilities instead of on the [keys, D] tiles: s = (q . k_q) * k_scale
+    (+ sum(q) * k_min for 4 bits), and p @ v = (p * v_scale) @ v_q (+ sum(p * v_min)). A 4-bit cache comes as int32
+    words [keys, D / 8] (the caller's view). The per-row scales (k_sc, k_min, v_sc, v_min) come from the caller, who
+    loads them a tile ahead (_tile_params).
     """
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < ctx
@@ -155,29 +175,22 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
     else:
         page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)  # unused table entries are arbitrary
     off = page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch
-    if QUANT == 4:  # two values a byte: [BLOCK_N, D / 2] bytes, unpacked into value order
-        ptrs = off[:, None] + tl.arange(0, D // 2)[None, :]
-        kb = _load_rows(kc_ptr, ptrs, n_ok, MASK)
-        vb = _load_rows(vc_ptr, ptrs, n_ok, MASK)
-        k = tl.interleave(kb & 0xF, kb >> 4).to(tl.float32).to(q.dtype)  # via fp32: exact, folded by the compiler
-        # (and right in Triton's interpreter). V centred, -8..7: with 0..15 the two parts of p @ v, each several
-        # times the result, would cancel and magnify the model-dtype rounding of p * v_scale
-        v = (tl.interleave(vb & 0xF, vb >> 4).to(tl.float32) - 8.0).to(q.dtype)
+    if QUANT == 4:
+        ptrs = off[:, None] + tl.arange(0, D // 8)[None, :]
+        k = _unpack4(_load_rows(kc_ptr, ptrs, n_ok, MASK), q, 0.0)
+        # V centred, -8..7: with 0..15 the two parts of p @ v, each several times the result, would cancel and
+        # magnify the rounding of p * v_scale
+        v = _unpack4(_load_rows(vc_ptr, ptrs, n_ok, MASK), q, 8.0)
     else:
         ptrs = off[:, None] + tl.arange(0, D)[None, :]
         k = _load_rows(kc_ptr, ptrs, n_ok, MASK)
         v = _load_rows(vc_ptr, ptrs, n_ok, MASK)
         if QUANT != 0:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = _to_dot_dtype(k, q, QUANT), _to_dot_dtype(v, q, QUANT)
     s = _dot(q, tl.trans(k))
     if QUANT == 4:
-        k_sc, k_min, v_sc, v_min = _int4_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE, MASK)
         s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
     elif QUANT == 8:
-        srow = (page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE  # grid axis 1 is the kv head in both kernels
-        k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
-        v_sc = _load_scales(vs_ptr, srow, n_ok, MASK)
         s = s * (k_sc * qk_scale)[None, :]
     elif QUANT == 1:  # kvcache.FP8: one scale per kv head
         s = s * (qk_scale * tl.load(ks_ptr + kv_head))
@@ -194,8 +207,8 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
         if QUANT == 4:
             pv += tl.sum(p * v_min[None, :], 1)[:, None]
         acc = acc * alpha[:, None] + pv
-    elif QUANT == 1:
-        acc = acc * alpha[:, None] + _dot((p * tl.load(vs_ptr + kv_head)).to(q.dtype), v)
+    elif QUANT == 1:  # one scale a head: after the dot (p * v_scale could fall below fp16's normal range)
+        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v) * tl.load(vs_ptr + kv_head)
     else:
         acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v)
     return acc, l_i, m_new
@@ -207,12 +220,18 @@ def _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row
                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
     """Every row attends to all keys [lo, hi) (lo BLOCK_N-aligned): whole tiles unmasked, then the ragged last one."""
     full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    k_sc, k_mn, v_sc, v_mn = _tile_params(ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, PAGE, BLOCK_N, QUANT)
     for start in range(lo, full, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
-                                     qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
+        nk_sc, nk_mn, nv_sc, nv_mn = _tile_params(ks_ptr, vs_ptr, bt_row, start + BLOCK_N, hi, kv_head, PAGE, BLOCK_N,
+                                                  QUANT)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
+                                     bt_row, start, hi, hi, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 0, QUANT)
+        k_sc, k_mn, v_sc, v_mn = nk_sc, nk_mn, nv_sc, nv_mn
     for start in range(full, hi, BLOCK_N):  # at most one
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi, kv_head,
-                                     qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1, QUANT)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
+                                     bt_row, start, hi, hi, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 1, QUANT)
     return acc, l_i, m_i
 
 
@@ -243,7 +262,7 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     pos = ctx - q_len + tok  # absolute position: sees keys 0..pos
     d = tl.arange(0, D)
     q_off = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
-    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _dot_operand(tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0), QUANT)
     qsum = tl.sum(q.to(tl.float32), 1)  # the 4-bit cache's min term (_attend_tile)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -252,12 +271,21 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     first_pos = ctx - q_len + tile * BLOCK_Q
     end = ctx - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the last key any row sees
     interior = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below this are visible to every row: no mask
+    k_sc, k_mn, v_sc, v_mn = _tile_params(ks_ptr, vs_ptr, bt_row, 0, ctx, kv_head, PAGE, BLOCK_N, QUANT)
     for start in range(0, interior, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
-                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
+        nk_sc, nk_mn, nv_sc, nv_mn = _tile_params(ks_ptr, vs_ptr, bt_row, start + BLOCK_N, ctx, kv_head, PAGE, BLOCK_N,
+                                                  QUANT)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
+                                     bt_row, start, ctx, pos, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 0, QUANT)
+        k_sc, k_mn, v_sc, v_mn = nk_sc, nk_mn, nv_sc, nv_mn
     for start in range(interior, end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
-                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 2, QUANT)
+        nk_sc, nk_mn, nv_sc, nv_mn = _tile_params(ks_ptr, vs_ptr, bt_row, start + BLOCK_N, ctx, kv_head, PAGE, BLOCK_N,
+                                                  QUANT)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
+                                     bt_row, start, ctx, pos, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 2, QUANT)
+        k_sc, k_mn, v_sc, v_mn = nk_sc, nk_mn, nv_sc, nv_mn
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -274,8 +302,8 @@ def _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, t, ctx, 
     g_ok = g < GROUP
     head = kv_head * GROUP + g
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :], mask=g_ok[:, None],
-                other=0.0)
+    q = _dot_operand(tl.load(q_ptr + t.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                             mask=g_ok[:, None], other=0.0), QUANT)
     qsum = tl.sum(q.to(tl.float32), 1)
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
@@ -314,6 +342,13 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, ctx_pt
                     GROUP, D, PAGE, BLOCK_M, BLOCK_Q, BLOCK_N, QUANT)
 
 
+def _words(k_cache: torch.Tensor, v_cache: torch.Tensor, quant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernels read: a 4-bit cache as int32 words (four bytes, eight values a load), the others as they are."""
+    if quant == 4:
+        return k_cache.view(torch.int32), v_cache.view(torch.int32)
+    return k_cache, v_cache
+
+
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -343,12 +378,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (T // block_q + B, hkv)
+    page = k_cache.shape[1]
+    k_cache, v_cache = _words(k_cache, v_cache, quant)
     _prefill_kernel[grid](
         q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, out, block_tables,
         context_lens, cu_seqlens_q, scale * LOG2E, B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=page, BLOCK_M=block_m,
         BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], DECODE_ROWS=cfg["DECODE_ROWS"], QUANT=quant,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
@@ -376,35 +413,14 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    if QUANT == 4:  # the even and odd dimensions apart (_attend_tile_int4_halves)
-        j = tl.arange(0, D // 2)
-        q_e = tl.load(q_row + 2 * j[None, :], mask=g_ok[:, None], other=0.0)
-        q_o = tl.load(q_row + 2 * j[None, :] + 1, mask=g_ok[:, None], other=0.0)
-        qsum = tl.sum(q_e.to(tl.float32), 1) + tl.sum(q_o.to(tl.float32), 1)
-        acc_e = tl.zeros([GROUP_P, D // 2], tl.float32)
-        acc_o = tl.zeros([GROUP_P, D // 2], tl.float32)
-        full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-        for start in range(lo, full, BLOCK_N):
-            acc_e, acc_o, l_i, m_i = _attend_tile_int4_halves(
-                acc_e, acc_o, l_i, m_i, q_e, q_o, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, kv_head,
-                qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0)
-        for start in range(full, hi, BLOCK_N):  # at most one
-            acc_e, acc_o, l_i, m_i = _attend_tile_int4_halves(
-                acc_e, acc_o, l_i, m_i, q_e, q_o, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, kv_head,
-                qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1)
-        _write_decode(acc_e, l_i, m_i, 2 * j, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
-                      NUM_SPLITS, GROUP, D, SPLIT)
-        _write_decode(acc_o, l_i, m_i, 2 * j + 1, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob,
-                      stride_oh, NUM_SPLITS, GROUP, D, SPLIT)
-    else:
-        d = tl.arange(0, D)
-        q = tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0)
-        acc = tl.zeros([GROUP_P, D], tl.float32)
-        # qsum is 4-bit's only: l_i stands in for it, unused
-        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, l_i, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head,
-                                      qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
-        _write_decode(acc, l_i, m_i, d, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
-                      NUM_SPLITS, GROUP, D, SPLIT)
+    d = tl.arange(0, D)
+    q = _dot_operand(tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0), QUANT)
+    qsum = tl.sum(q.to(tl.float32), 1)  # the 4-bit cache's min term
+    acc = tl.zeros([GROUP_P, D], tl.float32)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head,
+                                  qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
+    _write_decode(acc, l_i, m_i, d, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
+                  NUM_SPLITS, GROUP, D, SPLIT)
 
 
 @triton.jit
@@ -486,12 +502,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((B, hq, splits), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused
+    page = k_cache.shape[1]
+    k_cache, v_cache = _words(k_cache, v_cache, quant)
     _decode_split_kernel[(B, hkv, splits)](
         q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, block_tables, context_lens,
         out, mid_o, mid_lse, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=k_cache.shape[1],
+        splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=page,
         BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, QUANT=quant, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **pdl.launch_args(q))
