@@ -13,7 +13,7 @@ from cluster.messages import Choice, Job
 from cluster.serving.affinity import AffinityPolicy, prefer
 from cluster.serving.metrics import ROUTING, RouterMetrics
 from cluster.serving.prefix_keys import TEXT_CHUNK_CHARS, prefix_keys
-from cluster.serving.prefix_table import PrefixTable
+from cluster.serving.prefix_table import Match, PrefixTable
 
 SYSTEM = {"role": "system", "content": "You answer questions about the sea. " * 10}
 
@@ -52,7 +52,9 @@ def test_table_reports_the_longest_prefix_each_replica_holds():
     t.record(k2, "A")
     t.record(prefix_keys(chat("other")), "B")
     m = t.matched(k4, ["A", "B", "C"])
-    assert m == {"A": k2[-1][1], "B": k4[0][1]}  # A: system + q1; B: the system prompt only; C: nothing
+    # A: system + q1, its whole earlier prompt; B: the system prompt only, part of another; C: nothing
+    assert m == {"A": Match(k2[-1][1], k2[-1][1]), "B": Match(k4[0][1])}
+    assert t.matched(k2, ["A"]) == {"A": Match(k2[-1][1], k2[-1][1])}  # a repeat
 
 
 def test_eviction_bounds_the_table_and_drops_long_prefixes_first():
@@ -61,8 +63,9 @@ def test_eviction_bounds_the_table_and_drops_long_prefixes_first():
     for i, keys in enumerate(convs):
         t.record(keys, "A" if i % 2 else "B")
     assert len(t) == 1000 and t.evicted == 600 * 3 + 2 - 1000  # the shared system key: once per replica
-    assert t.matched(convs[-1], ["A", "B"]) == {"A": convs[-1][-1][1], "B": convs[-1][0][1]}
-    assert t.matched(convs[0], ["B"]) == {"B": convs[0][0][1]}  # old conversations gone, the shared prefix kept
+    last, first = convs[-1][-1][1], convs[0][0][1]
+    assert t.matched(convs[-1], ["A", "B"]) == {"A": Match(last, last), "B": Match(first)}
+    assert t.matched(convs[0], ["B"]) == {"B": Match(first)}  # old conversations gone, the shared prefix kept
 
     # whatever the eviction left, a remaining extension is reachable: its parent is used more recently
     for keys in convs:
@@ -91,36 +94,46 @@ def test_forget_drops_a_replicas_entries():
     t.record(keys, "A")
     t.record(keys, "B")
     t.forget("A")
-    assert t.matched(keys, ["A", "B"]) == {"B": keys[-1][1]} and len(t) == 2
+    assert t.matched(keys, ["A", "B"]) == {"B": Match(keys[-1][1], keys[-1][1])} and len(t) == 2
     t.record(prefix_keys(chat("z")), "C")  # reuses A's slot: A's entries must not come back as C's
-    assert t.matched(keys, ["C"]) == {"C": keys[0][1]}
+    assert t.matched(keys, ["C"]) == {"C": Match(keys[0][1])}
 
 
 # -- the choice rule ---------------------------------------------------------------------------------------------------
-POLICY = AffinityPolicy(margin_tokens=1000, margin_ratio=0.5, min_match_tokens=16)
+POLICY = AffinityPolicy(margin_tokens=1000, margin_ratio=0.5, min_match_tokens=16, min_match_share=0.75)
+
+
+def turn(tokens: int) -> Match:
+    """A replica holding an earlier whole prompt of `tokens` that this one extends."""
+    return Match(tokens, tokens)
 
 
 def test_longest_prefix_wins_over_lighter_load():
-    p = prefer({"A": 900, "B": 0, "C": 50}, {"A": 400, "B": 100}, POLICY)
+    p = prefer({"A": 900, "B": 0, "C": 50}, {"A": turn(400), "B": turn(100)}, 500, POLICY)
     assert (p.replica, p.reason, p.matched_tokens) == ("A", "affinity", 400)
 
 
 def test_equal_prefixes_go_to_the_least_loaded_of_them():
-    assert prefer({"A": 300, "B": 100, "C": 0}, {"A": 400, "B": 400}, POLICY).replica == "B"
+    assert prefer({"A": 300, "B": 100, "C": 0}, {"A": turn(400), "B": turn(400)}, 500, POLICY).replica == "B"
 
 
 def test_overload_margin_falls_back_to_load():
-    assert prefer({"A": 1000, "B": 0}, {"A": 400}, POLICY).replica == "A"  # at the margin: still A
-    p = prefer({"A": 1001, "B": 0}, {"A": 400}, POLICY)
+    assert prefer({"A": 1000, "B": 0}, {"A": turn(400)}, 500, POLICY).replica == "A"  # at the margin: still A
+    p = prefer({"A": 1001, "B": 0}, {"A": turn(400)}, 500, POLICY)
     assert (p.replica, p.reason) == (None, "overloaded")
     # the margin grows with the load: 50% of the least-loaded replica's 4000 tokens
-    assert prefer({"A": 5900, "B": 4000}, {"A": 400}, POLICY).replica == "A"
-    assert prefer({"A": 6100, "B": 4000}, {"A": 400}, POLICY).replica is None
+    assert prefer({"A": 5900, "B": 4000}, {"A": turn(400)}, 500, POLICY).replica == "A"
+    assert prefer({"A": 6100, "B": 4000}, {"A": turn(400)}, 500, POLICY).replica is None
 
 
-def test_unknown_or_tiny_prefixes_fall_back_to_load():
-    assert prefer({"A": 0, "B": 0}, {}, POLICY).reason == "no_prefix"
-    assert prefer({"A": 0, "B": 0}, {"A": 15}, POLICY).reason == "no_prefix"  # less than a KV block
+def test_unknown_tiny_or_merely_shared_prefixes_fall_back_to_load():
+    idle = {"A": 0, "B": 0}
+    assert prefer(idle, {}, 500, POLICY).reason == "no_prefix"
+    assert prefer(idle, {"A": turn(15)}, 20, POLICY).reason == "no_prefix"  # less than a KV block
+    # a shared system prompt before a new first message: part of another prompt, under 75% of this one
+    assert prefer(idle, {"A": Match(370)}, 500, POLICY).reason == "no_prefix"
+    assert prefer(idle, {"A": Match(375)}, 500, POLICY).replica == "A"  # a long shared preamble counts
+    assert prefer(idle, {"A": Match(370), "B": turn(200)}, 500, POLICY).replica == "B"  # B had the earlier turn
 
 
 # -- the Serve router, with fake replicas ------------------------------------------------------------------------------
@@ -147,7 +160,8 @@ class Harness:
     async def send(self, replicas, prompt, max_tokens: int = 8, take: int = 0) -> str:
         """Route one request; Serve takes the `take`-th rank (1: the first was full). Returns the replica."""
         self.n += 1
-        job = Job(f"r{self.n}", [Choice(0, prompt, {"max_new_tokens": max_tokens})], work=100 + max_tokens)
+        work = prefix_keys(prompt)[-1][1] + max_tokens  # as cluster.protocol estimates it, near enough
+        job = Job(f"r{self.n}", [Choice(0, prompt, {"max_new_tokens": max_tokens})], work=work)
         pr = SimpleNamespace(args=[job], metadata=SimpleNamespace(internal_request_id=f"r{self.n}"))
         ranks = await self.router.choose_replicas(replicas, pr)
         chosen = ranks[take][0].replica_id
@@ -161,16 +175,17 @@ def _counts(deployment: str = "engine-t"):
     return pick(routed), pick(affinity), pick(by_load)
 
 
-def _conversations(h: Harness, reps, n: int, turns: int, system: bool) -> tuple[dict, int]:
+def _conversations(h: Harness, reps, n: int, turns: int, system: dict | None) -> tuple[dict, int]:
     """n conversations, interleaved turn by turn (nothing completes: the router's own charges are the load);
     returns (each conversation's last replica, how many turns after the first changed replica)."""
     async def go():
         homes, moved = {}, 0
         for turn in range(turns):
             for c in range(n):
-                msgs = [f"conversation {c}, question {i}: " + "why? " * 20 if i % 2 == 0 else "because"
+                msgs = [{"role": "user" if i % 2 == 0 else "assistant",
+                         "content": f"conversation {c}, question {i}: " + "why? " * 100 if i % 2 == 0 else "because"}
                         for i in range(2 * turn + 1)]
-                got = await h.send(reps, chat(*msgs) if system else chat(*msgs)[1:])
+                got = await h.send(reps, ([system] if system else []) + msgs)
                 moved += turn > 0 and got != homes[c]
                 homes[c] = got
         return homes, moved
@@ -180,7 +195,7 @@ def _conversations(h: Harness, reps, n: int, turns: int, system: bool) -> tuple[
 
 def test_router_keeps_each_conversation_on_its_replica():
     ROUTING.__init__()
-    homes, moved = _conversations(Harness(), [_replica("A"), _replica("B")], n=8, turns=4, system=False)
+    homes, moved = _conversations(Harness(), [_replica("A"), _replica("B")], n=8, turns=4, system=SYSTEM)
     assert moved == 0
     routed, affinity, by_load = _counts()
     assert sum(routed.values()) == 32 and sum(affinity.values()) == 24 and by_load == {"no_prefix": 8}
@@ -190,16 +205,19 @@ def test_router_keeps_each_conversation_on_its_replica():
     assert 'cluster_router_routed_requests_total{model="engine-t",replica="B"}' in text
 
 
-def test_a_shared_system_prompt_piles_new_conversations_only_up_to_the_margin():
-    """Only A holds the system prompt at first, so new conversations prefer it until A is past the margin; then B
-    gets one, holds it too, and from then on the tie goes to the less loaded: the split stays within the margin."""
+def test_a_long_shared_system_prompt_piles_new_conversations_only_up_to_the_margin():
+    """A system prompt that is most of a first turn (75%) counts as a prefix: only A holds it at first, so new
+    conversations prefer A until A is past the margin; then B gets one, holds it too, and from then on the tie goes
+    to the less loaded. (SYSTEM above is under 75% of a first turn: new conversations went by load alone.)"""
     ROUTING.__init__()
-    h = Harness(margin_tokens=300)  # each request is ~150 tokens of work here
-    homes, moved = _conversations(h, [_replica("A"), _replica("B")], n=12, turns=2, system=True)
+    h = Harness(margin_tokens=1000)  # each first turn is ~900 tokens of work here
+    homes, moved = _conversations(h, [_replica("A"), _replica("B")], n=12, turns=2,
+                                  system={"role": "system", "content": "Be brief. " * 300})
     assert moved == 0
-    on = sorted(list(homes.values()).count(r) for r in "AB")
-    assert on[0] >= 4, homes
-    assert abs(h.router._work["A"] - h.router._work["B"]) <= 300 + 2 * 160
+    assert sorted(list(homes.values()).count(r) for r in "AB")[0] >= 4, homes
+    assert abs(h.router._work["A"] - h.router._work["B"]) <= 1000 + 2 * 1000
+    _, _, by_load = _counts()
+    assert by_load.get("overloaded", 0) >= 1
 
 
 def test_router_falls_back_to_least_pending_and_moves_the_conversation():

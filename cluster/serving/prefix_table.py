@@ -5,10 +5,20 @@ costs one prefill, never a wrong answer."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Hashable, Iterable
 
 DEFAULT_MAX_ENTRIES = 100_000  # (key, replica) entries per model: ~11 MB (one Python int and an LRU link each)
 _SLOT_BITS = 16  # an entry is key << 16 | replica slot: one int, not a tuple (half the memory)
+
+
+@dataclass(frozen=True)
+class Match:
+    """What one replica holds of a prompt, in estimated tokens: its longest prefix, and the longest earlier prompt
+    sent there that this one extends or repeats (a conversation's previous turn, a retry; 0: none)."""
+
+    tokens: int
+    whole: int = 0
 
 
 class PrefixTable:
@@ -16,7 +26,7 @@ class PrefixTable:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self.max_entries = max_entries
-        self._lru: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._lru: OrderedDict[int, bool] = OrderedDict()  # oldest first; True: a prompt sent there ended here
         self._slots: dict[Hashable, int] = {}  # replica -> slot
         self._free: list[int] = []
         self.evicted = 0
@@ -36,28 +46,35 @@ class PrefixTable:
             self._slots[replica] = s
         return s
 
-    def matched(self, keys: list[tuple[int, int]], replicas: Iterable[Hashable]) -> dict[Hashable, int]:
-        """Per replica, the estimated tokens of the longest prefix of `keys` it holds (replicas with none left out).
-        The entries that matched become the most recently used."""
+    def matched(self, keys: list[tuple[int, int]], replicas: Iterable[Hashable]) -> dict[Hashable, Match]:
+        """Per replica, what it holds of the prompt of `keys` (replicas holding nothing left out). The entries that
+        matched become the most recently used."""
         out = {}
+        lru = self._lru
         for r in replicas:
             s = self._slot(r, create=False)
             if s is None:
                 continue
-            n = 0
-            while n < len(keys) and (keys[n][0] << _SLOT_BITS | s) in self._lru:
+            n, whole = 0, 0
+            while n < len(keys):
+                ended = lru.get(keys[n][0] << _SLOT_BITS | s)
+                if ended is None:
+                    break
                 n += 1
+                if ended:
+                    whole = keys[n - 1][1]
             if n:
-                out[r] = keys[n - 1][1]
+                out[r] = Match(keys[n - 1][1], whole)
                 self._touch([k for k, _ in keys[:n]], s)
         return out
 
     def record(self, keys: list[tuple[int, int]], replica: Hashable) -> None:
-        """`replica` now holds every prefix of `keys` (it was just sent the prompt)."""
+        """`replica` now holds every prefix of `keys` (it was just sent the prompt), and the whole of it."""
         s = self._slot(replica, create=True)
         if s is None or not keys:
             return
         self._touch([k for k, _ in keys], s)
+        self._lru[keys[-1][0] << _SLOT_BITS | s] = True
         while len(self._lru) > self.max_entries:
             self._lru.popitem(last=False)
             self.evicted += 1
@@ -71,7 +88,7 @@ class PrefixTable:
             if e in lru:
                 lru.move_to_end(e)
             else:
-                lru[e] = None
+                lru[e] = False
 
     def replicas(self) -> list[Hashable]:
         return list(self._slots)

@@ -152,7 +152,7 @@ def make_request_routers() -> dict[str, type]:
             keys = self._decided[rid][0] if rid in self._decided else prefix_keys(job.choices[0].prompt)
             by_id = {r.replica_id: r for r in candidate_replicas}
             loads = {i: self._load(r) for i, r in by_id.items()}
-            pref = prefer(loads, self._table.matched(keys, by_id), self._policy)
+            pref = prefer(loads, self._table.matched(keys, by_id), keys[-1][1] if keys else 0, self._policy)
             if pref.replica is None:
                 ranked = self._by_load(candidate_replicas)
             else:  # the rest by load, in case Serve finds the preferred one full
