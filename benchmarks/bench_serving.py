@@ -1,22 +1,40 @@
-"""Serving benchmark against a running OpenAI-compatible server: a concurrency sweep, streamed requests.
+"""Serving benchmark against a running OpenAI-compatible server: a concurrency sweep, or multi-turn chats.
 
     python benchmarks/bench_serving.py http://127.0.0.1:8000 [--concurrency 1,8,32,128] [--max-tokens 128]
         [--num-prompts N] [--prompt-tokens 256] [--api-key KEY] [--model ID] [--out results.json]
+    python benchmarks/bench_serving.py --workload multiturn --serve "--replicas 1" \
+        --serve "--replicas 2 --routing pending_work" --serve "--replicas 2" [--conversations 8] [--turns 4] ...
 
-At each concurrency level C, C clients send requests back to back (each waits for its previous response) until
-`num_prompts` requests are done. Per level: request throughput, output-token throughput, TTFT (time to the first
-streamed token) and TPOT (time per output token after the first) at p50/p99, end-to-end latency. Token counts are
-the server's own (`usage` in the last chunk). Prints a table to stderr and JSON to stdout (or --out).
+sweep: at each concurrency level C, C clients send requests back to back (each waits for its previous response)
+until `num_prompts` requests are done. Per level: request throughput, output-token throughput, TTFT (time to the
+first streamed token) and TPOT (time per output token after the first) at p50/p99, end-to-end latency.
+
+multiturn: `--conversations` chats at once, each `--turns` turns long: one shared system prompt
+(`--system-tokens`), a first user message of its own (`--first-tokens`), then short user turns (`--turn-tokens`),
+each sent with the whole history (the answers included) once the previous answer is in. TTFT p50/p99 over all
+turns and over turns 2+, throughput, the share of turn 2+ prompt tokens the engines found in their prefix cache
+(`usage.prompt_tokens_details.cached_tokens`), and how many conversations changed replica (X-Cluster-Replica).
+
+`--serve "ARGS"` (repeatable) starts `cluster serve ARGS` on a free port for each run, benchmarks it, stops it;
+without it the URL's server is used. Token counts are the server's own (`usage` in the last chunk). Prints a table
+to stderr and JSON to stdout (or --out).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import random
+import shlex
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
@@ -38,12 +56,13 @@ def pct(xs: list[float], p: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[dict], max_tokens: int,
                       chat: bool) -> dict:
+    """One streamed request; `prompt` may be a whole message list (chat)."""
     body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.0, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     if chat:
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         path = "/v1/chat/completions"
     else:
         body["prompt"] = prompt
@@ -52,11 +71,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     ttft = None
     usage = None
     err = None
+    text = ""
+    replica = None
     try:
         async with client.stream("POST", url + path, json=body) as r:
             if r.status_code != 200:
                 await r.aread()
                 return {"ok": False, "error": f"HTTP {r.status_code}: {r.text[:200]}"}
+            replica = r.headers.get("x-cluster-replica")
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -68,6 +90,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
                     if piece and ttft is None:
                         ttft = time.perf_counter() - t0
+                    text += piece or ""
                 usage = ch.get("usage") or usage
     except httpx.HTTPError as e:
         err = f"{type(e).__name__}: {e}"
@@ -76,7 +99,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
         return {"ok": False, "error": err or "no usage in the stream"}
     n = usage["completion_tokens"]
     return {"ok": True, "ttft": ttft if ttft is not None else e2e, "e2e": e2e, "out": n, "in": usage["prompt_tokens"],
-            "tpot": (e2e - (ttft or e2e)) / (n - 1) if n > 1 else None}
+            "tpot": (e2e - (ttft or e2e)) / (n - 1) if n > 1 else None, "text": text, "replica": replica,
+            "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0}
 
 
 async def run_level(url: str, model: str, conc: int, prompts: list[str], args) -> dict:
@@ -113,6 +137,92 @@ async def run_level(url: str, model: str, conc: int, prompts: list[str], args) -
     }
 
 
+# -- multi-turn chats ---------------------------------------------------------------------------------------------
+def make_conversations(rng: random.Random, args) -> tuple[str, list[list[str]]]:
+    """(shared system prompt, each conversation's user messages): its own first message, then short turns."""
+    system = "You are a careful assistant. Keep these facts in mind: " + make_prompt(rng, args.system_tokens)
+    convs = [[f"Conversation {i}. " + make_prompt(rng, args.first_tokens)] +
+             [f"Turn {t}: " + make_prompt(rng, args.turn_tokens) for t in range(1, args.turns)]
+             for i in range(args.conversations)]
+    return system, convs
+
+
+async def run_multiturn(url: str, model: str, args) -> dict:
+    """Every conversation at once; each turn waits for the previous answer and sends the whole history."""
+    system, convs = make_conversations(random.Random(args.seed), args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=len(convs) + 8, max_keepalive_connections=len(convs) + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), headers=headers, limits=limits) as client:
+        async def conversation(users: list[str]) -> list[dict]:
+            msgs, out = [{"role": "system", "content": system}], []
+            for turn, user in enumerate(users):
+                msgs.append({"role": "user", "content": user})
+                r = await one_request(client, url, model, msgs, args.max_tokens, chat=True)
+                out.append({**r, "turn": turn})
+                if not r["ok"]:
+                    break
+                msgs.append({"role": "assistant", "content": r["text"]})
+            return out
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[conversation(u) for u in convs])
+        wall = time.perf_counter() - t0
+    flat = [r for conv in results for r in conv]
+    ok = [r for r in flat if r["ok"]]
+    later = [r for r in ok if r["turn"] > 0]
+    homes = [conv[0].get("replica") for conv in results if conv and conv[0]["ok"]]
+    out_tokens = sum(r["out"] for r in ok)
+    return {
+        "conversations": len(convs), "turns": args.turns, "requests": len(flat), "completed": len(ok),
+        "failed": len(flat) - len(ok), "errors": sorted({r["error"] for r in flat if not r["ok"]})[:5],
+        "duration_s": wall, "request_throughput": len(ok) / wall, "output_token_throughput": out_tokens / wall,
+        "total_token_throughput": (out_tokens + sum(r["in"] for r in ok)) / wall,
+        "mean_input_tokens": statistics.mean(r["in"] for r in ok) if ok else None,
+        "ttft_p50_s": pct([r["ttft"] for r in ok], 50), "ttft_p99_s": pct([r["ttft"] for r in ok], 99),
+        "ttft_later_p50_s": pct([r["ttft"] for r in later], 50),
+        "ttft_later_p99_s": pct([r["ttft"] for r in later], 99),
+        "tpot_p50_s": pct([r["tpot"] for r in ok if r["tpot"] is not None], 50),
+        "later_cached_share": sum(r["cached"] for r in later) / max(1, sum(r["in"] for r in later)),
+        "conversations_moved": sum(len({r.get("replica") for r in conv if r["ok"]}) > 1 for conv in results),
+        "conversations_per_replica": sorted((homes.count(h) for h in set(homes)), reverse=True),
+    }
+
+
+# -- servers started for a run ---------------------------------------------------------------------------------------
+class Launched:
+    """`cluster serve ARGS` on a free port (its own local Ray cluster), until stop()."""
+
+    def __init__(self, serve_args: str, api_key: str | None, log_dir: Path):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log_dir / f"serve-{port}.log"
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", *shlex.split(serve_args), "--port", str(port)]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                         cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.time() + 600
+        while "serving on" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"cluster serve {serve_args} did not start; see {self.log}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
 def _fmt(v, scale=1.0, digits=1):
     return "-" if v is None else f"{v * scale:.{digits}f}"
 
@@ -127,7 +237,17 @@ async def main_async(args) -> dict:
         r.raise_for_status()
         model = args.model or r.json()["data"][0]["id"]
         # warm-up (first requests pay one-time costs)
-        await one_request(c, url, model, "Hello", 4, args.chat)
+        await one_request(c, url, model, "Hello", 4, args.chat or args.workload == "multiturn")
+    if args.workload == "multiturn":
+        res = await run_multiturn(url, model, args)
+        print(f"{args.label or url}: {res['completed']}/{res['requests']} ok  {res['output_token_throughput']:.1f} "
+              f"tok/s  TTFT p50 {_fmt(res['ttft_p50_s'], 1e3, 0)} p99 {_fmt(res['ttft_p99_s'], 1e3, 0)} ms  "
+              f"turns 2+ TTFT p50 {_fmt(res['ttft_later_p50_s'], 1e3, 0)} p99 {_fmt(res['ttft_later_p99_s'], 1e3, 0)}"
+              f" ms  cached {res['later_cached_share']:.0%}  moved {res['conversations_moved']}  split "
+              f"{res['conversations_per_replica']}", file=sys.stderr, flush=True)
+        return {"url": url, "model": model, "workload": "multiturn", "label": args.label,
+                "max_tokens": args.max_tokens, "system_tokens": args.system_tokens, "first_tokens": args.first_tokens,
+                "turn_tokens": args.turn_tokens, **res}
     rng = random.Random(args.seed)
     levels = []
     for conc in args.concurrency:
@@ -142,6 +262,18 @@ async def main_async(args) -> dict:
               f"p99 {_fmt(res['tpot_p99_s'], 1e3)} ms", file=sys.stderr, flush=True)
     return {"url": url, "model": model, "endpoint": "chat" if args.chat else "completions",
             "max_tokens": args.max_tokens, "prompt_tokens_approx": args.prompt_tokens, "levels": levels}
+
+
+def multiturn_table(runs: list[dict]) -> str:
+    """The runs as a markdown table (docs/benchmarks.md)."""
+    rows = ["| server | output tok/s | TTFT p50 / p99 (ms) | turns 2+ TTFT p50 / p99 (ms) | turns 2+ cached | "
+            "moved | conversations per replica |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        rows.append(f"| `{r['label']}` | {r['output_token_throughput']:.1f} | {_fmt(r['ttft_p50_s'], 1e3, 0)} / "
+                    f"{_fmt(r['ttft_p99_s'], 1e3, 0)} | {_fmt(r['ttft_later_p50_s'], 1e3, 0)} / "
+                    f"{_fmt(r['ttft_later_p99_s'], 1e3, 0)} | {r['later_cached_share']:.0%} | "
+                    f"{r['conversations_moved']}/{r['conversations']} | {r['conversations_per_replica']} |")
+    return "\n".join(rows)
 
 
 def offline_baseline(result: dict, args) -> None:
@@ -166,12 +298,20 @@ def offline_baseline(result: dict, args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("url")
+    p.add_argument("url", nargs="?", default=None, help="the server (not with --serve)")
+    p.add_argument("--workload", choices=["sweep", "multiturn"], default="sweep")
+    p.add_argument("--serve", action="append", default=None, metavar="ARGS",
+                   help="start `cluster serve ARGS` for a run, then stop it (repeat: one run each)")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
     p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: max(2C, 16))")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=256, help="approximate prompt length")
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions (default: /v1/completions)")
+    p.add_argument("--conversations", type=int, default=8, help="multiturn: chats at once")
+    p.add_argument("--turns", type=int, default=4, help="multiturn: turns per chat")
+    p.add_argument("--system-tokens", type=int, default=200, help="multiturn: shared system prompt length")
+    p.add_argument("--first-tokens", type=int, default=200, help="multiturn: each chat's first message length")
+    p.add_argument("--turn-tokens", type=int, default=16, help="multiturn: each later user message's length")
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--timeout", type=float, default=600)
@@ -181,18 +321,36 @@ def main(argv=None) -> int:
                    help="afterwards, run the same prompts through the engine in this process (no Ray, no HTTP; "
                         "at most C sequences at once) and report serving / offline throughput per level")
     args = p.parse_args(argv)
-    result = asyncio.run(main_async(args))
-    if args.offline_baseline:
-        offline_baseline(result, args)
-    for lv in result["levels"]:
-        lv.pop("prompts", None)
-    text = json.dumps(result, indent=2)
+    if (args.url is None) == (not args.serve):
+        p.error("give a server URL or --serve ARGS (not both)")
+    args.label = None
+    runs = []
+    if args.serve:
+        log_dir = Path(tempfile.mkdtemp(prefix="bench_serving-"))
+        for serve_args in args.serve:
+            srv = Launched(serve_args, args.api_key, log_dir)
+            try:
+                args.url, args.label = srv.url, serve_args
+                runs.append(asyncio.run(main_async(args)))
+            finally:
+                srv.stop()
+    else:
+        runs.append(asyncio.run(main_async(args)))
+    for result in runs:
+        if args.offline_baseline and args.workload == "sweep":
+            offline_baseline(result, args)
+        for lv in result.get("levels", []):
+            lv.pop("prompts", None)
+    if args.workload == "multiturn":
+        print(multiturn_table(runs), file=sys.stderr)
+    text = json.dumps(runs if args.serve else runs[0], indent=2)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
-    return 0 if all(lv["failed"] == 0 for lv in result["levels"]) else 1
+    failed = [r.get("failed", 0) for r in runs] + [lv["failed"] for r in runs for lv in r.get("levels", [])]
+    return 0 if not any(failed) else 1
 
 
 if __name__ == "__main__":
