@@ -36,6 +36,12 @@ def add_serve_args(subparsers) -> None:
                    "whose Serve already runs: where it listens)")
     p.add_argument("--port", type=int, default=None, help=f"(default: {DEFAULT_PORT}, or as --host says)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (data parallelism)")
+    p.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscale between --min-replicas and --max-replicas (Serve's autoscaling_config; default "
+                        "min 1 when only --max-replicas is given)")
+    p.add_argument("--max-replicas", type=int, default=None, help="see --min-replicas")
+    p.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling: requests in flight per replica Serve aims at (default: 64)")
     p.add_argument("--routing", choices=["cache_aware", "pending_work", "serve_default"], default="cache_aware",
                    help="replica choice: the replica holding the longest prefix of the prompt unless it is "
                         "overloaded (cache_aware), least pending work of two (pending_work), or Serve's own")
@@ -97,12 +103,14 @@ def _serve_args(args: argparse.Namespace, local: bool):
         check_model(model)
     else:  # a joined cluster's nodes may have paths this machine has not
         print(f"note: {model} is not on this machine; the Ray cluster's nodes must have it", file=sys.stderr)
+    auto = _autoscaling(args)
+    most = auto["max_replicas"] if auto else args.replicas
     cpus = args.cpus_per_worker
     if cpus is None:
         on_cpu = ec.device == "cpu" or not _has_gpu()
-        cpus = max(1, (os.cpu_count() or 1) // max(1, args.replicas * ec.tp)) if (local and on_cpu) else 1
+        cpus = max(1, (os.cpu_count() or 1) // max(1, most * ec.tp)) if (local and on_cpu) else 1
     spec = {"model": model, "name": args.model_name, "replicas": args.replicas, "routing": args.routing,
-            "affinity_margin_tokens": args.affinity_margin,
+            "affinity_margin_tokens": args.affinity_margin, "autoscaling_config": auto,
             "engine": ec.model_dump(exclude_defaults=True), "cpus_per_worker": float(cpus),
             "max_waiting": args.max_waiting, "max_queued_requests": args.max_queued_requests}
     spec = {k: v for k, v in spec.items() if v is not None}
@@ -113,6 +121,22 @@ def _serve_args(args: argparse.Namespace, local: bool):
     a = ServeArgs(models=[spec], api_key=args.api_key or os.environ.get("CLUSTER_API_KEY"), **extra)
     a.specs()  # fail here, with a clear message, not inside a replica
     return a
+
+
+def _autoscaling(args: argparse.Namespace) -> dict | None:
+    """ModelSpec.autoscaling_config of --min/--max-replicas and --target-ongoing-requests; None: fixed replicas."""
+    if args.min_replicas is None and args.max_replicas is None:
+        if args.target_ongoing_requests is not None:
+            raise ValueError("--target-ongoing-requests needs --max-replicas (and optionally --min-replicas)")
+        return None
+    if args.replicas != 1:
+        raise ValueError("--replicas and --min/--max-replicas are both set: drop --replicas (Serve starts at "
+                         "--min-replicas)")
+    lo = 1 if args.min_replicas is None else args.min_replicas
+    auto = {"min_replicas": lo, "max_replicas": max(lo, 1) if args.max_replicas is None else args.max_replicas}
+    if args.target_ongoing_requests is not None:
+        auto["target_ongoing_requests"] = args.target_ongoing_requests
+    return auto
 
 
 def _has_gpu() -> bool:
@@ -234,9 +258,12 @@ def serve_main(args: argparse.Namespace) -> int:
         check_ray_access(address)  # before `import ray`: it may turn on token auth, which Ray reads at import
 
     spec = a.specs()[0]
-    what = (f"application '{args.app_name}': {spec.replicas} replica(s) of {spec.model or 'the embedded model'}"
+    auto = spec.autoscaling_config
+    count = f"{auto.min_replicas}..{auto.max_replicas}" if auto else str(spec.replicas)
+    what = (f"application '{args.app_name}': {count} replica(s) of {spec.model or 'the embedded model'}"
             f" (tp {spec.engine.get('tp', 1)})")
-    need = int(spec.cpus_per_worker * spec.replicas * int(spec.engine.get("tp", 1)) + 0.999)
+    most = auto.max_replicas if auto else spec.replicas
+    need = int(spec.cpus_per_worker * most * int(spec.engine.get("tp", 1)) + 0.999)
     num_cpus = max(args.num_cpus or os.cpu_count() or 1, need)
     print(f"joining the Ray cluster at {address} for {what}" if address else
           f"starting a local Ray cluster ({num_cpus} CPUs) for {what}", flush=True)
