@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-SEEDS = {"qwen3": 11, "qwen3_moe": 12, "phi3": 13, "phi3_longrope": 14, "gemma": 15}
+SEEDS = {"qwen3": 11, "qwen3_moe": 12, "phi3": 13, "phi3_longrope": 14, "gemma": 15, "glm": 16, "glm4": 17,
+         "qwen_v1": 18, "baichuan": 19, "baichuan2": 20, "chatglm": 21, "deepseek_moe": 22}
 KINDS = tuple(SEEDS)
+BAICHUAN2_VOCAB = 125696  # what tells Baichuan2 (normalized LM head) from Baichuan
 
 
 def _randomize(model, names: tuple[str, ...], std: float) -> None:
@@ -41,6 +43,18 @@ def _config(kind: str):
                              rope_scaling=rope, pad_token_id=0)
     if kind == "gemma":  # head_dim 32 apart from hidden / heads, one KV head, tied embeddings
         return tf.GemmaConfig(**{**TINY, "num_key_value_heads": 1}, head_dim=32)
+    if kind in ("glm", "chatglm"):  # rotary on half of each head, interleaved pairs; a qkv bias
+        return tf.GlmConfig(**TINY, head_dim=16, rope_theta=50000.0, attention_bias=True, pad_token_id=0)
+    if kind == "glm4":  # + sandwich norms
+        return tf.Glm4Config(**TINY, head_dim=16, attention_bias=True, pad_token_id=0)
+    if kind == "qwen_v1":  # the native model behind the QWen v1 layout: MHA, untied, qkv bias
+        return tf.Qwen2Config(**{**TINY, "num_key_value_heads": 4}, tie_word_embeddings=False)
+    if kind in ("baichuan", "baichuan2"):  # MHA Llama
+        vocab = BAICHUAN2_VOCAB if kind == "baichuan2" else TINY["vocab_size"]
+        return tf.LlamaConfig(**{**TINY, "num_key_value_heads": 4, "vocab_size": vocab})
+    if kind == "deepseek_moe":  # Qwen2-MoE: layer 0 dense, layer 1 experts + a shared expert of two experts' width
+        return tf.Qwen2MoeConfig(**TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=64, mlp_only_layers=[0], qkv_bias=False)
     raise ValueError(kind)
 
 
@@ -54,5 +68,40 @@ def build_family(kind: str, tokenizer_dir: Path, out: Path):
     model = tf.AutoModelForCausalLM.from_config(_config(kind)).eval()
     _randomize(model, ("norm.weight", "layernorm.weight"), 0.3 if kind == "gemma" else 0.1)
     _randomize(model, ("proj.bias",), 0.5)
+    if kind in REMOTE:
+        return _remote(kind, model, tokenizer_dir, out), model
     _save(model, tokenizer_dir, out)
     return out, model
+
+
+REMOTE = ("qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe")
+QWEN_V1_GENERATION = {"eos_token_id": 2, "stop_words_ids": [[3]], "chat_format": "chatml"}
+
+
+def _remote(kind: str, model, tokenizer_dir: Path, out: Path) -> Path:
+    """The native model's weights in the remote-code family's layout (tests/family_layouts.py)."""
+    import family_layouts as fl
+
+    cfg = model.config
+    with torch.no_grad():
+        if kind == "baichuan2":  # the reference uses unit rows; the checkpoint stores them at any length
+            model.lm_head.weight.copy_(torch.nn.functional.normalize(model.lm_head.weight, dim=-1))
+        if kind == "deepseek_moe":  # sigmoid(0) = 1/2 exactly: an ungated shared expert at half its output
+            for layer in model.model.layers:
+                gate = getattr(layer.mlp, "shared_expert_gate", None)
+                if gate is not None:
+                    gate.weight.zero_()
+    sd = fl.native_tensors(model, out.with_name(out.name + "-native"))
+    generation = None
+    if kind == "qwen_v1":
+        tensors, config = fl.qwen_v1(sd, cfg)
+        generation = QWEN_V1_GENERATION
+    elif kind == "baichuan":
+        tensors, config = fl.baichuan(sd, cfg)
+    elif kind == "baichuan2":
+        tensors, config = fl.baichuan(sd, cfg, torch.rand(cfg.vocab_size) * 1.5 + 0.5)
+    elif kind == "chatglm":
+        tensors, config = fl.chatglm(sd, cfg, rope_ratio=5.0)
+    else:
+        tensors, config = fl.deepseek_moe(sd, cfg)
+    return fl.write_checkpoint(out, tensors, config, tokenizer_dir, generation)

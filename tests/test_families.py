@@ -1,6 +1,8 @@
 """Model families beyond Llama (cluster/convert/families.py): token-exact greedy parity with transformers `generate`
-(fp32, CPU) at tp=1 and tp=2 over gloo, on tiny random-weight checkpoints of each family (tests/family_models.py);
-what conversion decides per family (padded heads, capped contexts); and the one-line refusals."""
+(fp32, CPU) at tp=1 and tp=2 over gloo, on tiny random-weight checkpoints of each family (tests/family_models.py).
+Families that ship remote code are checked on a native model's weights rewritten into their layout
+(tests/family_layouts.py): the same function, so transformers' tokens on the native model. Also what conversion
+decides per family (padded heads, capped contexts, stop tokens, the chat template) and the one-line refusals."""
 from __future__ import annotations
 
 import json
@@ -13,8 +15,10 @@ from cluster.engine.engine import LLMEngine
 from conftest import hf_greedy
 from test_tp import GREEDY, PROMPTS, _ec, tp_pipeline
 
-TP1 = ["qwen3", "qwen3_moe", "phi3", "phi3_longrope", "gemma"]
-TP2 = ["qwen3", "qwen3_moe", "phi3", "gemma"]
+NATIVE = ["qwen3", "qwen3_moe", "phi3", "phi3_longrope", "gemma", "glm", "glm4"]
+REMOTE = ["qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe"]
+TP1 = NATIVE + REMOTE
+TP2 = ["qwen3", "qwen3_moe", "phi3", "gemma", "glm4", "qwen_v1", "baichuan", "chatglm", "deepseek_moe"]
 
 
 def _want(hf_model, ids: list[list[int]]) -> list[list[int]]:
@@ -32,8 +36,9 @@ def test_greedy_matches_transformers(kind, tiny_models, engine_cache):
 
 @pytest.mark.parametrize("kind", TP2)
 def test_tp2_matches_transformers(kind, tiny_models, engine_cache):
-    """Fused qkv / gate-up (Phi-3) split per rank, per-head q/k norms (Qwen3) and a single KV head (Gemma) replicated,
-    experts sliced along their FFN width (Qwen3-MoE)."""
+    """Fused qkv / gate-up (Phi-3, QWen, Baichuan, ChatGLM) split per rank, per-head q/k norms (Qwen3) and a single
+    KV head (Gemma) replicated, experts and shared experts sliced along their FFN width (Qwen3-MoE, DeepSeek-MoE),
+    permuted half-head rotary (GLM-4, ChatGLM) per rank's heads."""
     path, hf_model = tiny_models(kind)
     with tp_pipeline(str(path), _ec(engine_cache, 2)) as pipe:
         ids = [pipe.tokenizer.encode(p) for p in PROMPTS]
@@ -54,9 +59,52 @@ def test_conversion_decisions(tiny_models):
     assert gemma.tie_word_embeddings and gemma.hidden_act == "gelu_tanh" and gemma.embed_scale == 8.0
     moe = _cfg(tiny_models, "qwen3_moe")
     assert moe.qk_norm and moe.norm_topk_prob and moe.sparse_layers == [0] and moe.num_experts == 4
+    glm = _cfg(tiny_models, "chatglm")
+    assert (glm.rotary_dim, glm.rope_interleaved, glm.num_kv_heads, glm.attention_bias) == (8, True, 2, True)
+    assert _cfg(tiny_models, "glm4").sandwich_norms
+    ds = _cfg(tiny_models, "deepseek_moe")
+    assert (ds.sparse_layers, ds.shared_expert_intermediate_size, ds.shared_expert_gate) == ([1], 64, False)
+    qwen = _cfg(tiny_models, "qwen_v1")
+    assert (qwen.intermediate_size, qwen.max_position_embeddings) == (128, 256)  # w1/w2 halves; seq_length
+
+
+def test_stop_tokens_and_chat_template_come_from_the_checkpoint(tiny_models, engine_cache):
+    """QWen v1's generation_config (eos_token_id and single-token stop_words_ids) are stop tokens, and prompts from
+    messages go through the checkpoint tokenizer's chat template."""
+    from transformers import AutoTokenizer
+
+    from family_models import QWEN_V1_GENERATION
+
+    path, _ = tiny_models("qwen_v1")
+    engine = LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32"))
+    stops = engine.runner.cfg.eos_token_ids
+    assert {QWEN_V1_GENERATION["eos_token_id"], QWEN_V1_GENERATION["stop_words_ids"][0][0]} <= set(stops)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    want = AutoTokenizer.from_pretrained(str(path)).apply_chat_template(msgs, add_generation_prompt=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert engine.tokenizer.prompt_ids(msgs) == list(want)
+
+
+def test_remote_code_tokenizer_is_refused_with_the_way_out(tiny_models, engine_cache, tmp_path):
+    import shutil
+
+    from cluster.convert.cache import ensure_converted
+
+    path, _ = tiny_models("qwen_v1")
+    src = tmp_path / "qwen_remote_tokenizer"
+    shutil.copytree(path, src, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json", "vocab.json",
+                                                             "merges.txt", "chat_template*"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "QWenTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}))
+    with pytest.raises(ValueError, match=r"does not load without remote code.*Qwen1\.5's tokenizer files") as err:
+        ensure_converted(str(src), 1, "float32", engine_cache, progress=False)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("hf, message", [
+    ({"model_type": "baichuan", "hidden_size": 5120, "num_attention_heads": 40, "model_max_length": 4096},
+     r"^Baichuan/Baichuan2-13B use ALiBi position biases.*supported: Baichuan-7B and Baichuan2-7B"),
+    ({"model_type": "chatglm", "position_encoding_2d": True}, r"^ChatGLM-6B \(v1: 2D positions"),
     ({"model_type": "bert"}, r"^model type 'bert' is not supported; supported: .*gemma.*qwen3_moe"),
     ({"model_type": "gemma2"}, r"^model type 'gemma2' is not supported: it needs attention-logit soft-capping"),
     ({"model_type": "gemma3_text"}, r"^model type 'gemma3_text' is not supported: it needs sliding-window"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
+
 from cluster.convert.family import Experts, Family, Tensors
 from cluster.convert.rope import rope_type
 
@@ -15,6 +17,8 @@ LLAMA_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn
 
 
 QK_NORM_LAYER = {**LLAMA_LAYER, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+GLM_LAYER = {**{k: v for k, v in LLAMA_LAYER.items() if k not in ("gate", "up")}, "gate_up": "mlp.gate_up_proj"}
+BAICHUAN2_VOCAB = 125696
 
 
 def _llama_bias(view: dict) -> dict:
@@ -57,6 +61,68 @@ def _gemma(view: dict) -> dict:
             "tie_word_embeddings": bool(view.get("tie_word_embeddings", True))}
 
 
+def _qwen_v1(view: dict) -> dict:
+    """QWen (v1): c_attn always has a bias; w1 / w2 are each half of intermediate_size; past seq_length its dynamic
+    NTK and log-n attention change the model, so the context stops there."""
+    if not view.get("no_bias", True):
+        raise ValueError("QWen with no_bias: false (biases on c_proj and the MLP) is not supported")
+    long = view.get("use_dynamic_ntk") or view.get("use_logn_attn")
+    seq = view.get("seq_length") or view.get("max_position_embeddings", 2048)
+    return {"attention_bias": True, "intermediate_size": view["intermediate_size"] // 2,
+            "num_kv_heads": view["num_attention_heads"],
+            "max_position_embeddings": seq if long else view.get("max_position_embeddings") or seq}
+
+
+def _baichuan(view: dict) -> dict:
+    if not view.get("max_position_embeddings"):  # the 13B configs name only model_max_length: their ALiBi length
+        raise ValueError("Baichuan/Baichuan2-13B use ALiBi position biases, which the paged attention kernels do not "
+                         "add; supported: Baichuan-7B and Baichuan2-7B (rotary)")
+    return {}
+
+
+def _baichuan2_head(t: Tensors, cfg) -> None:
+    """Baichuan2's NormHead divides each LM-head row by its L2 norm at run time; done once here. Baichuan2 is told
+    from Baichuan by its vocabulary (125696), as its configs say nothing else."""
+    if cfg.vocab_size == BAICHUAN2_VOCAB and "head" in t:
+        t["head"] = F.normalize(t["head"].float(), dim=-1)
+
+
+def _chatglm(view: dict) -> dict:
+    """ChatGLM2/3: RMSNorm, multi-query groups, a qkv bias, and rotary on the first half of each head in
+    interleaved pairs with base 10000 * rope_ratio."""
+    if view.get("position_encoding_2d") or "kv_channels" not in view:
+        raise ValueError("ChatGLM-6B (v1: 2D positions, GLM blocks) is not supported; supported: ChatGLM2-6B, "
+                         "ChatGLM3-6B (and GLM-4-9B as model type 'glm')")
+    want = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
+            "apply_residual_connection_post_layernorm": False}
+    other = {k: view[k] for k, v in want.items() if k in view and bool(view[k]) != v}
+    if other:
+        raise ValueError(f"ChatGLM with {other} is not supported; supported: the ChatGLM2/3 layout ({want})")
+    heads = view["num_attention_heads"]
+    return {"attention_bias": bool(view.get("add_qkv_bias", True)),
+            "num_kv_heads": view.get("multi_query_group_num", heads) if view.get("multi_query_attention") else heads,
+            "rotary_dim": view["kv_channels"] // 2, "rope_interleaved": True}
+
+
+def _chatglm_view(view: dict) -> None:
+    view["rope_theta"] = 10000.0 * float(view.get("rope_ratio", 1.0))
+
+
+def _deepseek(view: dict) -> dict:
+    """DeepSeek-MoE (v1): experts from layer first_k_dense_replace on, every moe_layer_freq; the n_shared_experts
+    always-on experts run as one MLP of their summed width, ungated."""
+    if view.get("scoring_func", "softmax") != "softmax":
+        raise ValueError(f"DeepSeek-MoE scoring_func {view['scoring_func']!r} is not supported; supported: softmax")
+    layers, n = view["num_hidden_layers"], view.get("n_routed_experts")
+    first, freq = view.get("first_k_dense_replace", 0), view.get("moe_layer_freq", 1) or 1
+    sparse = [i for i in range(layers) if n and i >= first and i % freq == 0]
+    return dict(num_experts=n if sparse else 0, num_experts_per_tok=view.get("num_experts_per_tok", 0),
+                moe_intermediate_size=view["moe_intermediate_size"],
+                norm_topk_prob=bool(view.get("norm_topk_prob", False) and view.get("num_experts_per_tok", 1) > 1),
+                shared_expert_intermediate_size=view["moe_intermediate_size"] * (view.get("n_shared_experts") or 0),
+                shared_expert_gate=False, sparse_layers=sparse, **_llama_bias(view))
+
+
 def _plus_one(t: Tensors, keys: tuple[str, ...]) -> None:
     """Gemma's RMSNorm scales by (1 + weight): folded into the weight once, here."""
     for k in keys:
@@ -77,6 +143,43 @@ FAMILIES: tuple[Family, ...] = (
            config_hook=_phi3),
     Family("Gemma", ("gemma",), LLAMA_LAYER, config_hook=_gemma,
            layer_hook=lambda t, cfg, i: _plus_one(t, ("ln1", "ln2")), model_hook=lambda t, cfg: _plus_one(t, ("norm",))),
+    Family("GLM", ("glm",), GLM_LAYER, fields={"rope_interleaved": True},
+           config_hook=lambda v: {"attention_bias": bool(v.get("attention_bias", True))}),
+    Family("GLM-4-0414", ("glm4",),
+           {**GLM_LAYER, "post_ln1": "post_self_attn_layernorm", "post_ln2": "post_mlp_layernorm"},
+           fields={"rope_interleaved": True, "sandwich_norms": True},
+           config_hook=lambda v: {"attention_bias": bool(v.get("attention_bias", True))}),
+    # Checkpoints that ship remote code: their published tensor names and config keys.
+    Family("QWen", ("qwen",),
+           {"qkv": "attn.c_attn", "o": "attn.c_proj", "gate": "mlp.w2", "up": "mlp.w1", "down": "mlp.c_proj",
+            "ln1": "ln_1", "ln2": "ln_2"},
+           prefix="transformer.h.{i}.", embed="transformer.wte", norm="transformer.ln_f",
+           keys={"hidden_size": ("hidden_size", "n_embd"), "num_attention_heads": ("num_attention_heads", "n_head"),
+                 "num_hidden_layers": ("num_hidden_layers", "n_layer"),
+                 "intermediate_size": ("intermediate_size", "ffn_hidden_size"), "head_dim": "kv_channels",
+                 "rms_norm_eps": "layer_norm_epsilon", "rope_theta": "rotary_emb_base",
+                 "partial_rotary_factor": "rotary_pct"},
+           config_hook=_qwen_v1,
+           tokenizer_hint="QWen's tiktoken tokenizer is remote code; Qwen1.5's tokenizer files (tokenizer.json, "
+                          "tokenizer_config.json) have the same vocabulary and ids and the ChatML template"),
+    Family("Baichuan", ("baichuan",),
+           {"qkv": "self_attn.W_pack", **{k: v for k, v in LLAMA_LAYER.items() if k not in ("q", "k", "v")}},
+           config_hook=_baichuan, model_hook=_baichuan2_head,
+           tokenizer_hint="Baichuan's sentencepiece tokenizer is remote code; a tokenizer.json made from its "
+                          "tokenizer.model (transformers' LlamaTokenizerFast) is read"),
+    Family("ChatGLM2/3", ("chatglm",),
+           {"qkv": "self_attention.query_key_value", "o": "self_attention.dense", "gate_up": "mlp.dense_h_to_4h",
+            "down": "mlp.dense_4h_to_h", "ln1": "input_layernorm", "ln2": "post_attention_layernorm"},
+           prefix="transformer.encoder.layers.{i}.", embed="transformer.embedding.word_embeddings",
+           norm="transformer.encoder.final_layernorm", head="transformer.output_layer",
+           keys={"num_hidden_layers": "num_layers", "intermediate_size": "ffn_hidden_size", "head_dim": "kv_channels",
+                 "rms_norm_eps": "layernorm_epsilon", "max_position_embeddings": "seq_length",
+                 "vocab_size": ("padded_vocab_size", "vocab_size")},
+           view_hook=_chatglm_view, config_hook=_chatglm,
+           tokenizer_hint="ChatGLM's sentencepiece tokenizer is remote code; GLM-4-9B-chat-hf's is not, but its "
+                          "vocabulary differs: put a transformers tokenizer of this vocabulary beside the weights"),
+    Family("DeepSeek-MoE", ("deepseek",), LLAMA_LAYER, keys={"num_experts": "n_routed_experts"},
+           config_hook=_deepseek, experts=Experts(shared="shared_experts.")),
     Family("InternLM2", ("internlm2",),
            {"qkv_grouped": "attention.wqkv", "o": "attention.wo", "gate": "feed_forward.w1",
             "up": "feed_forward.w3", "down": "feed_forward.w2", "ln1": "attention_norm", "ln2": "ffn_norm"},

@@ -57,9 +57,11 @@ class Family:
     keys: dict[str, str | tuple[str, ...]] = field(default_factory=dict)  # Llama config key -> this family's
     fields: dict = field(default_factory=dict)  # ModelConfig fields every checkpoint of the family has
     experts: Experts | None = None
+    view_hook: Callable[[dict], None] | None = None  # the Llama-keyed view, in place: values no key copies
     config_hook: Callable[[dict], dict] | None = None  # the Llama-keyed view -> more ModelConfig fields (or refuse)
     layer_hook: Callable[[Tensors, ModelConfig, int], None] | None = None  # in place, after reading a layer
     model_hook: Callable[[Tensors, ModelConfig], None] | None = None  # in place, on embed / head / norm
+    tokenizer_hint: str = ""  # what to do when the checkpoint's tokenizer is remote code
 
 
 def config_view(fam: Family, hf: dict) -> dict:
@@ -72,6 +74,8 @@ def config_view(fam: Family, hf: dict) -> dict:
             if k in hf and hf[k] is not None:
                 view[ours] = hf[k]
                 break
+    if fam.view_hook:
+        fam.view_hook(view)
     view["_family"] = fam.name
     return view
 

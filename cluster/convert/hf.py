@@ -77,6 +77,7 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None 
     (convert/quant.py)."""
     fam = family_for(hf.get("model_type", ""))
     view = config_view(fam, hf)
+    extra = {**fam.fields, **(fam.config_hook(view) if fam.config_hook else {})}  # refusals before anything else
     heads = view["num_attention_heads"]
     eos = view.get("eos_token_id")
     fields = dict(
@@ -100,9 +101,7 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None 
         hf_model_type=view.get("model_type", ""),
         quant=resolve_quant(view, quant),
     )
-    fields.update(fam.fields)
-    if fam.config_hook:
-        fields.update(fam.config_hook(view))
+    fields.update(extra)
     fields.update(_head_fields(view, fields, fam.name))
     limit = rope.context_limit(view, fam.name)
     if limit:
@@ -168,8 +167,9 @@ def _expert_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -
     out = {prefix + "gate.weight": t["router"],
            prefix + "w13": torch.cat([t["e_gate"][:, cols], t["e_up"][:, cols]], dim=1),
            prefix + "w2": t["e_down"][:, :, cols].contiguous()}
-    if "shared_gate" in t:
+    if "gate" in t:  # the shared expert (Qwen2-MoE, DeepSeek-MoE), sliced like a dense MLP
         out.update(_mlp_shard(t, prefix + "shared_expert.", rank, tp))
+    if "shared_gate" in t:  # its sigmoid gate (Qwen2-MoE)
         out[prefix + "shared_expert_gate.weight"] = t["shared_gate"]
     return out
 
@@ -192,6 +192,9 @@ def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int
     for key in ("q_norm", "k_norm"):  # per head: the same on every rank
         if key in t:
             out[p + f"self_attn.{key}.weight"] = t[key]
+    for key, name in (("post_ln1", "post_self_attn_layernorm"), ("post_ln2", "post_mlp_layernorm")):
+        if key in t:  # sandwich norms (GLM-4-0414): on each block's output before the residual add
+            out[p + f"{name}.weight"] = t[key]
     return out
 
 
@@ -272,6 +275,7 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
     if cfg.quant and not hf.get("quantization_config"):
         log_at_conversion(cfg.quant["method"])
     _add_generation_eos(src, cfg)
+    tokenizer = _load_tokenizer(src, family_for(cfg.hf_model_type).tokenizer_hint)
     torch_dtype = getattr(torch, dtype)
     shards = build_shards(get, hf, cfg, tp, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,24 +287,36 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
                 or v.dtype == fp8.FP8 or k.endswith(".weight_scale")}
         save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
                   str(out_dir / f"rank{r}.safetensors"))
-    _save_tokenizer(src, out_dir)
+    tokenizer.save_pretrained(out_dir)
     cfg.save(out_dir / "config.json")
     return cfg
 
 
 def _add_generation_eos(src: Source, cfg: ModelConfig) -> None:
-    """Llama 3 lists several EOS ids in generation_config.json; the engine stops on all of them."""
+    """Llama 3 and ChatGLM3 list several EOS ids in generation_config.json, QWen's remote code single-token
+    stop_words_ids; the engine stops on all of them."""
     gen = src.path / "generation_config.json"
     if not src.gguf_file and gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        for e in [eos] if isinstance(eos, int) else (eos or []):
+        g = json.loads(gen.read_text())
+        eos = g.get("eos_token_id")
+        words = [w[0] for w in g.get("stop_words_ids") or [] if isinstance(w, list) and len(w) == 1]
+        for e in ([eos] if isinstance(eos, int) else list(eos or [])) + words:
             if e not in cfg.eos_token_ids:
                 cfg.eos_token_ids.append(e)
 
 
-def _save_tokenizer(src: Source, out_dir: Path) -> None:
+def _load_tokenizer(src: Source, hint: str = ""):
+    """The checkpoint's tokenizer, read before the weights are converted so a remote-code one fails at once."""
     from transformers import AutoTokenizer
 
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {"trust_remote_code": False}
-    tok = AutoTokenizer.from_pretrained(src.path, **kw)
-    tok.save_pretrained(out_dir)
+    try:
+        return AutoTokenizer.from_pretrained(src.path, **kw)
+    except Exception as e:  # noqa: BLE001 - remote code, a missing vocabulary file: one message with the way out
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{src.path}: the tokenizer does not load without remote code ({why[:200]}); "
+                         f"{hint or 'put a transformers tokenizer (tokenizer.json) beside the weights'}") from e
+
+
+def _save_tokenizer(src: Source, out_dir: Path) -> None:
+    _load_tokenizer(src).save_pretrained(out_dir)

@@ -25,12 +25,12 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalize: boo
 
 
 class SparseMoE(nn.Module):
-    """Router + experts (+ Qwen2-MoE's gated shared expert). Engine names: gate.weight [E, H],
+    """Router + experts (+ a shared expert: Qwen2-MoE's gated by a sigmoid, DeepSeek-MoE's not). Engine names: gate.weight [E, H],
     w13 [E, 2 * ffn/tp, H] (gate rows then up rows), w2 [E, H, ffn/tp], shared_expert.{gate_up_proj,down_proj}.weight,
     shared_expert_gate.weight [1, H]."""
 
     def __init__(self, hidden: int, num_experts: int, top_k: int, ffn_per_rank: int, normalize: bool,
-                 shared_ffn_per_rank: int = 0):
+                 shared_ffn_per_rank: int = 0, shared_gate: bool = True):
         super().__init__()
         self.top_k, self.normalize = top_k, normalize
         self.gate = nn.Linear(hidden, num_experts, bias=False).requires_grad_(False)
@@ -41,12 +41,12 @@ class SparseMoE(nn.Module):
             self.shared_expert = nn.ModuleDict({  # a dense gated MLP whose down_proj's partial sum is not reduced
                 "gate_up_proj": ColumnLinear(hidden, 2 * shared_ffn_per_rank),
                 "down_proj": ColumnLinear(shared_ffn_per_rank, hidden)})
-            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False).requires_grad_(False)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False).requires_grad_(False) if shared_gate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(x, self.gate.weight, self.top_k, self.normalize)
         out = kernels.moe_experts(x, self.w13, self.w2, weights, experts)
         if self.shared_expert is not None:  # a partial sum over this rank's FFN slice, like the experts'
-            h = self.shared_expert["gate_up_proj"](x, gated=True)
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert["down_proj"](h)
+            h = self.shared_expert["down_proj"](self.shared_expert["gate_up_proj"](x, gated=True))
+            out = out + (h if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * h)
         return all_reduce(out)

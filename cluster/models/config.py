@@ -31,6 +31,7 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (Qwen3)
     hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
     embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    sandwich_norms: bool = False  # RMSNorm on the attention's and the MLP's outputs too (GLM-4-0414)
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     dtype: str = "float32"
@@ -42,7 +43,8 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
-    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, gated by a sigmoid
+    shared_expert_intermediate_size: int = 0  # an always-on expert (Qwen2-MoE, DeepSeek-MoE: all shared ones as one)
+    shared_expert_gate: bool = True  # Qwen2-MoE gates it by a sigmoid; DeepSeek-MoE adds it as it is
     sparse_layers: list[int] = field(default_factory=list)  # the layers whose MLP is the experts
     # LLaVA: the vision tower's HF config, the image token and how many it stands for (cluster/convert/llava.py)
     vision: dict = field(default_factory=dict)

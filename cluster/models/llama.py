@@ -88,7 +88,7 @@ def make_mlp(cfg: ModelConfig, tp: int, layer: int) -> nn.Module:
         return LlamaMLP(cfg, tp)
     s = shard_sizes(cfg, tp)
     return SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, s["expert_ffn"], cfg.norm_topk_prob,
-                     s["shared_ffn"])
+                     s["shared_ffn"], cfg.shared_expert_gate)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -98,6 +98,10 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = make_mlp(cfg, tp, layer)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # GLM-4-0414: each block's output normed before it joins the residual
+            self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual, meta, rotary):
         if residual is None:
@@ -106,8 +110,13 @@ class LlamaDecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(positions, x, meta, rotary)
+        if self.sandwich:
+            x = self.post_self_attn_layernorm(x)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.mlp(x)
+        if self.sandwich:
+            x = self.post_mlp_layernorm(x)
+        return x, residual
 
 
 class LlamaForCausalLM(nn.Module):
