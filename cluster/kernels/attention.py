@@ -97,10 +97,18 @@ def _v_weights(p, v_sc, dtype: tl.constexpr):
 
 
 @triton.jit
+def _load_scales(ptr, idx, n_ok, MASK: tl.constexpr):
+    if MASK == 0:
+        return tl.load(ptr + idx)
+    else:
+        return tl.load(ptr + idx, mask=n_ok, other=0.0)
+
+
+@triton.jit
 def _to_dot_dtype(x, like, QUANT: tl.constexpr):
-    """An int8 or e4m3 tile as like's dtype (exact: fp16 holds every int8 and e4m3 value). int8 goes via fp32, which
-    the interpreter casts right (its direct int8 -> bf16 cast does not); on the H200 that was also faster than
-    byte permutes into 0x6400 | (x ^ 0x80) in inline PTX (125 against 114 us at B=64, ctx 2048)."""
+    """An int8 or e4m3 tile as like's dtype (exact in bf16 and fp16). int8 goes via fp32, which the interpreter casts
+    right (its direct int8 -> bf16 cast does not); on the H200 that was also faster than byte permutes into
+    0x6400 | (x ^ 0x80) in inline PTX (114 against 125 us at B=64, ctx 2048)."""
     if FAST_CVT and QUANT == 1 and like.dtype == tl.float16:
         return x.to(tl.float16)  # e4m3x2 -> f16x2 in one instruction (compute capability 8.9+)
     else:
@@ -109,9 +117,10 @@ def _to_dot_dtype(x, like, QUANT: tl.constexpr):
 
 @triton.jit
 def _dot_operand(q, QUANT: tl.constexpr):
-    """q as the dots take it: over a quantized cache a 16-bit q becomes fp16 (exact for bf16 in fp16's range), the
-    dtype in which the cache's values convert cheaply; fp32 stays."""
-    if QUANT != 0 and q.dtype != tl.float32:
+    """q as the dots take it: over an e4m3 or 4-bit cache a 16-bit q becomes fp16 (exact for bf16 in fp16's range),
+    the dtype those values convert to cheaply; fp32 stays. int8 keeps q's dtype: on the H200 its decode took 114 us
+    in bf16 against 140 in fp16 (B=64, ctx 2048)."""
+    if (QUANT == 1 or QUANT == 4) and q.dtype != tl.float32:
         return q.to(tl.float16)
     else:
         return q
@@ -129,34 +138,29 @@ def _unpack4(w, like, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _tile_params(ks_ptr, vs_ptr, bt_row, start, ctx, kv_head, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 QUANT: tl.constexpr):
-    """(k_sc, k_min, v_sc, v_min) [BLOCK_N] of keys [start, start + BLOCK_N) of an int8 (k_min, v_min unused) or 4-bit
-    cache; zeros otherwise. The loops load them one tile ahead: these small gathers feed no dot, so the pipeliner
-    leaves them in the step that uses them, where each would stall it (W4A16's zeros and scales had the same)."""
-    n = start + tl.arange(0, BLOCK_N)
-    n_ok = n < ctx
-    if QUANT == 4 or QUANT == 8:
-        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        srow = (page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE  # grid axis 1 is the kv head
-        if QUANT == 4:  # (scale, min) pairs; V's min for values centred on 8 (-8..7, see _attend_tile)
-            k_sc = tl.load(ks_ptr + 2 * srow, mask=n_ok, other=0.0)
-            v_sc = tl.load(vs_ptr + 2 * srow, mask=n_ok, other=0.0)
-            k_min = tl.load(ks_ptr + 2 * srow + 1, mask=n_ok, other=0.0)
-            v_min = tl.load(vs_ptr + 2 * srow + 1, mask=n_ok, other=0.0) + 8.0 * v_sc
-            return k_sc, k_min, v_sc, v_min
-        else:
-            k_sc = tl.load(ks_ptr + srow, mask=n_ok, other=0.0)
-            v_sc = tl.load(vs_ptr + srow, mask=n_ok, other=0.0)
-            return k_sc, k_sc, v_sc, v_sc
+def _row_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
+    """(k_sc, k_min, v_sc, v_min) [BLOCK_N] of keys n of an int8 (k_min, v_min unused) or 4-bit cache; zeros
+    otherwise. (Loading them a tile ahead, as W4A16 does its zeros and scales, made int8 decode slower on the H200:
+    162 against 125 us at B=64, ctx 2048.)"""
+    srow = (page * tl.num_programs(1) + kv_head) * PAGE + n % PAGE  # grid axis 1 is the kv head in both kernels
+    if QUANT == 4:  # (scale, min) pairs; V's min for values centred on 8 (-8..7, see _attend_tile)
+        k_sc = _load_scales(ks_ptr, 2 * srow, n_ok, MASK)
+        v_sc = _load_scales(vs_ptr, 2 * srow, n_ok, MASK)
+        k_min = _load_scales(ks_ptr, 2 * srow + 1, n_ok, MASK)
+        v_min = _load_scales(vs_ptr, 2 * srow + 1, n_ok, MASK) + 8.0 * v_sc
+        return k_sc, k_min, v_sc, v_min
+    elif QUANT == 8:
+        k_sc = _load_scales(ks_ptr, srow, n_ok, MASK)
+        v_sc = _load_scales(vs_ptr, srow, n_ok, MASK)
+        return k_sc, k_sc, v_sc, v_sc
     else:
-        z = tl.zeros([BLOCK_N], tl.float32)
+        z = tl.zeros(n.shape, tl.float32)
         return z, z, z, z
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_min, v_sc, v_min, bt_row, start, ctx,
-                 pos, kv_head, qk_scale, stride_cb, stride_cs, stride_ch,
+def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
+                 stride_cb, stride_cs, stride_ch,
                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with keys [start, start + BLOCK_N).
 
@@ -165,8 +169,7 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k
     values, exact in q's dtype (fp16 for a 16-bit model: paged_attention's callers convert q); the scales act on
     the [rows, keys] scores and probabilities instead of on the [keys, D] tiles: s = (q . k_q) * k_scale
     (+ sum(q) * k_min for 4 bits), and p @ v = (p * v_scale) @ v_q (+ sum(p * v_min)). A 4-bit cache comes as int32
-    words [keys, D / 8] (the caller's view). The per-row scales (k_sc, k_min, v_sc, v_min) come from the caller, who
-    loads them a tile ahead (_tile_params).
+    words [keys, D / 8] (the caller's view).
     """
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < ctx
@@ -188,6 +191,7 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k
         if QUANT != 0:
             k, v = _to_dot_dtype(k, q, QUANT), _to_dot_dtype(v, q, QUANT)
     s = _dot(q, tl.trans(k))
+    k_sc, k_min, v_sc, v_min = _row_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE, MASK, QUANT)
     if QUANT == 4:
         s = (s * k_sc[None, :] + qsum[:, None] * k_min[None, :]) * qk_scale
     elif QUANT == 8:
@@ -220,18 +224,12 @@ def _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row
                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
     """Every row attends to all keys [lo, hi) (lo BLOCK_N-aligned): whole tiles unmasked, then the ragged last one."""
     full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    k_sc, k_mn, v_sc, v_mn = _tile_params(ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, PAGE, BLOCK_N, QUANT)
     for start in range(lo, full, BLOCK_N):
-        nk_sc, nk_mn, nv_sc, nv_mn = _tile_params(ks_ptr, vs_ptr, bt_row, start + BLOCK_N, hi, kv_head, PAGE, BLOCK_N,
-                                                  QUANT)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
-                                     bt_row, start, hi, hi, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
-                                     BLOCK_N, 0, QUANT)
-        k_sc, k_mn, v_sc, v_mn = nk_sc, nk_mn, nv_sc, nv_mn
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi,
+                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
     for start in range(full, hi, BLOCK_N):  # at most one
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
-                                     bt_row, start, hi, hi, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
-                                     BLOCK_N, 1, QUANT)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi,
+                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1, QUANT)
     return acc, l_i, m_i
 
 
@@ -271,21 +269,12 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     first_pos = ctx - q_len + tile * BLOCK_Q
     end = ctx - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the last key any row sees
     interior = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below this are visible to every row: no mask
-    k_sc, k_mn, v_sc, v_mn = _tile_params(ks_ptr, vs_ptr, bt_row, 0, ctx, kv_head, PAGE, BLOCK_N, QUANT)
     for start in range(0, interior, BLOCK_N):
-        nk_sc, nk_mn, nv_sc, nv_mn = _tile_params(ks_ptr, vs_ptr, bt_row, start + BLOCK_N, ctx, kv_head, PAGE, BLOCK_N,
-                                                  QUANT)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
-                                     bt_row, start, ctx, pos, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
-                                     BLOCK_N, 0, QUANT)
-        k_sc, k_mn, v_sc, v_mn = nk_sc, nk_mn, nv_sc, nv_mn
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
     for start in range(interior, end, BLOCK_N):
-        nk_sc, nk_mn, nv_sc, nv_mn = _tile_params(ks_ptr, vs_ptr, bt_row, start + BLOCK_N, ctx, kv_head, PAGE, BLOCK_N,
-                                                  QUANT)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_sc, k_mn, v_sc, v_mn,
-                                     bt_row, start, ctx, pos, kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE,
-                                     BLOCK_N, 2, QUANT)
-        k_sc, k_mn, v_sc, v_mn = nk_sc, nk_mn, nv_sc, nv_mn
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 2, QUANT)
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
