@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 SEEDS = {"qwen3": 11, "qwen3_moe": 12, "phi3": 13, "phi3_longrope": 14, "gemma": 15, "glm": 16, "glm4": 17,
-         "qwen_v1": 18, "baichuan": 19, "baichuan2": 20, "chatglm": 21, "deepseek_moe": 22}
+         "qwen_v1": 18, "baichuan": 19, "baichuan2": 20, "chatglm": 21, "deepseek_moe": 22, "falcon7b": 23,
+         "falcon40b": 24, "falcon_seq": 25, "dbrx": 26}
 KINDS = tuple(SEEDS)
 BAICHUAN2_VOCAB = 125696  # what tells Baichuan2 (normalized LM head) from Baichuan
 
@@ -55,6 +56,20 @@ def _config(kind: str):
     if kind == "deepseek_moe":  # Qwen2-MoE: layer 0 dense, layer 1 experts + a shared expert of two experts' width
         return tf.Qwen2MoeConfig(**TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                  shared_expert_intermediate_size=64, mlp_only_layers=[0], qkv_bias=False)
+    falcon = {k: TINY[k] for k in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers",
+                                   "max_position_embeddings", "initializer_range")}
+    if kind == "falcon7b":  # multi-query, attention and MLP in parallel from one LayerNorm, tied embeddings
+        return tf.FalconConfig(**falcon, ffn_hidden_size=128, new_decoder_architecture=False, multi_query=True,
+                               parallel_attn=True)
+    if kind == "falcon40b":  # new_decoder_architecture: 2 KV heads, ln_attn and ln_mlp
+        return tf.FalconConfig(**falcon, ffn_hidden_size=128, new_decoder_architecture=True, num_kv_heads=2)
+    if kind == "falcon_seq":  # MHA, attention then MLP (per head [q, k, v] rows)
+        return tf.FalconConfig(**falcon, ffn_hidden_size=128, new_decoder_architecture=False, multi_query=False,
+                               parallel_attn=False)
+    if kind == "dbrx":  # LayerNorms without bias, q/k/v clipped, 4 experts in every layer
+        return tf.DbrxConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=512, vocab_size=TINY["vocab_size"],
+                             initializer_range=0.08, attn_config={"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 10000.0},
+                             ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2})
     raise ValueError(kind)
 
 
@@ -66,7 +81,9 @@ def build_family(kind: str, tokenizer_dir: Path, out: Path):
 
     torch.manual_seed(SEEDS[kind])
     model = tf.AutoModelForCausalLM.from_config(_config(kind)).eval()
-    _randomize(model, ("norm.weight", "layernorm.weight"), 0.3 if kind == "gemma" else 0.1)
+    _randomize(model, ("norm.weight", "layernorm.weight", "ln_f.weight", "ln_attn.weight", "ln_mlp.weight",
+                       "norm_1.weight", "norm_2.weight", "norm_f.weight"), 0.3 if kind == "gemma" else 0.1)
+    _randomize(model, ("layernorm.bias", "ln_f.bias", "ln_attn.bias", "ln_mlp.bias"), 0.1)
     _randomize(model, ("proj.bias",), 0.5)
     if kind in REMOTE:
         return _remote(kind, model, tokenizer_dir, out), model

@@ -15,10 +15,12 @@ from cluster.engine.engine import LLMEngine
 from conftest import hf_greedy
 from test_tp import GREEDY, PROMPTS, _ec, tp_pipeline
 
-NATIVE = ["qwen3", "qwen3_moe", "phi3", "phi3_longrope", "gemma", "glm", "glm4"]
+NATIVE = ["qwen3", "qwen3_moe", "phi3", "phi3_longrope", "gemma", "glm", "glm4", "falcon7b", "falcon40b",
+          "falcon_seq", "dbrx"]
 REMOTE = ["qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe"]
 TP1 = NATIVE + REMOTE
-TP2 = ["qwen3", "qwen3_moe", "phi3", "gemma", "glm4", "qwen_v1", "baichuan", "chatglm", "deepseek_moe"]
+TP2 = ["qwen3", "qwen3_moe", "phi3", "gemma", "glm4", "falcon7b", "falcon40b", "dbrx", "qwen_v1", "baichuan", "chatglm",
+       "deepseek_moe"]
 
 
 def _want(hf_model, ids: list[list[int]]) -> list[list[int]]:
@@ -121,3 +123,42 @@ def test_phi3_rope_scaling_it_does_not_implement_is_refused(tiny_models):
     hf["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     with pytest.raises(ValueError, match=r"^Phi-3 rope scaling 'dynamic' is not supported; supported: default, longrope"):
         engine_config(hf, "float32", 1, str(path))
+
+
+def _rounded_linears(hf_model, round_weight) -> dict:
+    """Every decoder linear's weight (HF names) as round_weight leaves it; embeddings and the LM head untouched."""
+    import torch
+
+    return {f"{name}.weight": round_weight(m.weight.detach()) for name, m in hf_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "gemma", "falcon7b"])
+def test_quant_fp8_matches_transformers_on_the_rounded_weights(kind, tiny_models, engine_cache):
+    """--quant fp8 (e4m3, a scale per output channel) through each family's splits (Phi-3's fused qkv / gate-up,
+    Falcon's grouped qkv and plain MLP), padded heads (Phi-3), GeGLU (Gemma), q/k norms (Qwen3)."""
+    from cluster.quant import fp8
+    from test_fp8 import _with_weights
+
+    path, hf_model = tiny_models(kind)
+    engine = LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", quant="fp8"))
+    assert engine.model_config.quant["method"] == "fp8"
+    ref = _with_weights(hf_model, _rounded_linears(hf_model, lambda w: fp8.dequantize(*fp8.quantize_weight(w))))
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    assert [r.token_ids for r in engine.generate(ids, GREEDY)] == _want(ref, ids), kind
+
+
+@pytest.mark.parametrize("kind", ["phi3", "gemma"])
+def test_quant_awq_matches_transformers_on_the_rounded_weights(kind, tiny_models, engine_cache, monkeypatch):
+    """--quant awq (4-bit round-to-nearest, groups of 32 here: the tiny widths) on fused and GeGLU MLPs."""
+    import cluster.convert.quant as cq
+    from cluster.quant import int4
+    from test_fp8 import _with_weights
+
+    monkeypatch.setattr(cq, "RTN_GROUP", 32)
+    path, hf_model = tiny_models(kind)
+    engine = LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", quant="awq"))
+    assert engine.model_config.quant == {"method": "awq", "bits": 4, "group_size": 32}
+    ref = _with_weights(hf_model, _rounded_linears(hf_model, lambda w: int4.dequantize(*int4.quantize(w, 32))))
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    assert [r.token_ids for r in engine.generate(ids, GREEDY)] == _want(ref, ids), kind

@@ -123,6 +123,60 @@ def _deepseek(view: dict) -> dict:
                 shared_expert_gate=False, sparse_layers=sparse, **_llama_bias(view))
 
 
+def _falcon(view: dict) -> dict:
+    """Falcon: LayerNorms with biases, a plain gelu MLP, and (parallel_attn) attention and MLP side by side, from one
+    norm (7B) or two (ln_attn / ln_mlp: 40B, 180B); multi-query, grouped KV (new_decoder_architecture) or MHA."""
+    if view.get("alibi"):
+        raise ValueError("Falcon with alibi: true (falcon-rw) uses ALiBi position biases, which the paged attention "
+                         "kernels do not add; supported: the rotary Falcon models (7B, 40B, 180B, Falcon2-11B)")
+    if view.get("bias"):
+        raise ValueError("Falcon with bias: true (biases on every linear) is not supported; supported: bias: false")
+    if view.get("activation", "gelu") != "gelu":
+        raise ValueError(f"Falcon activation {view['activation']!r} is not supported; supported: gelu")
+    new = view.get("new_decoder_architecture", view.get("model_type") == "RefinedWeb")
+    heads = view["num_attention_heads"]
+    kv = (view.get("num_kv_heads") or heads) if new else (1 if view.get("multi_query", True) else heads)
+    parallel = bool(view.get("parallel_attn", True))
+    return {"num_kv_heads": kv, "norm": "layer", "norm_bias": True, "gated_mlp": False, "hidden_act": "gelu",
+            "parallel_attn": parallel,
+            "mlp_norm": not parallel or (view.get("num_ln_in_parallel_attn") or (2 if new else 1)) == 2,
+            "tie_word_embeddings": bool(view.get("tie_word_embeddings", True))}
+
+
+def _falcon_view(view: dict) -> None:
+    view["intermediate_size"] = view.get("ffn_hidden_size") or 4 * view["hidden_size"]  # older configs: 4 x hidden
+
+
+def _dbrx_view(view: dict) -> None:
+    """Dbrx keeps its attention and FFN sizes in nested attn_config / ffn_config."""
+    attn, ffn = view.get("attn_config") or {}, view.get("ffn_config") or {}
+    view["num_key_value_heads"] = attn.get("kv_n_heads", view.get("num_key_value_heads"))
+    if not view.get("rope_parameters"):
+        view["rope_theta"] = attn.get("rope_theta", 10000.0)
+    view["intermediate_size"] = ffn["ffn_hidden_size"]
+
+
+def _dbrx(view: dict) -> dict:
+    attn, ffn = view.get("attn_config") or {}, view["ffn_config"]
+    act = (ffn.get("ffn_act_fn") or {}).get("name", "silu")
+    p = ffn.get("moe_normalize_expert_weights", 1)
+    if act != "silu" or p not in (None, 1, 1.0):
+        raise ValueError(f"Dbrx with ffn_act_fn {act!r} and moe_normalize_expert_weights {p!r} is not supported; "
+                         "supported: silu experts, weights normalized by their sum (1) or not (null)")
+    return dict(norm="layer", norm_bias=False, rms_norm_eps=1e-5, clip_qkv=float(attn.get("clip_qkv") or 0.0),
+                num_experts=ffn["moe_num_experts"], num_experts_per_tok=ffn["moe_top_k"],
+                moe_intermediate_size=ffn["ffn_hidden_size"], norm_topk_prob=p is not None,
+                sparse_layers=list(range(view["num_hidden_layers"])))
+
+
+def _dbrx_experts(get, cfg, p: str) -> Tensors:
+    """Every expert's w1 (gate), v1 (up), w2 (down, stored [F, H] per expert) as one [E * F, H] tensor each."""
+    e, f, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    m = p + "ffn.experts.mlp."
+    return {"router": get(p + "ffn.router.layer.weight"), "e_gate": get(m + "w1").view(e, f, h),
+            "e_up": get(m + "v1").view(e, f, h), "e_down": get(m + "w2").view(e, f, h).transpose(1, 2)}
+
+
 def _plus_one(t: Tensors, keys: tuple[str, ...]) -> None:
     """Gemma's RMSNorm scales by (1 + weight): folded into the weight once, here."""
     for k in keys:
@@ -180,6 +234,22 @@ FAMILIES: tuple[Family, ...] = (
                           "vocabulary differs: put a transformers tokenizer of this vocabulary beside the weights"),
     Family("DeepSeek-MoE", ("deepseek",), LLAMA_LAYER, keys={"num_experts": "n_routed_experts"},
            config_hook=_deepseek, experts=Experts(shared="shared_experts.")),
+    Family("Falcon", ("falcon", "RefinedWeb", "RefinedWebModel"),
+           {"qkv_grouped": "self_attention.query_key_value", "o": "self_attention.dense", "up": "mlp.dense_h_to_4h",
+            "down": "mlp.dense_4h_to_h", "ln1": ("ln_attn", "input_layernorm"),
+            "ln2": ("ln_mlp", "post_attention_layernorm")},
+           prefix="transformer.h.{i}.", embed="transformer.word_embeddings", norm="transformer.ln_f",
+           keys={"num_attention_heads": ("num_attention_heads", "n_head"),
+                 "num_hidden_layers": ("num_hidden_layers", "n_layer"), "num_kv_heads": ("num_kv_heads", "n_head_kv"),
+                 "rms_norm_eps": "layer_norm_epsilon"},
+           view_hook=_falcon_view, config_hook=_falcon),
+    Family("Dbrx", ("dbrx",),
+           {"qkv": "norm_attn_norm.attn.Wqkv", "o": "norm_attn_norm.attn.out_proj", "ln1": "norm_attn_norm.norm_1",
+            "ln2": "norm_attn_norm.norm_2"},
+           prefix="transformer.blocks.{i}.", embed="transformer.wte", norm="transformer.norm_f",
+           keys={"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers",
+                 "max_position_embeddings": "max_seq_len"},
+           view_hook=_dbrx_view, config_hook=_dbrx, experts=Experts(read=_dbrx_experts)),
     Family("InternLM2", ("internlm2",),
            {"qkv_grouped": "attention.wqkv", "o": "attention.wo", "gate": "feed_forward.w1",
             "up": "feed_forward.w3", "down": "feed_forward.w2", "ln1": "attention_norm", "ln2": "ffn_norm"},

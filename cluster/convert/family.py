@@ -43,13 +43,13 @@ class Family:
     features it turns on, and hooks for what a template cannot say.
 
     layer: engine key -> module path under `prefix` (".weight" and, where the config has them, ".bias" are
-    appended). Fused keys: "qkv" ([q; k; v] rows), "qkv_grouped" (per KV head [q x group, k, v], InternLM2 and
+    appended), or a tuple of the paths checkpoints of the family use (the first one present is read). Fused keys: "qkv" ([q; k; v] rows), "qkv_grouped" (per KV head [q x group, k, v], InternLM2 and
     Falcon), "gate_up" ([gate; up] rows). Hooks run on every view of a layer the quantized paths read (4-bit q
     values, zeros, scales; e4m3 values, scales), so a layer hook may only rearrange rows or touch norms."""
 
     name: str
     model_types: tuple[str, ...]
-    layer: dict[str, str]
+    layer: dict[str, str | tuple[str, ...]]
     prefix: str = "model.layers.{i}."
     embed: str = "model.embed_tokens"
     head: str = "lm_head"
@@ -113,10 +113,13 @@ def read_layer(fam: Family, get: Getter, cfg: ModelConfig, i: int) -> Tensors:
     """Layer i's full tensors in engine meaning (q, k, v apart, so each rank can slice them)."""
     p = fam.prefix.format(i=i)
     sparse = cfg.is_sparse(i)
+    names = getattr(get, "names", set())
     t: Tensors = {}
     for key, module in fam.layer.items():
-        if sparse and key in MLP_KEYS:
+        if (sparse and key in MLP_KEYS) or (key == "ln2" and cfg.parallel_attn and not cfg.mlp_norm):
             continue
+        if not isinstance(module, str):
+            module = next((m for m in module if p + m + ".weight" in names), module[0])
         t.update(_read(key, get(p + module + ".weight"), cfg))
         if _has_bias(key, cfg):
             t.update(_read(key, get(p + module + ".bias"), cfg, "_b"))

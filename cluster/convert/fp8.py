@@ -143,7 +143,7 @@ def quantize_layer(t: dict[str, torch.Tensor], tp: int) -> tuple[dict[str, torch
     """A full-precision layer's tensors (quant='fp8' at conversion) -> its e4m3 values and scales in the views'
     forms (uint8; [out, tp]); other tensors unchanged in both."""
     tq, ts = dict(t), dict(t)
-    for key in LINEARS:
+    for key in (k for k in LINEARS if k in t):  # a plain MLP has no gate
         q, s = fp8.quantize_weight(t[key])
         tq[key], ts[key] = q.view(torch.uint8), s[:, None].expand(-1, tp)
     return tq, ts

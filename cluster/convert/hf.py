@@ -156,9 +156,11 @@ def _kv_rows(x: torch.Tensor, cfg: ModelConfig, rank: int, tp: int) -> torch.Ten
 
 
 def _mlp_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -> dict[str, torch.Tensor]:
-    """A gated MLP's [gate; up] rows and down columns for one rank."""
-    return {prefix + "gate_up_proj.weight": torch.cat([_rows(t["gate"], rank, tp), _rows(t["up"], rank, tp)]),
-            prefix + "down_proj.weight": _rows(t["down"].t(), rank, tp).t()}
+    """A gated MLP's [gate; up] rows (a plain one's up rows) and down columns for one rank."""
+    down = {prefix + "down_proj.weight": _rows(t["down"].t(), rank, tp).t()}
+    if "gate" not in t:  # a plain MLP (Falcon)
+        return {prefix + "up_proj.weight": _rows(t["up"], rank, tp), **down}
+    return {prefix + "gate_up_proj.weight": torch.cat([_rows(t["gate"], rank, tp), _rows(t["up"], rank, tp)]), **down}
 
 
 def _expert_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -> dict[str, torch.Tensor]:
@@ -177,8 +179,6 @@ def _expert_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -
 def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int, i: int) -> dict[str, torch.Tensor]:
     p = f"layers.{i}."
     out = {
-        p + "input_layernorm.weight": t["ln1"],
-        p + "post_attention_layernorm.weight": t["ln2"],
         p + "self_attn.qkv_proj.weight": torch.cat(
             [_rows(t["q"], rank, tp), _kv_rows(t["k"], cfg, rank, tp), _kv_rows(t["v"], cfg, rank, tp)]),
         p + "self_attn.o_proj.weight": _rows(t["o"].t(), rank, tp).t(),
@@ -192,9 +192,12 @@ def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int
     for key in ("q_norm", "k_norm"):  # per head: the same on every rank
         if key in t:
             out[p + f"self_attn.{key}.weight"] = t[key]
-    for key, name in (("post_ln1", "post_self_attn_layernorm"), ("post_ln2", "post_mlp_layernorm")):
-        if key in t:  # sandwich norms (GLM-4-0414): on each block's output before the residual add
+    for key, name in (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm"),
+                      ("post_ln1", "post_self_attn_layernorm"), ("post_ln2", "post_mlp_layernorm")):
+        if key in t:  # post_ln*: sandwich norms (GLM-4-0414), on each block's output before the residual add
             out[p + f"{name}.weight"] = t[key]
+        if key + "_b" in t:  # LayerNorm biases (Falcon)
+            out[p + f"{name}.bias"] = t[key + "_b"]
     return out
 
 
@@ -223,6 +226,8 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
         if head is not None:
             shards[r]["lm_head.weight"] = _vocab_rows(head, cfg, r, tp)
         shards[r]["norm.weight"] = top["norm"]
+        if "norm_b" in top:
+            shards[r]["norm.bias"] = top["norm_b"]
         shards[r]["rotary.inv_freq"] = inv_freq.to(embed.device)
     method, stored = cfg.quant.get("method"), bool(hf.get("quantization_config"))  # stored: in the checkpoint
     awq = AWQReader(get) if method == "awq" and stored else None

@@ -89,7 +89,7 @@ def quantize_layer_rtn(t: dict[str, torch.Tensor], group: int) -> list[dict[str,
     """A full-precision layer's tensors (quant='awq' at conversion) -> three dicts (q values, zeros, scales) in the
     form AWQReader's views give, for build_shards' AWQ path; other tensors unchanged in each."""
     parts = [dict(t), dict(t), dict(t)]
-    for key in fp8_ckpt.LINEARS:
+    for key in (k for k in fp8_ckpt.LINEARS if k in t):  # a plain MLP has no gate
         for part, x in zip(parts, int4.quantize(t[key], group)):
             part[key] = x
     return parts

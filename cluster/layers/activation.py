@@ -1,5 +1,5 @@
-"""The gated MLP's activations. SwiGLU goes through kernels.silu_and_mul (fused into the one-row GEMV on CUDA);
-the others are plain torch on every device, as cheap as one elementwise kernel beside the matmuls."""
+"""The MLP's activations. SwiGLU goes through kernels.silu_and_mul (fused into the one-row GEMV on CUDA); the
+others are plain torch on every device, one elementwise kernel beside the matmuls."""
 from __future__ import annotations
 
 import torch
@@ -7,14 +7,23 @@ import torch.nn.functional as F
 
 from cluster import kernels
 
-ACTIVATIONS = ("silu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
 
-def gated(x: torch.Tensor, act: str) -> torch.Tensor:
-    """[..., 2N] = [gate | up] -> act(gate) * up."""
-    if act == "silu":
+def act(x: torch.Tensor, name: str) -> torch.Tensor:
+    """A plain (ungated) MLP's activation (Falcon: exact gelu)."""
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    raise ValueError(f"MLP activation {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+
+
+def gated(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[..., 2N] = [gate | up] -> act(gate) * up (Gemma's GeGLU: gelu_tanh, transformers' gelu_pytorch_tanh)."""
+    if name == "silu":
         return kernels.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
-    if act == "gelu_tanh":  # Gemma's GeGLU: transformers' gelu_pytorch_tanh
-        return F.gelu(gate, approximate="tanh") * up
-    raise ValueError(f"MLP activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return act(gate, name) * up

@@ -29,7 +29,12 @@ class ModelConfig:
     rotary_dim: int = 0  # dims of a head the checkpoint rotates (0: all); at conversion, cluster/convert/head_layout.py
     rope_interleaved: bool = False  # the checkpoint rotates pairs (2j, 2j + 1); conversion reorders them
     qk_norm: bool = False  # per-head RMSNorm of q and k before the rotary (Qwen3)
-    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+    hidden_act: str = "silu"  # the MLP's activation: silu (SwiGLU), gelu_tanh (Gemma's GeGLU), gelu (Falcon)
+    gated_mlp: bool = True  # act(gate) * up; False: act(up) (Falcon's dense_h_to_4h)
+    norm: str = "rms"  # "rms", or "layer": LayerNorm (Falcon with norm_bias, Dbrx without); eps is rms_norm_eps
+    parallel_attn: bool = False  # attention and MLP both read the layer's input, their sums join the residual (Falcon)
+    mlp_norm: bool = True  # with parallel_attn: the MLP has its own norm (Falcon-40B's ln_mlp), else it shares ln1's
+    clip_qkv: float = 0.0  # q, k, v clamped to +-clip_qkv (Dbrx); 0: not clamped
     embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
     sandwich_norms: bool = False  # RMSNorm on the attention's and the MLP's outputs too (GLM-4-0414)
     eos_token_ids: list[int] = field(default_factory=list)

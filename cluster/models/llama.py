@@ -15,7 +15,7 @@ from cluster.layers.attention import AttnMetadata, PagedAttention
 from cluster.layers.embedding import LMHead, VocabEmbedding
 from cluster.layers.linear import ColumnLinear, RowLinear
 from cluster.layers.moe import SparseMoE
-from cluster.layers.norm import RMSNorm
+from cluster.layers.norm import RMSNorm, make_norm
 from cluster.layers.rotary import Rotary
 from cluster.models.config import ModelConfig
 
@@ -51,9 +51,12 @@ class LlamaAttention(nn.Module):
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dims, before the rotary
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.clip = cfg.clip_qkv
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata, rotary: Rotary) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        if self.clip:  # Dbrx
+            qkv = qkv.clamp(-self.clip, self.clip)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         a = self.attn
         if hasattr(self, "q_norm"):
@@ -69,15 +72,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """Gated ([gate; up] fused, column-parallel) or plain (up alone: Falcon); down row-parallel."""
+
     def __init__(self, cfg: ModelConfig, tp: int):
         super().__init__()
         ffn = shard_sizes(cfg, tp)["ffn"]
         group, fp8 = cfg.quant.get("group_size", 0), cfg.quant.get("method") == "fp8"
-        self.gate_up_proj = ColumnLinear(cfg.hidden_size, 2 * ffn, group=group, fp8=fp8)
+        if cfg.gated_mlp:
+            self.gate_up_proj = ColumnLinear(cfg.hidden_size, 2 * ffn, group=group, fp8=fp8)
+        else:
+            self.up_proj = ColumnLinear(cfg.hidden_size, ffn, group=group, fp8=fp8)
         self.down_proj = RowLinear(ffn, cfg.hidden_size, group, fp8)
-        self.act = cfg.hidden_act
+        self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(activation.act(self.up_proj(x), self.act))
         if self.act == "silu":  # SiLU-and-multiply inside the matmul where a kernel fuses it
             return self.down_proj(self.gate_up_proj(x, gated=True))
         return self.down_proj(activation.gated(self.gate_up_proj(x), self.act))
@@ -94,9 +104,12 @@ def make_mlp(cfg: ModelConfig, tp: int, layer: int) -> nn.Module:
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = functools.partial(make_norm, cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_bias)
+        self.input_layernorm = norm()
         self.self_attn = LlamaAttention(cfg, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.parallel = cfg.parallel_attn
+        if not self.parallel or cfg.mlp_norm:  # in parallel: the MLP's own norm, of the same input as ln1's
+            self.post_attention_layernorm = norm()
         self.mlp = make_mlp(cfg, tp, layer)
         self.sandwich = cfg.sandwich_norms
         if self.sandwich:  # GLM-4-0414: each block's output normed before it joins the residual
@@ -109,6 +122,9 @@ class LlamaDecoderLayer(nn.Module):
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
+        if self.parallel:  # Falcon: x + attn(ln1(x)) + mlp(ln2(x) or ln1(x))
+            h = self.post_attention_layernorm(residual) if hasattr(self, "post_attention_layernorm") else x
+            return self.self_attn(positions, x, meta, rotary) + self.mlp(h), residual
         x = self.self_attn(positions, x, meta, rotary)
         if self.sandwich:
             x = self.post_self_attn_layernorm(x)
@@ -128,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_attention_scaling)
         self.embed_tokens = VocabEmbedding(s["vocab"], cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_bias)
         self.lm_head = LMHead(s["vocab"], cfg.hidden_size, cfg.vocab_size,
                               tied=self.embed_tokens if cfg.tie_word_embeddings else None)
 
