@@ -1,4 +1,4 @@
-"""Checkpoints of families that ship remote code (QWen v1, Baichuan/Baichuan2, ChatGLM2/3, DeepSeek-MoE v1), made
+"""Checkpoints of families that ship remote code (InternLM v1, QWen v1, Baichuan/Baichuan2, ChatGLM2/3, DeepSeek-MoE v1), made
 by rewriting a native transformers model's weights into the family's published tensor names and config keys (as
 conftest._repack_internlm2 does for InternLM2). The native model is the reference: the same function, so the same
 greedy tokens."""
@@ -40,6 +40,15 @@ def _cat(sd: Tensors, p: str, names: tuple[str, ...], suffix: str = ".weight") -
 
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def internlm(sd: Tensors, cfg) -> tuple[Tensors, dict]:
+    """A Llama model with attention_bias (q, k, v and o biases) as InternLM (v1): the same names, its config keys."""
+    config = {"architectures": ["InternLMForCausalLM"], "model_type": "internlm", "bias": True,
+              **{k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                               "num_hidden_layers", "max_position_embeddings", "rms_norm_eps",
+                                               "vocab_size", "tie_word_embeddings")}}
+    return dict(sd), config
 
 
 def qwen_v1(sd: Tensors, cfg) -> tuple[Tensors, dict]:

@@ -11,7 +11,7 @@ import torch
 
 SEEDS = {"qwen3": 11, "qwen3_moe": 12, "phi3": 13, "phi3_longrope": 14, "gemma": 15, "glm": 16, "glm4": 17,
          "qwen_v1": 18, "baichuan": 19, "baichuan2": 20, "chatglm": 21, "deepseek_moe": 22, "falcon7b": 23,
-         "falcon40b": 24, "falcon_seq": 25, "dbrx": 26}
+         "falcon40b": 24, "falcon_seq": 25, "dbrx": 26, "internlm": 27}
 KINDS = tuple(SEEDS)
 BAICHUAN2_VOCAB = 125696  # what tells Baichuan2 (normalized LM head) from Baichuan
 
@@ -50,6 +50,8 @@ def _config(kind: str):
         return tf.Glm4Config(**TINY, head_dim=16, attention_bias=True, pad_token_id=0)
     if kind == "qwen_v1":  # the native model behind the QWen v1 layout: MHA, untied, qkv bias
         return tf.Qwen2Config(**{**TINY, "num_key_value_heads": 4}, tie_word_embeddings=False)
+    if kind == "internlm":  # MHA Llama with q, k, v and o biases
+        return tf.LlamaConfig(**{**TINY, "num_key_value_heads": 4}, attention_bias=True)
     if kind in ("baichuan", "baichuan2"):  # MHA Llama
         vocab = BAICHUAN2_VOCAB if kind == "baichuan2" else TINY["vocab_size"]
         return tf.LlamaConfig(**{**TINY, "num_key_value_heads": 4, "vocab_size": vocab})
@@ -91,7 +93,7 @@ def build_family(kind: str, tokenizer_dir: Path, out: Path):
     return out, model
 
 
-REMOTE = ("qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe")
+REMOTE = ("internlm", "qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe")
 QWEN_V1_GENERATION = {"eos_token_id": 2, "stop_words_ids": [[3]], "chat_format": "chatml"}
 
 
@@ -113,6 +115,8 @@ def _remote(kind: str, model, tokenizer_dir: Path, out: Path) -> Path:
     if kind == "qwen_v1":
         tensors, config = fl.qwen_v1(sd, cfg)
         generation = QWEN_V1_GENERATION
+    elif kind == "internlm":
+        tensors, config = fl.internlm(sd, cfg)
     elif kind == "baichuan":
         tensors, config = fl.baichuan(sd, cfg)
     elif kind == "baichuan2":

@@ -17,10 +17,10 @@ from test_tp import GREEDY, PROMPTS, _ec, tp_pipeline
 
 NATIVE = ["qwen3", "qwen3_moe", "phi3", "phi3_longrope", "gemma", "glm", "glm4", "falcon7b", "falcon40b",
           "falcon_seq", "dbrx"]
-REMOTE = ["qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe"]
+REMOTE = ["internlm", "qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe"]
 TP1 = NATIVE + REMOTE
-TP2 = ["qwen3", "qwen3_moe", "phi3", "gemma", "glm4", "falcon7b", "falcon40b", "dbrx", "qwen_v1", "baichuan", "chatglm",
-       "deepseek_moe"]
+# one of each way a family is sliced (Baichuan's W_pack splits as QWen's c_attn, GLM-4's rotary as ChatGLM's)
+TP2 = ["qwen3", "qwen3_moe", "phi3", "gemma", "falcon7b", "falcon40b", "dbrx", "qwen_v1", "chatglm", "deepseek_moe"]
 
 
 def _want(hf_model, ids: list[list[int]]) -> list[list[int]]:
@@ -68,6 +68,11 @@ def test_conversion_decisions(tiny_models):
     assert (ds.sparse_layers, ds.shared_expert_intermediate_size, ds.shared_expert_gate) == ([1], 64, False)
     qwen = _cfg(tiny_models, "qwen_v1")
     assert (qwen.intermediate_size, qwen.max_position_embeddings) == (128, 256)  # w1/w2 halves; seq_length
+    path, _ = tiny_models("phi3")  # sliding-window attention is full attention up to the window: served that far
+    hf = json.loads((path / "config.json").read_text())
+    assert engine_config({**hf, "sliding_window": 100}, "float32", 1, "x").max_position_embeddings == 100
+    assert engine_config({**hf, "model_type": "qwen2", "sliding_window": 100, "use_sliding_window": False},
+                         "float32", 1, "x").max_position_embeddings == 512
 
 
 def test_stop_tokens_and_chat_template_come_from_the_checkpoint(tiny_models, engine_cache):
@@ -110,6 +115,7 @@ def test_remote_code_tokenizer_is_refused_with_the_way_out(tiny_models, engine_c
     ({"model_type": "bert"}, r"^model type 'bert' is not supported; supported: .*gemma.*qwen3_moe"),
     ({"model_type": "gemma2"}, r"^model type 'gemma2' is not supported: it needs attention-logit soft-capping"),
     ({"model_type": "gemma3_text"}, r"^model type 'gemma3_text' is not supported: it needs sliding-window"),
+    ({"model_type": "deepseek_v3"}, r"^model type 'deepseek_v3' is not supported: it needs multi-head latent"),
 ])
 def test_unsupported_model_types_are_refused_in_one_line(hf, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -14,8 +14,6 @@ from cluster.convert.rope import rope_type
 LLAMA_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
                "ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
-
-
 QK_NORM_LAYER = {**LLAMA_LAYER, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 GLM_LAYER = {**{k: v for k, v in LLAMA_LAYER.items() if k not in ("gate", "up")}, "gate_up": "mlp.gate_up_proj"}
 BAICHUAN2_VOCAB = 125696
@@ -186,11 +184,20 @@ def _plus_one(t: Tensors, keys: tuple[str, ...]) -> None:
 FAMILIES: tuple[Family, ...] = (
     Family("Llama", ("llama", "mistral", "smollm"), LLAMA_LAYER, config_hook=_llama_bias),
     Family("InternLM", ("internlm",), LLAMA_LAYER, config_hook=_llama_bias),
+    Family("InternLM2", ("internlm2",),
+           {"qkv_grouped": "attention.wqkv", "o": "attention.wo", "gate": "feed_forward.w1",
+            "up": "feed_forward.w3", "down": "feed_forward.w2", "ln1": "attention_norm", "ln2": "ffn_norm"},
+           embed="model.tok_embeddings", head="output", config_hook=_llama_bias),
     Family("Qwen2", ("qwen2",), LLAMA_LAYER, fields={"attention_bias": True}),
+    Family("Qwen2-MoE", ("qwen2_moe",), LLAMA_LAYER,
+           config_hook=lambda v: {**qwen_moe_fields(v), "attention_bias": bool(v.get("qkv_bias", True))},
+           experts=Experts(shared="shared_expert.", shared_gate="shared_expert_gate")),
     Family("Qwen3", ("qwen3",), QK_NORM_LAYER, fields={"qk_norm": True}, config_hook=_llama_bias),
     Family("Qwen3-MoE", ("qwen3_moe",), QK_NORM_LAYER, fields={"qk_norm": True},
            keys={"num_experts": ("num_experts", "num_local_experts")},  # transformers 5 saves the latter
            config_hook=lambda v: {**qwen_moe_fields(v), **_llama_bias(v)}, experts=Experts()),
+    Family("Mixtral", ("mixtral",), LLAMA_LAYER, config_hook=_mixtral,
+           experts=Experts(prefix=("block_sparse_moe.", "mlp."), names=("w1", "w3", "w2"))),
     Family("Phi-3", ("phi3",),
            {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
             "down": "mlp.down_proj", "ln1": "input_layernorm", "ln2": "post_attention_layernorm"},
@@ -203,37 +210,6 @@ FAMILIES: tuple[Family, ...] = (
            {**GLM_LAYER, "post_ln1": "post_self_attn_layernorm", "post_ln2": "post_mlp_layernorm"},
            fields={"rope_interleaved": True, "sandwich_norms": True},
            config_hook=lambda v: {"attention_bias": bool(v.get("attention_bias", True))}),
-    # Checkpoints that ship remote code: their published tensor names and config keys.
-    Family("QWen", ("qwen",),
-           {"qkv": "attn.c_attn", "o": "attn.c_proj", "gate": "mlp.w2", "up": "mlp.w1", "down": "mlp.c_proj",
-            "ln1": "ln_1", "ln2": "ln_2"},
-           prefix="transformer.h.{i}.", embed="transformer.wte", norm="transformer.ln_f",
-           keys={"hidden_size": ("hidden_size", "n_embd"), "num_attention_heads": ("num_attention_heads", "n_head"),
-                 "num_hidden_layers": ("num_hidden_layers", "n_layer"),
-                 "intermediate_size": ("intermediate_size", "ffn_hidden_size"), "head_dim": "kv_channels",
-                 "rms_norm_eps": "layer_norm_epsilon", "rope_theta": "rotary_emb_base",
-                 "partial_rotary_factor": "rotary_pct"},
-           config_hook=_qwen_v1,
-           tokenizer_hint="QWen's tiktoken tokenizer is remote code; Qwen1.5's tokenizer files (tokenizer.json, "
-                          "tokenizer_config.json) have the same vocabulary and ids and the ChatML template"),
-    Family("Baichuan", ("baichuan",),
-           {"qkv": "self_attn.W_pack", **{k: v for k, v in LLAMA_LAYER.items() if k not in ("q", "k", "v")}},
-           config_hook=_baichuan, model_hook=_baichuan2_head,
-           tokenizer_hint="Baichuan's sentencepiece tokenizer is remote code; a tokenizer.json made from its "
-                          "tokenizer.model (transformers' LlamaTokenizerFast) is read"),
-    Family("ChatGLM2/3", ("chatglm",),
-           {"qkv": "self_attention.query_key_value", "o": "self_attention.dense", "gate_up": "mlp.dense_h_to_4h",
-            "down": "mlp.dense_4h_to_h", "ln1": "input_layernorm", "ln2": "post_attention_layernorm"},
-           prefix="transformer.encoder.layers.{i}.", embed="transformer.embedding.word_embeddings",
-           norm="transformer.encoder.final_layernorm", head="transformer.output_layer",
-           keys={"num_hidden_layers": "num_layers", "intermediate_size": "ffn_hidden_size", "head_dim": "kv_channels",
-                 "rms_norm_eps": "layernorm_epsilon", "max_position_embeddings": "seq_length",
-                 "vocab_size": ("padded_vocab_size", "vocab_size")},
-           view_hook=_chatglm_view, config_hook=_chatglm,
-           tokenizer_hint="ChatGLM's sentencepiece tokenizer is remote code; GLM-4-9B-chat-hf's is not, but its "
-                          "vocabulary differs: put a transformers tokenizer of this vocabulary beside the weights"),
-    Family("DeepSeek-MoE", ("deepseek",), LLAMA_LAYER, keys={"num_experts": "n_routed_experts"},
-           config_hook=_deepseek, experts=Experts(shared="shared_experts.")),
     Family("Falcon", ("falcon", "RefinedWeb", "RefinedWebModel"),
            {"qkv_grouped": "self_attention.query_key_value", "o": "self_attention.dense", "up": "mlp.dense_h_to_4h",
             "down": "mlp.dense_4h_to_h", "ln1": ("ln_attn", "input_layernorm"),
@@ -250,25 +226,52 @@ FAMILIES: tuple[Family, ...] = (
            keys={"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers",
                  "max_position_embeddings": "max_seq_len"},
            view_hook=_dbrx_view, config_hook=_dbrx, experts=Experts(read=_dbrx_experts)),
-    Family("InternLM2", ("internlm2",),
-           {"qkv_grouped": "attention.wqkv", "o": "attention.wo", "gate": "feed_forward.w1",
-            "up": "feed_forward.w3", "down": "feed_forward.w2", "ln1": "attention_norm", "ln2": "ffn_norm"},
-           embed="model.tok_embeddings", head="output", config_hook=_llama_bias),
-    Family("Mixtral", ("mixtral",), LLAMA_LAYER, config_hook=_mixtral,
-           experts=Experts(prefix=("block_sparse_moe.", "mlp."), names=("w1", "w3", "w2"))),
-    Family("Qwen2-MoE", ("qwen2_moe",), LLAMA_LAYER,
-           config_hook=lambda v: {**qwen_moe_fields(v), "attention_bias": bool(v.get("qkv_bias", True))},
-           experts=Experts(shared="shared_expert.", shared_gate="shared_expert_gate")),
+    # Checkpoints that ship remote code: their published tensor names and config keys.
+    Family("QWen", ("qwen",),
+           {"qkv": "attn.c_attn", "o": "attn.c_proj", "gate": "mlp.w2", "up": "mlp.w1", "down": "mlp.c_proj",
+            "ln1": "ln_1", "ln2": "ln_2"},
+           prefix="transformer.h.{i}.", embed="transformer.wte", norm="transformer.ln_f",
+           keys={"hidden_size": ("hidden_size", "n_embd"), "num_attention_heads": ("num_attention_heads", "n_head"),
+                 "num_hidden_layers": ("num_hidden_layers", "n_layer"),
+                 "intermediate_size": ("intermediate_size", "ffn_hidden_size"), "head_dim": "kv_channels",
+                 "rms_norm_eps": "layer_norm_epsilon", "rope_theta": "rotary_emb_base",
+                 "partial_rotary_factor": "rotary_pct"},
+           config_hook=_qwen_v1,
+           tokenizer_hint="QWen's tiktoken tokenizer is remote code; Qwen1.5's tokenizer files (tokenizer.json, "
+                          "tokenizer_config.json) have the same vocabulary and ids and the ChatML template"),
+    Family("Baichuan", ("baichuan",),
+           {"qkv": "self_attn.W_pack", **{k: v for k, v in LLAMA_LAYER.items() if k not in ("q", "k", "v")}},
+           config_hook=_baichuan, model_hook=_baichuan2_head,
+           tokenizer_hint="Baichuan's sentencepiece tokenizer is remote code; save a transformers tokenizer of its "
+                          "tokenizer.model (e.g. LlamaTokenizerFast) beside the weights"),
+    Family("ChatGLM2/3", ("chatglm",),
+           {"qkv": "self_attention.query_key_value", "o": "self_attention.dense", "gate_up": "mlp.dense_h_to_4h",
+            "down": "mlp.dense_4h_to_h", "ln1": "input_layernorm", "ln2": "post_attention_layernorm"},
+           prefix="transformer.encoder.layers.{i}.", embed="transformer.embedding.word_embeddings",
+           norm="transformer.encoder.final_layernorm", head="transformer.output_layer",
+           keys={"num_hidden_layers": "num_layers", "intermediate_size": "ffn_hidden_size", "head_dim": "kv_channels",
+                 "rms_norm_eps": "layernorm_epsilon", "max_position_embeddings": "seq_length",
+                 "vocab_size": ("padded_vocab_size", "vocab_size")},
+           view_hook=_chatglm_view, config_hook=_chatglm,
+           tokenizer_hint="ChatGLM's sentencepiece tokenizer is remote code; save a transformers tokenizer of its "
+                          "tokenizer.model beside the weights"),
+    Family("DeepSeek-MoE", ("deepseek",), LLAMA_LAYER, keys={"num_experts": "n_routed_experts"},
+           config_hook=_deepseek, experts=Experts(shared="shared_experts.")),
 )
 
 # Families whose attention the paged kernels (cluster/kernels/attention.py) cannot compute yet, and what they lack.
 _GEMMA3 = ("sliding-window attention (5 of every 6 layers attend only to the last sliding_window keys, with their own "
            "rope base) in the paged attention kernels")
+_MLA = ("multi-head latent attention (MLA): a paged cache of one compressed kv_lora_rank latent + a shared rope key "
+        "per token, and attention that absorbs kv_b_proj into q and the output (or K and V of different head dims); "
+        "the paged attention kernels store and read full per-head K and V of one head_dim")
 REFUSED = {
     "gemma2": ("attention-logit soft-capping (scores become tanh(s / cap) * cap before the softmax) and sliding-window "
                "attention on every other layer in the paged attention kernels"),
     "gemma3": _GEMMA3,
     "gemma3_text": _GEMMA3,
+    "deepseek_v2": _MLA,
+    "deepseek_v3": _MLA,
 }
 
 BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.model_types}

@@ -22,6 +22,7 @@ FUSED = ("qkv", "qkv_grouped", "gate_up")
 MLP_KEYS = ("gate", "up", "down", "gate_up")
 QKV_KEYS = ("q", "k", "v", "qkv", "qkv_grouped")
 NORM_KEYS = ("ln1", "ln2")
+LINEAR_KEYS = ("q", "k", "v", "o", "gate", "up", "down") + FUSED
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 """Hugging Face checkpoint (safetensors, .bin or GGUF) -> engine format: one safetensors shard per TP rank.
 
-Engine names per rank (qkv and gate/up fused, already sliced for the rank):
-  embed_tokens.weight, [lm_head.weight], norm.weight, rotary.inv_freq,
-  layers.{i}.input_layernorm.weight, layers.{i}.self_attn.qkv_proj.{weight,bias}, layers.{i}.self_attn.o_proj.weight,
-  layers.{i}.post_attention_layernorm.weight, layers.{i}.mlp.gate_up_proj.weight, layers.{i}.mlp.down_proj.weight
-Expert layers (Mixtral, Qwen2-MoE) have instead, every expert on every rank, sliced along its FFN width:
+Which checkpoint tensors mean what is each family's entry (convert/families.py, read by convert/family.py); this
+module reads files, slices for ranks and writes. Engine names per rank (qkv and gate/up fused, already sliced):
+  embed_tokens.weight, [lm_head.weight], norm.{weight,[bias]}, rotary.inv_freq,
+  layers.{i}.input_layernorm.{weight,[bias]}, layers.{i}.self_attn.qkv_proj.{weight,[bias]},
+  layers.{i}.self_attn.o_proj.{weight,[bias]}, [layers.{i}.self_attn.{q_norm,k_norm}.weight],
+  [layers.{i}.post_attention_layernorm.{weight,[bias]}], [layers.{i}.post_{self_attn,mlp}_layernorm.weight],
+  layers.{i}.mlp.gate_up_proj.weight (a plain MLP: up_proj.weight), layers.{i}.mlp.down_proj.weight
+Expert layers (Mixtral, Qwen2/3-MoE, DeepSeek-MoE, Dbrx) have instead, every expert on every rank, sliced along
+its FFN width:
   layers.{i}.mlp.gate.weight, layers.{i}.mlp.w13, layers.{i}.mlp.w2,
-  [layers.{i}.mlp.shared_expert.{gate_up_proj,down_proj}.weight, layers.{i}.mlp.shared_expert_gate.weight]
+  [layers.{i}.mlp.shared_expert.{gate_up_proj,down_proj}.weight, [layers.{i}.mlp.shared_expert_gate.weight]]
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from cluster.convert import fp8 as fp8_ckpt
 from cluster.convert import head_layout, rope
 from cluster.convert.awq import AWQReader, merge_shards
 from cluster.convert.families import family_for
-from cluster.convert.family import NORM_KEYS, config_view, read_layer, read_model
+from cluster.convert.family import LINEAR_KEYS, config_view, read_layer, read_model
 from cluster.convert.quant import log_at_conversion, quantize_layer_rtn, resolve_quant
 from cluster.convert.source import Source
 from cluster.quant import fp8
@@ -132,7 +136,8 @@ def _head_fields(view: dict, fields: dict, name: str) -> dict:
 
 def _proj_named(fam) -> bool:
     """FP8 checkpoints are read by their `*_proj` linears (convert/fp8.py); a family named otherwise is not."""
-    return all(m.endswith("_proj") for k, m in fam.layer.items() if k not in NORM_KEYS)
+    paths = [m for k, v in fam.layer.items() if k in LINEAR_KEYS for m in ((v,) if isinstance(v, str) else v)]
+    return all(m.endswith("_proj") for m in paths)
 
 
 def _hf_layer_tensors(get, hf: dict, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
