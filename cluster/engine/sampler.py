@@ -2,7 +2,9 @@
 
 Per row: penalties (repetition, presence, frequency), min-tokens masking, the grammar's token mask (structured
 output, cluster/engine/grammar.py), then greedy or temperature + top-k + top-p + min-p, drawn as argmax(p / Exp(1))
-so a request with a seed draws from its own generator and gets the same tokens whatever else is in the batch."""
+so a request with a seed draws from its own generator and gets the same tokens whatever else is in the batch. A
+seeded row's noise depends only on (seed, the token's position in the sequence): a request resumed elsewhere with
+its earlier output as prompt (the router's failover) draws the same tokens as the uninterrupted run."""
 from __future__ import annotations
 
 from collections import Counter
@@ -37,6 +39,20 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     which would stall an overlapped step behind the one still running)."""
     t = torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed of the token at `position` (its index in prompt + output) of a request seeded `seed`:
+    a splitmix64 mix, so neighbouring positions and seeds give unrelated streams. Derived from the position, not
+    from how many draws came before, so a request resumed with its earlier tokens as prompt (failover to another
+    replica), recomputed after preemption, or drawn again after a wasted step ahead, draws the same noise."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | None) -> torch.Tensor:
@@ -121,8 +137,11 @@ def draw(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | Non
             thresh = probs.max(dim=-1, keepdim=True).values * to_device(min_p, torch.float32, dev).unsqueeze(1)
             probs = probs.masked_fill(probs < thresh, 0.0)
         noise = torch.empty_like(probs).exponential_()
+        ahead = 1 if pending is not None else 0  # the token in flight (overlap) holds the next position
         for i, s in enumerate(seqs):
             if s.generator is not None:
+                if s.gen.seed is not None:
+                    s.generator.manual_seed(position_seed(s.gen.seed, len(s.token_ids) + ahead))
                 noise[i].exponential_(generator=s.generator)
         sampled = (probs / noise).argmax(dim=-1)
         greedy_rows = to_device([s.gen.greedy for s in seqs], torch.bool, dev)
