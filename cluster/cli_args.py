@@ -89,4 +89,10 @@ def check_model(model: str | None) -> None:
     from cluster.convert.source import is_converted, resolve_source
 
     if not (model and is_converted(Path(model))):
-        resolve_source(model)  # FileNotFoundError saying what MODEL may be
+        src = resolve_source(model)  # FileNotFoundError saying what MODEL may be
+        if not src.gguf_file:  # a model type no family reads (convert/families.py, torch-free): ValueError
+            import json
+
+            from cluster.convert.families import check_supported
+
+            check_supported(json.loads((src.path / "config.json").read_text()))

@@ -168,3 +168,17 @@ def test_quant_awq_matches_transformers_on_the_rounded_weights(kind, tiny_models
     ref = _with_weights(hf_model, _rounded_linears(hf_model, lambda w: int4.dequantize(*int4.quantize(w, 32))))
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     assert [r.token_ids for r in engine.generate(ids, GREEDY)] == _want(ref, ids), kind
+
+
+def test_commands_refuse_an_unsupported_model_before_starting(tmp_path):
+    """`cluster chat` / `serve` check the model type from config.json alone (no torch imported for it)."""
+    import subprocess
+    import sys
+
+    from cluster.cli_args import check_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    with pytest.raises(ValueError, match=r"^model type 'gemma2' is not supported: it needs attention-logit soft-capping"):
+        check_model(str(tmp_path))
+    code = "import sys, cluster.convert.families; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

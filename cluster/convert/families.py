@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
-
 from cluster.convert.family import Experts, Family, Tensors
 from cluster.convert.rope import rope_type
 
@@ -81,6 +79,8 @@ def _baichuan(view: dict) -> dict:
 def _baichuan2_head(t: Tensors, cfg) -> None:
     """Baichuan2's NormHead divides each LM-head row by its L2 norm at run time; done once here. Baichuan2 is told
     from Baichuan by its vocabulary (125696), as its configs say nothing else."""
+    import torch.nn.functional as F
+
     if cfg.vocab_size == BAICHUAN2_VOCAB and "head" in t:
         t["head"] = F.normalize(t["head"].float(), dim=-1)
 
@@ -276,6 +276,12 @@ REFUSED = {
 
 BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.model_types}
 SUPPORTED = sorted(BY_MODEL_TYPE) + ["llava"]  # llava: a Llama-family language model (cluster/convert/llava.py)
+
+
+def check_supported(hf: dict) -> None:
+    """Refuse an unsupported model type (LLaVA: its language model's) in one line, from the config alone."""
+    model_type = hf.get("model_type", "")
+    family_for((hf.get("text_config") or {}).get("model_type", "llama") if model_type == "llava" else model_type)
 
 
 def family_for(model_type: str) -> Family:

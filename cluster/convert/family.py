@@ -8,14 +8,15 @@ router, e_gate, e_up [E, F, H], e_down [E, H, F] (+ the shared expert's gate, up
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from cluster.models.config import ModelConfig
 
-Getter = Callable[[str], torch.Tensor]
-Tensors = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # the entries and config checks import without torch (cluster/cli_args.py checks a model with them)
+    import torch
+
+Getter = Callable[[str], "torch.Tensor"]
+Tensors = dict[str, "torch.Tensor"]
 
 # keys a family's `layer` template may hold that stand for several engine tensors in one checkpoint tensor
 FUSED = ("qkv", "qkv_grouped", "gate_up")
@@ -135,6 +136,8 @@ def read_experts(spec: Experts, get: Getter, cfg: ModelConfig, layer_prefix: str
     """Gate, up [E, F, H] and down [E, H, F] stacked over experts, the router, and the shared expert. Reads
     per-expert checkpoints (what Mixtral and Qwen ship, and what transformers 4 saves) and transformers 5's fused
     3D layout (experts.gate_up_proj [E, 2F, H], experts.down_proj [E, H, F])."""
+    import torch
+
     names = getattr(get, "names", set())
     if spec.read is not None:
         return spec.read(get, cfg, layer_prefix)

@@ -276,12 +276,13 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
     from cluster.convert import llava
 
     hf = read_hf_config(src)
-    get = _tensor_reader(src)
     vlm = llava.is_llava(hf)
     if vlm:
-        hf, get, vision_get = llava.text_config(hf), llava.text_reader(get), get
-        vision = llava.vision_fields(read_hf_config(src))
-    cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")), quant)
+        hf, vision = llava.text_config(hf), llava.vision_fields(hf)
+    cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")), quant)  # refusals before any weight
+    get = _tensor_reader(src)
+    if vlm:
+        get, vision_get = llava.text_reader(get), get
     if cfg.quant and not hf.get("quantization_config"):
         log_at_conversion(cfg.quant["method"])
     _add_generation_eos(src, cfg)

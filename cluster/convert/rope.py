@@ -3,11 +3,12 @@ weights; and the context a checkpoint's rope or attention pattern lets the engin
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
-
-from cluster.convert import head_layout
 from cluster.models.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where frequencies are computed: the config checks run without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def inv_freq(view: dict, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """The engine's head_dim / 2 frequencies and transformers' attention scaling (YaRN, LongRoPE) for cos/sin."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from cluster.convert import head_layout
 
     kw = {k: view[k] for k in ("hidden_size", "num_attention_heads", "max_position_embeddings") if view.get(k)}
     kw["head_dim"] = cfg.rotary_dim or cfg.src_head_dim
