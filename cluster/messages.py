@@ -109,6 +109,7 @@ class Choice:
     index: int
     prompt: Any  # Prompt
     gen: dict
+    resume_ids: list[int] = field(default_factory=list)  # failover: tokens already sent, appended to the prompt's ids
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Job:
     logprobs: bool = False  # return per-token logprobs (as TokenLogprob)
     work: int = 0  # estimated tokens to process, for replica choice
     param: Optional[str] = None  # the request field that holds the prompt ("messages" or "prompt"), for errors
+    exclude_replicas: list[str] = field(default_factory=list)  # failover: replicas that failed this request
 
 
 # -- engine replica <-> rank 0 ----------------------------------------------------------------------------------------
@@ -132,6 +134,7 @@ class EngineRequest:
     gen: dict
     logprobs: bool = False
     param: Optional[str] = None
+    resume_ids: list[int] = field(default_factory=list)  # appended to the prompt's token ids (a resumed request)
 
 
 @dataclass

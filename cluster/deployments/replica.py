@@ -309,7 +309,7 @@ class ReplicaCore:
         for c in job.choices:
             rid = rids[c.index] = f"{job.request_id}-{c.index}"
             self.streams[rid] = _Stream(q, c.index)
-            items.append(EngineRequest(rid, c.prompt, c.gen, job.logprobs, job.param))
+            items.append(EngineRequest(rid, c.prompt, c.gen, job.logprobs, job.param, list(c.resume_ids)))
         running = set(rids)  # aborted on the way out, unless rank 0 says they never started
         work = job.work
         self.pending_work += work

@@ -119,6 +119,12 @@ class RouterMetrics:
                              buckets=_E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("cluster_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("cluster_generation_tokens", "tokens generated", ["model"], registry=r)
+        self.failovers = Counter("cluster_router_failovers", "times a request went on on another engine replica "
+                                 "after its replica failed mid-stream", ["model"], registry=r)
+        self.moved_requests = Counter("cluster_router_moved_requests", "requests moved to another engine replica at "
+                                      "least once (failover)", ["model"], registry=r)
+        self.failover_exhausted = Counter("cluster_router_failover_exhausted", "requests that failed because no "
+                                          "engine replica could continue them", ["model"], registry=r)
         self.engines = EngineCollector()
         r.register(self.engines)
         self.routing = RoutingCollector()

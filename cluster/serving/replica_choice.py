@@ -33,6 +33,20 @@ def _rid(pending_request) -> str:
     return pending_request.metadata.internal_request_id
 
 
+def _unique_id(replica) -> str:
+    rid = replica.replica_id
+    return getattr(rid, "unique_id", str(rid))
+
+
+def excluding(candidates: list, job: Job | None) -> list:
+    """The candidates less those that failed this job (failover: cluster.serving.failover), unless that leaves
+    none: then all of them, as one may have recovered since."""
+    if job is None or not job.exclude_replicas:
+        return list(candidates)
+    left = [r for r in candidates if _unique_id(r) not in job.exclude_replicas]
+    return left or list(candidates)
+
+
 def _count(deployment: str, replica_id, reason: str | None) -> None:
     """Into this process's ROUTING, imported where this runs: Serve pickles this module by value (RequestRouterConfig
     registers it so), and a global named here would travel as a copy (ROUTING, with its lock, cannot). The
@@ -93,6 +107,8 @@ def make_request_routers() -> dict[str, type]:
             self._state()
             if not candidate_replicas:
                 return []
+            if pending_request is not None:
+                candidate_replicas = excluding(candidate_replicas, _job(pending_request))
             pick = self._by_load(candidate_replicas)
             if pending_request is not None:
                 self._sweep()
@@ -148,6 +164,7 @@ def make_request_routers() -> dict[str, type]:
             job = _job(pending_request) if pending_request is not None else None
             if job is None or not job.choices:
                 return await super().choose_replicas(candidate_replicas, pending_request)
+            candidate_replicas = excluding(candidate_replicas, job)
             rid = _rid(pending_request)
             keys = self._decided[rid][0] if rid in self._decided else prefix_keys(job.choices[0].prompt)
             by_id = {r.replica_id: r for r in candidate_replicas}

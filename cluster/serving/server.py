@@ -14,6 +14,7 @@ from cluster.engine.multimodal import has_images
 from cluster.messages import EngineStats, Failed, ReplicaInfo, Started
 from cluster.protocol import APIError, ChatCompletionRequest, CompletionRequest, make_job, new_id, parse
 from cluster.serving.backends import Backend, EventStream
+from cluster.serving.failover import FailoverStream
 from cluster.serving.metrics import RouterMetrics
 from cluster.serving.responses import ResponseBuilder, backend_error
 
@@ -118,6 +119,18 @@ class OpenAIServer:
             raise APIError.from_error(first.error)
         return events, first
 
+    def _counting_moves(self, model: str):
+        """FailoverStream's callback: the failover counters of /metrics, and /health asks the engines again."""
+        def on_move(outcome: str, moved: int) -> None:
+            self.stats_changed()
+            if outcome == "moved":
+                self.metrics.failovers.labels(model).inc()
+                if moved == 1:
+                    self.metrics.moved_requests.labels(model).inc()
+            else:
+                self.metrics.failover_exhausted.labels(model).inc()
+        return on_move
+
     async def _job(self, req, chat: bool):
         """(prompts, job) of a validated request."""
         if chat:
@@ -152,6 +165,7 @@ class OpenAIServer:
             prompts, job = await self._job(req, chat)
             check_fits(prompts, req.max_tokens, self._info.get(id(backend), ReplicaInfo()), job.param)
             events, first = await self._start(backend, job)
+            events = FailoverStream(backend, job, events, first, self._counting_moves(model))
             if meta is not None:
                 meta["replica"] = first.replica
             builder = ResponseBuilder(self, req, job, first, endpoint, t0, chat, prompts)  # owns in_flight now

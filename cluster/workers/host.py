@@ -25,6 +25,18 @@ from cluster.workers.client_errors import error_for
 REPLY_INTERVAL_S = 0.02
 
 
+def resumed(prompt, resume_ids: list[int]):
+    """A prepared prompt with the tokens a failed replica already sent appended: the resumed request's prompt is
+    exactly the tokens the uninterrupted one had at that point (no re-rendering of text or chat), so greedy and
+    seeded continuations match, and its detokenizer takes the sent tokens as context (no repeated or lost text)."""
+    extra = [int(t) for t in resume_ids]
+    if not hasattr(prompt, "token_ids"):  # an engine that prepares prompts as plain token lists
+        return list(prompt) + extra
+    from cluster.engine.tokenizer import PreparedPrompt
+
+    return PreparedPrompt(list(prompt.token_ids) + extra, prompt.pixel_values, prompt.chat)
+
+
 class _Sink:
     """Where the engine thread puts one request's outputs: tagged with the request id into the host's inbox."""
 
@@ -115,6 +127,8 @@ class RankZeroHost:
         try:
             gen = dict(req.gen)
             prompt = self.engine.prepare_prompt(with_tools(req.prompt, gen.get("tools"), gen.get("tool_choice")))
+            if req.resume_ids:  # failover: the prompt's own tokens, then those already sent, token-exact
+                prompt = resumed(prompt, req.resume_ids)
             if gen.get("max_new_tokens") is None:
                 gen["max_new_tokens"] = max(1, self.engine.session_len - len(prompt))
             gen = GenerationConfig(**gen)
