@@ -380,7 +380,7 @@ def _ray(server, code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_killed_worker_fails_requests_then_recovers(server):
+def test_killed_worker_moves_requests_then_recovers(server):
     names = _ray(server, "print(json.dumps(rank0))")
     assert len(names) == 2, names
     victim = names[0]
@@ -423,10 +423,7 @@ def test_killed_worker_fails_requests_then_recovers(server):
 
     t_kill, done, (seen_503, t_back) = asyncio.run(go())
     failed = [(r, t - t_kill) for r, t in done if r != "ok"]
-    assert failed, done  # some were on the killed replica
-    assert all(dt < 10 for _, dt in failed), failed
-    assert all("engine" in r or "unavailable" in r for r, _ in failed), failed
-    print(f"{len(failed)} of {len(done)} streams failed, at most {max(dt for _, dt in failed):.2f}s after the kill")
+    assert not failed, done  # those on the killed replica went on on the other (failover; test_serve_failover.py)
     assert seen_503
     print(f"/health failed, then passed again {t_back - t_kill:.1f}s after the kill")
     names = _ray(server, "print(json.dumps([a['name'] for a in rank0]))")

@@ -32,6 +32,13 @@ DEATH_EXCEPTIONS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailab
 NO_REPLICA_LEFT = "no engine replica could continue this request after its replica failed; retry shortly"
 
 
+def no_replica_left(cause: Event | BaseException) -> str:
+    """The error that ends a request no replica could take over, with what failed first (say a tensor-parallel
+    rank's death): the client learns both why it stopped and that retrying may work."""
+    what = cause.error.message if isinstance(cause, Failed) else str(cause) or type(cause).__name__
+    return f"{what}; {NO_REPLICA_LEFT}" if what else NO_REPLICA_LEFT
+
+
 def replica_failed(what: Event | BaseException) -> bool:
     """True when `what` (an event or a handle's exception) says the replica is gone or not answering, so another
     replica may continue the request; a request's own errors (bad prompt, aborted) are not retried."""
@@ -178,4 +185,4 @@ class FailoverStream(EventStream):
             await asyncio.sleep(delay)  # that replica refused at once (recovering): give the others a moment
             delay *= 2
         self.on_move("exhausted", self.moved)
-        return Failed(ErrorInfo("unavailable", NO_REPLICA_LEFT, retry_after=5))
+        return Failed(ErrorInfo("unavailable", no_replica_left(why), retry_after=5))
