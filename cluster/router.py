@@ -19,6 +19,9 @@ from cluster.admission import MAX_REQUEST_BYTES
 from cluster.serving.replica_choice import make_request_routers
 from cluster.serving.server import OpenAIServer
 
+ROUTER_DRAIN_TIMEOUT_S = 300.0  # an old router replica streams on this long after a redeploy (Serve's default: 20)
+FAILOVER_MARGIN_S = 30.0  # a router outlives its engines' drain by this: time to move a request cut off there
+
 
 # -- the Serve application ------------------------------------------------------------------------------------------
 class ServeArgs(BaseModel):
@@ -33,6 +36,10 @@ class ServeArgs(BaseModel):
                                      "to it); otherwise only inline data: URLs are accepted over HTTP")
     router_replicas: int = Field(1, ge=1)
     router_max_ongoing_requests: int = Field(10000, ge=1)
+    router_drain_timeout_s: float = Field(
+        ROUTER_DRAIN_TIMEOUT_S, gt=0, description="a router replica Serve replaces (redeploy) or removes keeps "
+        "streaming the responses it has in flight this long; at least every model's drain_timeout_s plus "
+        f"{FAILOVER_MARGIN_S:.0f} s, so a stream cut off on an engine replica is moved before its router stops")
 
     def specs(self):
         from cluster.deployments.engine import ModelSpec
@@ -43,6 +50,11 @@ class ServeArgs(BaseModel):
         names = [s.deployment_name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a deployment name ({names}); give each a distinct 'name'")
+        longest = max(s.drain_timeout_s for s in specs)
+        if self.router_drain_timeout_s < longest + FAILOVER_MARGIN_S:
+            raise ValueError(f"router_drain_timeout_s {self.router_drain_timeout_s:g} must be at least the longest "
+                             f"drain_timeout_s ({longest:g}) + {FAILOVER_MARGIN_S:g}: raise router_drain_timeout_s "
+                             "or lower drain_timeout_s")
         return specs
 
 
@@ -89,7 +101,7 @@ def build_app(args: dict | ServeArgs | None = None):
             name=spec.deployment_name, **spec.serve_options(), max_ongoing_requests=spec.max_ongoing_requests,
             max_queued_requests=spec.max_queued_requests, ray_actor_options={"num_cpus": 0},
             health_check_period_s=spec.health_check_period_s, health_check_timeout_s=60,
-            graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1)
+            graceful_shutdown_timeout_s=spec.drain_timeout_s, graceful_shutdown_wait_loop_s=1)
         if spec.routing != "serve_default":
             kwargs: dict[str, Any] = {"deployment": spec.deployment_name}
             if spec.routing == "cache_aware":
@@ -100,5 +112,6 @@ def build_app(args: dict | ServeArgs | None = None):
         engines.append(serve.deployment(EngineReplica).options(**opts).bind(spec.model_dump()))
     ingress = serve.deployment(serve.ingress()(RouterIngress)).options(
         name="router", num_replicas=a.router_replicas, max_ongoing_requests=a.router_max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0})
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=a.router_drain_timeout_s,
+        graceful_shutdown_wait_loop_s=1)
     return ingress.bind(a.model_dump(), *engines)

@@ -42,6 +42,12 @@ def add_serve_args(subparsers) -> None:
     p.add_argument("--max-replicas", type=int, default=None, help="see --min-replicas")
     p.add_argument("--target-ongoing-requests", type=float, default=None,
                    help="autoscaling: requests in flight per replica Serve aims at (default: 64)")
+    p.add_argument("--autoscaling", action="append", default=None, metavar="KEY=VALUE",
+                   help="autoscaling: any other autoscaling_config field, e.g. upscale_delay_s=5, "
+                        "downscale_delay_s=60, look_back_period_s=10, metrics_interval_s=2 (repeatable)")
+    p.add_argument("--drain-timeout", type=float, default=None, metavar="S",
+                   help="an engine replica Serve stops (redeploy, scale-down) finishes its requests this long "
+                        "before its workers are killed; the rest move to another replica (default: 60)")
     p.add_argument("--routing", choices=["cache_aware", "pending_work", "serve_default"], default="cache_aware",
                    help="replica choice: the replica holding the longest prefix of the prompt unless it is "
                         "overloaded (cache_aware), least pending work of two (pending_work), or Serve's own")
@@ -112,7 +118,8 @@ def _serve_args(args: argparse.Namespace, local: bool):
     spec = {"model": model, "name": args.model_name, "replicas": args.replicas, "routing": args.routing,
             "affinity_margin_tokens": args.affinity_margin, "autoscaling_config": auto,
             "engine": ec.model_dump(exclude_defaults=True), "cpus_per_worker": float(cpus),
-            "max_waiting": args.max_waiting, "max_queued_requests": args.max_queued_requests}
+            "max_waiting": args.max_waiting, "max_queued_requests": args.max_queued_requests,
+            "drain_timeout_s": args.drain_timeout}
     spec = {k: v for k, v in spec.items() if v is not None}
     extra = {k: v for k, v in (("max_request_bytes", args.max_request_bytes), ("image_dir", args.image_dir))
              if v is not None}
@@ -125,9 +132,11 @@ def _serve_args(args: argparse.Namespace, local: bool):
 
 def _autoscaling(args: argparse.Namespace) -> dict | None:
     """ModelSpec.autoscaling_config of --min/--max-replicas and --target-ongoing-requests; None: fixed replicas."""
+    extra = _autoscaling_fields(args.autoscaling or [])
     if args.min_replicas is None and args.max_replicas is None:
-        if args.target_ongoing_requests is not None:
-            raise ValueError("--target-ongoing-requests needs --max-replicas (and optionally --min-replicas)")
+        if args.target_ongoing_requests is not None or extra:
+            flag = "--target-ongoing-requests" if args.target_ongoing_requests is not None else "--autoscaling"
+            raise ValueError(f"{flag} needs --max-replicas (and optionally --min-replicas)")
         return None
     if args.replicas != 1:
         raise ValueError("--replicas and --min/--max-replicas are both set: drop --replicas (Serve starts at "
@@ -136,7 +145,29 @@ def _autoscaling(args: argparse.Namespace) -> dict | None:
     auto = {"min_replicas": lo, "max_replicas": max(lo, 1) if args.max_replicas is None else args.max_replicas}
     if args.target_ongoing_requests is not None:
         auto["target_ongoing_requests"] = args.target_ongoing_requests
-    return auto
+    from cluster.deployments.engine import Autoscaling
+
+    return Autoscaling.model_validate({**auto, **extra}).model_dump(exclude_unset=True)  # "5" -> 5.0, checked
+
+
+def _autoscaling_fields(pairs: list[str]) -> dict:
+    """--autoscaling KEY=VALUE pairs as autoscaling_config fields (ModelSpec's Autoscaling checks names and values)."""
+    from cluster.deployments.engine import Autoscaling
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not value.strip():
+            raise ValueError(f"--autoscaling {pair!r}: write KEY=VALUE, e.g. --autoscaling downscale_delay_s=60")
+        if key in ("min_replicas", "max_replicas", "target_ongoing_requests"):
+            raise ValueError(f"--autoscaling {key}: use --{key.replace('_', '-')} instead")
+        if key not in Autoscaling.model_fields:
+            known = ", ".join(k for k in Autoscaling.model_fields
+                              if k not in ("min_replicas", "max_replicas", "target_ongoing_requests"))
+            raise ValueError(f"--autoscaling {key}: no such field (known: {known})")
+        out[key] = value.strip()
+    return out
 
 
 def _has_gpu() -> bool:
@@ -305,7 +336,8 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"serving on {_url(host, port)} (models: GET /v1/models); SIGTERM or Ctrl-C to stop", flush=True)
         signals.stop.wait()
         print("shutting down: refusing new requests, letting those in flight finish", flush=True)
-        _drain(args.app_name, args.shutdown_timeout)
+        # requests still in flight after --shutdown-timeout: do not wait on (the router's drain_timeout_s, 300 s)
+        quick = not _drain(args.app_name, args.shutdown_timeout)
     except KeyboardInterrupt:
         quick = True
         print("interrupted: stopping", flush=True)
@@ -392,7 +424,8 @@ def _deploy_failure(app_name: str) -> str | None:
     return None
 
 
-def _drain(app_name: str, timeout: float) -> None:
+def _drain(app_name: str, timeout: float) -> bool:
+    """Refuse new requests, wait up to `timeout` for those in flight; True when none is left."""
     from ray import serve
 
     try:
@@ -404,8 +437,10 @@ def _drain(app_name: str, timeout: float) -> None:
             left = h.num_in_flight.remote().result(timeout_s=10)
         if left:
             print(f"{left} request(s) still in flight after {timeout:.0f}s; stopping anyway", flush=True)
+        return not left
     except Exception as e:  # noqa: BLE001 - shutting down regardless
         print(f"drain failed: {e}", file=sys.stderr, flush=True)
+        return False
 
 
 # -- client, webui ------------------------------------------------------------------------------------------------

@@ -27,11 +27,11 @@ def server(tmp_path_factory):
                       ["--num-cpus", "4", "--replicas", "2", "--cpus-per-worker", "1"])
 
 
-def _requests(model: str) -> list[tuple[str, dict]]:
+def _requests(model: str, n: int = N_STREAMS, max_tokens: int = MAX_TOKENS) -> list[tuple[str, dict]]:
     """Greedy streams, completions and chats, each prompt its own (so load, not a cached prefix, spreads them)."""
     out = []
-    for i in range(N_STREAMS):
-        common = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True,
+    for i in range(n):
+        common = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
                   "stream_options": {"include_usage": True}}
         if i % 2:
             out.append(("/v1/chat/completions",
@@ -42,11 +42,15 @@ def _requests(model: str) -> list[tuple[str, dict]]:
 
 
 async def _stream(c: httpx.AsyncClient, url: str, path: str, body: dict, progress: list | None = None) -> dict:
-    """One streamed request: status, the replica that took it, its text, usage and any error event."""
-    text, usage, errors = "", None, []
+    """One streamed request: status, the replica that took it, its text, usage, any error event, the finish
+    reasons, whether `[DONE]` ended it, and when it started and ended (time.time())."""
+    text, usage, errors, finish, done = "", None, [], [], False
+    t0 = time.time()
     async with c.stream("POST", url + path, json=body, headers=AUTH) as r:
         replica = r.headers.get("x-cluster-replica")
         async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
             if not line.startswith("data: {"):
                 continue
             ev = json.loads(line[6:])
@@ -56,9 +60,12 @@ async def _stream(c: httpx.AsyncClient, url: str, path: str, body: dict, progres
             usage = ev.get("usage") or usage
             for ch in ev.get("choices", []):
                 text += (ch["delta"].get("content") or "") if "delta" in ch else ch["text"]
+                if ch.get("finish_reason"):
+                    finish.append(ch["finish_reason"])
             if progress is not None:
                 progress.append(1)
-        return {"status": r.status_code, "replica": replica, "text": text, "usage": usage, "errors": errors}
+        return {"status": r.status_code, "replica": replica, "text": text, "usage": usage, "errors": errors,
+                "finish": finish, "done": done, "t0": t0, "t1": time.time()}
 
 
 def _rank0_pids(server) -> dict[str, int]:

@@ -19,7 +19,8 @@ from cluster.messages import Event, Job, ReplicaInfo
 class Autoscaling(BaseModel):
     """Serve replica autoscaling of one model (a subset of Serve's AutoscalingConfig, typo-proof). A replica Serve
     adds asks for a placement group of GPU bundles; on KubeRay that pending demand is what makes the Ray autoscaler
-    add a GPU worker pod, and an idle pod is removed after the autoscaler's idle timeout."""
+    add a GPU worker pod, and an idle pod is removed after the autoscaler's idle timeout. A replica Serve removes
+    drains first (ModelSpec.drain_timeout_s)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +41,10 @@ class Autoscaling(BaseModel):
             raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"look_back_period_s {self.look_back_period_s:g} must exceed metrics_interval_s "
+                             f"{self.metrics_interval_s:g} (Serve averages the samples of that window): raise "
+                             "look_back_period_s or lower metrics_interval_s")
         return self
 
 
@@ -62,6 +67,9 @@ class ModelSpec(BaseModel):
     max_ongoing_requests: int = Field(1024, ge=1, description="requests one replica takes at a time")
     max_queued_requests: int = Field(4096, ge=-1, description="requests waiting for a replica before 503; -1: no limit")
     health_check_period_s: float = Field(5.0, gt=0)
+    drain_timeout_s: float = Field(60.0, gt=0, description="a replica Serve stops (redeploy, scale-down) takes no "
+                                   "new requests and lets those in flight finish this long before its workers "
+                                   "are killed; the router moves any still running to another replica")
     recovery_timeout_s: float = Field(600.0, gt=0, description="a replica rebuilding longer than this is unhealthy")
     routing: str = Field("cache_aware", pattern="^(cache_aware|pending_work|serve_default)$",
                          description="replica choice: cache_aware (the replica holding the longest prefix of the "
