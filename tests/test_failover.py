@@ -228,5 +228,6 @@ def test_resumed_prompt_is_the_prompt_tokens_then_the_sent_ones():
     from cluster.engine.tokenizer import PreparedPrompt
 
     p = resumed(PreparedPrompt([1, 2, 3], None, chat=True), [7, 8])
-    assert p.token_ids == [1, 2, 3, 7, 8] and p.chat
+    assert p.token_ids == [1, 2, 3, 7, 8] and p.chat and p.resumed == 2 and p.own_ids == [1, 2, 3]
+    assert resumed(p, [9]).resumed == 3  # a second move: the first's tokens are output too
     assert resumed([1, 2], [3]) == [1, 2, 3]

@@ -16,6 +16,7 @@ from cluster.engine.grammar import GrammarKey, Grammars, grammar_key
 from cluster.engine.multimodal import has_images, prompt_images
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
+from cluster.engine.resume import replay
 from cluster.engine.sequence import Sequence
 from cluster.engine.tokenizer import IncrementalDetokenizer, PreparedPrompt, Prompt, Tokenizer
 from cluster.executor import Executor, create_executor, resolve_model
@@ -148,7 +149,7 @@ class LLMEngine:
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
         ids = list(prompt.token_ids)
-        seq = Sequence(rid, ids, gen)
+        seq = Sequence(rid, ids, gen, num_resumed=prompt.resumed)
         if prompt.pixel_values is not None:
             self._attach_images(seq, prompt.pixel_values)
         seq.stop_ids = frozenset(gen.stop_token_ids) | (frozenset() if gen.ignore_eos else frozenset(self.eos_ids))
@@ -157,10 +158,12 @@ class LLMEngine:
         if self.tokenizer is not None:
             seq.parser = self.tokenizer.output_parser(prompt, gen.uses_tools)
             skip = gen.skip_special_tokens and not self.tokenizer.keeps_markers(seq.parser)
-            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, skip, gen.stop_words)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, prompt.own_ids, skip, gen.stop_words)
         key = self._grammar_key(prompt, gen)
         if key is not None:
             seq.matcher = self.grammars.matcher(self.grammars.get(key), seq.stop_ids)
+        if prompt.resumed:  # failover: the output already sent goes through the detokenizer, parser and grammar
+            replay(seq, ids[len(ids) - prompt.resumed:])
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         self.stats.tokens_in += len(ids)

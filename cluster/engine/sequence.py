@@ -24,6 +24,7 @@ class Sequence:
     token_ids: list[int]
     gen: GenerationConfig
     num_prompt_tokens: int = 0
+    num_resumed: int = 0  # failover: of the prompt's tokens, the trailing ones another replica already generated
     arrival: int = field(default_factory=lambda: next(_counter))
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -60,7 +61,9 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The answer's tokens, those a failed replica already sent included: what OpenAI's presence and frequency
+        penalties count, so a resumed request is penalised as the uninterrupted one."""
+        return self.token_ids[self.num_prompt_tokens - self.num_resumed:]
 
     @property
     def num_uncomputed(self) -> int:

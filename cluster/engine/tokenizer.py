@@ -30,9 +30,15 @@ class PreparedPrompt:
     token_ids: list[int]
     pixel_values: torch.Tensor | None = None
     chat: bool = False  # rendered by the chat template (its output may hold reasoning or tool calls)
+    resumed: int = 0  # failover: the trailing token ids are output a failed replica already sent (host.resumed)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def own_ids(self) -> list[int]:
+        """The prompt's own token ids, without the resumed output: what the template ended with (think_state)."""
+        return self.token_ids[:len(self.token_ids) - self.resumed]
 
 
 class ChatPrompt(list):
@@ -113,7 +119,7 @@ class Tokenizer:
         "optional": the output may open one (Qwen3's)."""
         if not (prompt.chat and self.thinks):
             return None
-        tail = self.decode(prompt.token_ids[-4:], skip_special_tokens=False).rstrip()
+        tail = self.decode(prompt.own_ids[-4:], skip_special_tokens=False).rstrip()
         return "opened" if tail.endswith("<think>") else "optional"
 
     def output_parser(self, prompt: PreparedPrompt, uses_tools: bool) -> OutputParser | None:

@@ -15,7 +15,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cluster.messages import Admitted, Delta, EngineRequest, EngineStats, ErrorInfo, PollReply, ReplicaInfo, TokenLogprob
@@ -28,13 +28,12 @@ REPLY_INTERVAL_S = 0.02
 def resumed(prompt, resume_ids: list[int]):
     """A prepared prompt with the tokens a failed replica already sent appended: the resumed request's prompt is
     exactly the tokens the uninterrupted one had at that point (no re-rendering of text or chat), so greedy and
-    seeded continuations match, and its detokenizer takes the sent tokens as context (no repeated or lost text)."""
+    seeded continuations match. `resumed` counts them: the engine replays them through the request's detokenizer,
+    parsers and grammar, and its penalties count them as output (LLMEngine.add_request)."""
     extra = [int(t) for t in resume_ids]
     if not hasattr(prompt, "token_ids"):  # an engine that prepares prompts as plain token lists
         return list(prompt) + extra
-    from cluster.engine.tokenizer import PreparedPrompt
-
-    return PreparedPrompt(list(prompt.token_ids) + extra, prompt.pixel_values, prompt.chat)
+    return replace(prompt, token_ids=list(prompt.token_ids) + extra, resumed=prompt.resumed + len(extra))
 
 
 class _Sink:
