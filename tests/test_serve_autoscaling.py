@@ -1,22 +1,29 @@
-"""`cluster serve`'s replica options reach the Serve application it builds: --min/--max-replicas and
---target-ongoing-requests as the engine deployment's autoscaling_config, --routing / --affinity-margin as its
-request router. Nothing starts: the config is printed and built (no Ray cluster)."""
+"""`cluster serve`'s replica options reach the Serve application it builds: --min/--max-replicas,
+--target-ongoing-requests and --autoscaling KEY=VALUE as the engine deployment's autoscaling_config, --routing /
+--affinity-margin as its request router, --drain-timeout (and router_drain_timeout_s) as the deployments'
+graceful shutdown bounds. Nothing starts: the config is printed and built (no Ray cluster)."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from cluster.cli import main
 from cluster.router import build_app
 
 
-def _built(capsys, *flags: str):
-    """(the printed config's model spec, the engine deployment build_app makes of it)."""
+def _app(capsys, *flags: str):
+    """(the printed config's model spec, the application build_app makes of it)."""
     from test_router_clients import _app_args_of
 
     assert main(["serve", "--print-config", *flags]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    app = build_app(_app_args_of(cfg))
-    return cfg["applications"][0]["args"]["models"][0], app._bound_deployment.init_args[1]._bound_deployment
+    return cfg["applications"][0]["args"]["models"][0], build_app(_app_args_of(cfg))
+
+
+def _built(capsys, *flags: str):
+    """(the printed config's model spec, the engine deployment build_app makes of it)."""
+    spec, app = _app(capsys, *flags)
+    return spec, app._bound_deployment.init_args[1]._bound_deployment
 
 
 def test_autoscaling_flags_reach_the_deployment(capsys):
@@ -50,3 +57,39 @@ def test_contradicting_replica_flags_fail_fast(capsys):
     assert "min_replicas 3 > max_replicas 2" in capsys.readouterr().err
     assert main(["serve", "--print-config", "--target-ongoing-requests", "8"]) == 2
     assert "needs --max-replicas" in capsys.readouterr().err
+
+
+def test_autoscaling_fields_reach_the_deployment(capsys):
+    spec, engine = _built(capsys, "--max-replicas", "2", "--autoscaling", "upscale_delay_s=1",
+                          "--autoscaling", "downscale-delay-s=4", "--autoscaling", "look_back_period_s=3",
+                          "--autoscaling", "metrics_interval_s=1")
+    assert spec["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0,
+                                          "downscale_delay_s": 4.0, "metrics_interval_s": 1.0,
+                                          "look_back_period_s": 3.0}
+    auto = engine._deployment_config.autoscaling_config
+    assert (auto.upscale_delay_s, auto.downscale_delay_s, auto.look_back_period_s) == (1, 4, 3)
+
+
+def test_bad_autoscaling_fields_fail_fast(capsys):
+    assert main(["serve", "--print-config", "--autoscaling", "upscale_delay_s=1"]) == 2
+    assert "--autoscaling needs --max-replicas" in capsys.readouterr().err
+    assert main(["serve", "--print-config", "--max-replicas", "2", "--autoscaling", "upscale_dealy_s=1"]) == 2
+    assert "no such field (known: initial_replicas, upscale_delay_s" in capsys.readouterr().err
+    assert main(["serve", "--print-config", "--max-replicas", "2", "--autoscaling", "max_replicas=3"]) == 2
+    assert "use --max-replicas instead" in capsys.readouterr().err
+    assert main(["serve", "--print-config", "--max-replicas", "2", "--autoscaling", "look_back_period_s=5"]) == 2
+    assert "must exceed metrics_interval_s 10" in capsys.readouterr().err
+    assert main(["serve", "--print-config", "--max-replicas", "2", "--autoscaling", "upscale_delay_s"]) == 2
+    assert "write KEY=VALUE" in capsys.readouterr().err
+
+
+def test_drain_bounds_reach_both_deployments(capsys):
+    from cluster.router import FAILOVER_MARGIN_S, ROUTER_DRAIN_TIMEOUT_S, ServeArgs
+
+    spec, app = _app(capsys, "--drain-timeout", "12")
+    engine = app._bound_deployment.init_args[1]._bound_deployment
+    assert spec["drain_timeout_s"] == 12
+    assert engine._deployment_config.graceful_shutdown_timeout_s == 12
+    assert app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == ROUTER_DRAIN_TIMEOUT_S
+    with pytest.raises(ValueError, match="raise router_drain_timeout_s or lower drain_timeout_s"):
+        ServeArgs(models=[{"drain_timeout_s": 100}], router_drain_timeout_s=100 + FAILOVER_MARGIN_S - 1).specs()
