@@ -192,3 +192,17 @@ def test_a_resumed_prompt_keeps_its_own_template_ending(engine):
         assert tok.think_state(r) == tok.think_state(p) == "opened"
     finally:
         del tok.__dict__["thinks"]
+
+
+def test_a_structured_answer_moved_midway_keeps_its_grammar_state(engine):
+    """guided_json: the new replica's matcher has accepted the sent tokens, so the rest of the object is what the
+    uninterrupted run writes (a fresh matcher would demand a new '{' and refuse the script's next token)."""
+    pytest.importorskip("xgrammar")
+    g = GenerationConfig(max_new_tokens=30, temperature=0.0, guided_json={
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+    with Script(engine, '{"city": "Paris"}'):
+        whole = answer(engine, "City?", g)
+        assert whole.text == '{"city": "Paris"}' and whole.finish_reason == "stop"
+        for cut in (2, len(whole.token_ids) - 2):
+            moved = answer(engine, "City?", g, cut)
+            assert (moved.text, moved.token_ids) == (whole.text, whole.token_ids), cut
