@@ -213,7 +213,8 @@ class Started:
 
 @dataclass
 class Deltas:
-    """New output of some of a job's choices, by choice index."""
+    """New output of some of a job's choices, by choice index; none: a keep-alive (the replica is answering,
+    the router's stall timeout starts again)."""
 
     choices: dict[int, Delta]
 

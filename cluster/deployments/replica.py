@@ -11,6 +11,10 @@ When rank 0 (or any rank) dies, or rank 0 stops answering, every in-flight reque
 unavailable" error (a generic one: the cause is logged, and kept in `last_error` for operators), the group is torn
 down and built again, and the replica serves again; if it cannot be rebuilt, `check_health` fails and Serve
 replaces the whole replica. No request waits on rank 0 without a bound.
+
+A request with no output for `keepalive_s` (waiting in rank 0's queue, or in a long prefill) gets an empty Deltas,
+as long as rank 0 answered a poll within that time (plus a long poll's wait): the router's stall timeout (cluster.serving.failover) then
+fires only when the replica, or its rank 0, stops answering.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from cluster.workers.client_errors import ENGINE_FAILED
 log = logging.getLogger(__name__)
 
 NO_ANSWER = "engine replica did not answer; retry shortly"
+KEEPALIVE_S = 5.0  # a request with no output this long gets an empty Deltas, while rank 0 answers polls
 
 
 class RankZeroClient(Protocol):
@@ -113,7 +118,7 @@ class ReplicaCore:
 
     def __init__(self, connect: Callable[[], Awaitable[Connection]], *, replica_id: str = "local",
                  restart: bool = True, max_restart_attempts: int = 5, poll_timeout: float = 1.0,
-                 recovery_timeout_s: float = 600.0, call_timeout_s: float = 60.0):
+                 recovery_timeout_s: float = 600.0, call_timeout_s: float = 60.0, keepalive_s: float = KEEPALIVE_S):
         self.connect = connect
         self.replica_id = replica_id
         self.restart = restart
@@ -121,6 +126,8 @@ class ReplicaCore:
         self.poll_timeout = poll_timeout
         self.recovery_timeout_s = recovery_timeout_s
         self.call_timeout_s = call_timeout_s
+        self.keepalive_s = keepalive_s
+        self.last_answer = 0.0  # when rank 0 last answered a poll (time.monotonic)
         self.state = "starting"  # starting | ready | recovering | dead | closed
         self.state_since = time.monotonic()
         self.conn: Connection | None = None
@@ -249,6 +256,7 @@ class ReplicaCore:
             reply: PollReply = await self._answer(conn.client.poll(self.poll_timeout), "a poll", self.poll_timeout)
             if gen != self.generation:
                 return
+            self.last_answer = time.monotonic()
             if reply.stats is not None:
                 self.last_stats = reply.stats
             for rid, out in reply.outputs.items():
@@ -329,7 +337,12 @@ class ReplicaCore:
                 return
             yield Started({idx: r.prompt_tokens for idx, r in zip(rids, results)}, self.replica_id)
             while running:
-                events = [await q.get()]
+                try:
+                    events = [q.get_nowait() if not q.empty() else await asyncio.wait_for(q.get(), self.keepalive_s)]
+                except asyncio.TimeoutError:
+                    if time.monotonic() - self.last_answer < self.keepalive_s + self.poll_timeout:  # a long poll
+                        yield Deltas({})  # a keep-alive: rank 0 answers, this request just has no output yet
+                    continue
                 while not q.empty():
                     events.append(q.get_nowait())
                 deltas: dict[int, Delta] = {}

@@ -11,6 +11,15 @@ uninterrupted run gives; seeded ones too, as each token's noise comes from (seed
 (cluster.engine.sampler.position_seed). The continuation's counts are shifted back: prompt tokens are the original
 prompt's, completion tokens all the answer's. Moves are bounded (MAX_MOVES); with no replica left the stream ends
 with a clear 503 error.
+
+A replica that stops answering counts as failed too: when a running request's stream yields no event for
+`stall_timeout_s`, its stream is closed (the replica aborts it, if it still can) and the request moves as from a
+death. A replica sends a keep-alive (an empty Deltas) every few seconds while its rank 0 answers polls
+(ReplicaCore.KEEPALIVE_S), so a request waiting in a queue or in a long prefill does not look stalled.
+
+The tokens sent are the whole story: the new replica replays them through the request's detokenizer, parsers and
+grammar (cluster.engine.resume), so text held back at the move, a tool call begun before it, and penalties over the
+output come out as in an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -25,11 +34,16 @@ from cluster.serving.backends import Backend, EventStream
 log = logging.getLogger(__name__)
 
 MAX_MOVES = 3  # continuations one request may need before it fails
+STALL_TIMEOUT_S = 30.0  # no event (keep-alives included) this long: the replica is treated as failed
 RETRY_DELAY_S = 0.5  # between attempts whose replica refused at once (still recovering): doubled each time
 DEATH_KINDS = frozenset({"engine_dead", "unavailable"})  # Failed kinds that mean the replica, not the request
 DEATH_EXCEPTIONS = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaUnavailableError",
                               "DeploymentUnavailableError"})  # a Serve handle's errors when the replica is gone
 NO_REPLICA_LEFT = "no engine replica could continue this request after its replica failed; retry shortly"
+
+
+class ReplicaStalled(Exception):
+    """The replica sent nothing (not even a keep-alive) for the stall timeout: treated as a death."""
 
 
 def no_replica_left(cause: Event | BaseException) -> str:
@@ -44,7 +58,8 @@ def replica_failed(what: Event | BaseException) -> bool:
     replica may continue the request; a request's own errors (bad prompt, aborted) are not retried."""
     if isinstance(what, Failed):
         return what.error.kind in DEATH_KINDS
-    return isinstance(what, BaseException) and type(what).__name__ in DEATH_EXCEPTIONS
+    return isinstance(what, ReplicaStalled) or (
+        isinstance(what, BaseException) and type(what).__name__ in DEATH_EXCEPTIONS)
 
 
 def continuation(job: Job, sent: dict[int, list[int]], finished: set[int], exclude: list[str],
@@ -83,9 +98,11 @@ class FailoverStream(EventStream):
     Deltas, then its end or a Failed that is the request's own, or that no replica was left."""
 
     def __init__(self, backend: Backend, job: Job, events: EventStream, first: Started,
-                 on_move: Callable[[str, int], None] = lambda outcome, moved: None, max_moves: int = MAX_MOVES):
+                 on_move: Callable[[str, int], None] = lambda outcome, moved: None, max_moves: int = MAX_MOVES,
+                 stall_timeout_s: float = STALL_TIMEOUT_S):
         super().__init__(self._run(), self._close_current)
         self.backend, self.job, self.first, self.on_move, self.max_moves = backend, job, first, on_move, max_moves
+        self.stall_timeout_s = stall_timeout_s
         self.current = events
         self.replica = first.replica
         self.exclude: list[str] = []
@@ -116,15 +133,27 @@ class FailoverStream(EventStream):
             out[i] = d
         return Deltas(out)
 
+    async def _next(self, events: EventStream) -> Event:
+        """The stream's next event, or ReplicaStalled when none comes within the stall timeout."""
+        try:
+            return await asyncio.wait_for(events.__anext__(), self.stall_timeout_s)
+        except asyncio.TimeoutError:
+            raise ReplicaStalled(f"engine replica {self.replica or '?'} sent nothing for "
+                                 f"{self.stall_timeout_s:g} s") from None
+
     async def _run(self):
         while True:
             failure: Event | BaseException | None = None
             try:
-                async for ev in self.current:
+                while True:
+                    try:
+                        ev = await self._next(self.current)
+                    except StopAsyncIteration:
+                        break
                     if isinstance(ev, Failed):
                         failure = ev
                         break
-                    if isinstance(ev, Deltas):
+                    if isinstance(ev, Deltas) and ev.choices:  # an empty one is a keep-alive
                         yield self._see(ev)
             except (asyncio.CancelledError, GeneratorExit):
                 raise
@@ -161,7 +190,7 @@ class FailoverStream(EventStream):
                 return None
             events = self.backend.generate(job)
             try:
-                first = await events.__anext__()
+                first = await self._next(events)
             except (asyncio.CancelledError, GeneratorExit):
                 events.close()
                 raise

@@ -14,7 +14,7 @@ from cluster.engine.multimodal import has_images
 from cluster.messages import EngineStats, Failed, ReplicaInfo, Started
 from cluster.protocol import APIError, ChatCompletionRequest, CompletionRequest, make_job, new_id, parse
 from cluster.serving.backends import Backend, EventStream
-from cluster.serving.failover import FailoverStream
+from cluster.serving.failover import STALL_TIMEOUT_S, FailoverStream
 from cluster.serving.metrics import RouterMetrics
 from cluster.serving.responses import ResponseBuilder, backend_error
 
@@ -26,8 +26,10 @@ STATS_TTL_S = 0.5  # /health and /metrics reuse the engines' answers this long
 
 class OpenAIServer:
     def __init__(self, backends: list[Backend], api_key: str | None = None,
-                 max_request_bytes: int = MAX_REQUEST_BYTES, image_dir: str | None = None):
+                 max_request_bytes: int = MAX_REQUEST_BYTES, image_dir: str | None = None,
+                 stall_timeout_s: float = STALL_TIMEOUT_S):
         self.backends = backends
+        self.stall_timeout_s = stall_timeout_s  # a running request's replica silent this long: it moves (failover)
         self.api_key = api_key or None
         self.max_request_bytes = max_request_bytes
         self.image_dir = image_dir
@@ -165,7 +167,8 @@ class OpenAIServer:
             prompts, job = await self._job(req, chat)
             check_fits(prompts, req.max_tokens, self._info.get(id(backend), ReplicaInfo()), job.param)
             events, first = await self._start(backend, job)
-            events = FailoverStream(backend, job, events, first, self._counting_moves(model))
+            events = FailoverStream(backend, job, events, first, self._counting_moves(model),
+                                    stall_timeout_s=self.stall_timeout_s)
             if meta is not None:
                 meta["replica"] = first.replica
             builder = ResponseBuilder(self, req, job, first, endpoint, t0, chat, prompts)  # owns in_flight now
