@@ -6,13 +6,16 @@ client saw, then a fresh request built by failover.continuation and host.resumed
 Llama, SmolLM2's tokenizer), its logits forced to a script by position where the test needs known text. No Ray."""
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 import torch
 
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.tokenizer import PreparedPrompt, with_tools
-from cluster.messages import Choice, Delta, Job
+from cluster.messages import Choice, Delta, Job, ToolCall
 from cluster.serving.failover import continuation
 from cluster.workers.host import resumed
 
@@ -27,8 +30,8 @@ class Script:
     """While on, the model writes `text` (then EOS): the logits of the one running request favour the script's
     token at its answer's position (resumed output included), so a resumed request goes on with the script."""
 
-    def __init__(self, engine: LLMEngine, text: str):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, text: str, die_at: int | None = None):
+        self.engine, self.die_at = engine, die_at
         tok = engine.tokenizer
         self.ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
 
@@ -39,6 +42,8 @@ class Script:
             logits = real(step, *args)
             (seq,) = self.engine.seqs.values()
             pos = len(seq.token_ids) - (seq.num_prompt_tokens - seq.num_resumed)
+            if pos == self.die_at:
+                raise RuntimeError("the device is gone")  # blames no request: the engine's loop ends
             if logits.shape[0] and pos < len(self.ids):
                 with torch.inference_mode():
                     logits[0].fill_(0.0)
@@ -116,8 +121,7 @@ def test_text_held_back_at_the_move_reaches_the_client_once(engine):
     with Script(engine, SCRIPT):
         whole = answer(engine, "Say it", g)
         assert whole.text == "Hello 上海是中国 END NOT 🚀 world " and whole.finish_reason == "stop"
-        cuts = sorted({*_cuts_at(engine, SCRIPT, "海"), *_cuts_at(engine, SCRIPT, "🚀"),
-                       *_cuts_at(engine, SCRIPT, "END NOT")})
+        cuts = sorted({c for piece in ("海", "🚀", "END NOT") for c in _cuts_at(engine, SCRIPT, piece)})
         assert len(cuts) >= 4
         for cut in cuts:
             moved = answer(engine, "Say it", g, cut)
@@ -145,8 +149,8 @@ def test_a_tool_call_straddling_the_move_is_the_same_call(engine):
         assert _calls(whole) == [(0, "get_weather", '{"city": "Paris"}'), (1, "get_weather", '{"city": "Lyon"}')]
         assert whole.text == "Let me check.\n" and whole.finish_reason == "tool_calls"
         first = _cuts_at(engine, CALLS, '{"name": "get_weather", "arguments": {"city": "Paris"}}')
-        cuts = [*_cuts_at(engine, CALLS, "<tool_call>")[:2], first[0], first[len(first) // 2], first[-1],
-                *_cuts_at(engine, CALLS, "</tool_call>\n<tool_call>")[-2:], _cuts_at(engine, CALLS, "Lyon")[0] - 2]
+        cuts = [_cuts_at(engine, CALLS, "<tool_call>")[1], first[0], first[-1],
+                _cuts_at(engine, CALLS, "</tool_call>\n<tool_call>")[-1], _cuts_at(engine, CALLS, "Lyon")[0] - 2]
         for cut in cuts:
             moved = answer(engine, ask, g, cut)
             assert (moved.text, _calls(moved), moved.finish_reason) == (whole.text, _calls(whole), "tool_calls"), cut
@@ -206,3 +210,54 @@ def test_a_structured_answer_moved_midway_keeps_its_grammar_state(engine):
         for cut in (2, len(whole.token_ids) - 2):
             moved = answer(engine, "City?", g, cut)
             assert (moved.text, moved.token_ids) == (whole.text, whole.token_ids), cut
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", ["stop word", "tool calls"])
+async def test_the_router_moves_a_stream_whose_engine_dies_with_text_held_back(engine, tiny_models, engine_cache,
+                                                                               case):
+    """End to end: the router's OpenAIServer over two replicas of real engines; "a"'s engine dies right after
+    the stream's text is held back (inside "END NO", or inside the first tool call): the SSE stream goes on on
+    "b" and is the uninterrupted run's, usage included."""
+    from test_failover import TwoReplicas, core, sse_of
+
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.serving.server import OpenAIServer
+
+    chat = case == "tool calls"
+    script = CALLS if chat else SCRIPT
+    g = GenerationConfig(max_new_tokens=80, temperature=0.0, **({"tools": TOOLS} if chat else
+                                                                  {"stop_words": ["END NOW"]}))
+    prompt = [{"role": "user", "content": "Weather in Paris and Lyon?"}] if chat else "Say it"
+    with Script(engine, script):
+        whole = answer(engine, prompt, g)
+    die_at = _cuts_at(engine, script, '"Paris"' if chat else "END NOT")[-1]
+    path, _ = tiny_models("llama")
+    ea, eb = (AsyncEngine(LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", session_len=512)))
+              for _ in range(2))
+    try:
+        with Script(ea.engine, script, die_at), Script(eb.engine, script):
+            backend = TwoReplicas([await core(ea, "a"), await core(eb, "b")])
+            server = OpenAIServer([backend])
+            body = {"model": "fake", "max_tokens": 80, "stream": True, "temperature": 0,
+                    "stream_options": {"include_usage": True}}
+            body.update({"messages": prompt, "tools": TOOLS} if chat else {"prompt": prompt, "stop": ["END NOW"]})
+            _, gen = await server.completion(json.dumps(body).encode(), chat=chat)
+            chunks = await asyncio.wait_for(sse_of(gen), 60)
+    finally:
+        ea.shutdown(), eb.shutdown()
+    assert backend.sent_to == ["a", "b"] and not any("error" in c for c in chunks), chunks[-2:]
+    got = Delta()
+    for c in chunks:
+        for ch in c["choices"]:
+            d = ch["delta"] if chat else {"content": ch["text"]}
+            calls = [ToolCall(t["index"], t["function"]["name"], t["function"]["arguments"], t["id"])
+                     for t in d.get("tool_calls") or []]
+            got.merge(Delta(d.get("content") or "", finish_reason=ch["finish_reason"], tool_calls=calls or None))
+    assert (got.text, _calls(got), got.finish_reason) == (whole.text, _calls(whole), whole.finish_reason)
+    assert chunks[-1]["usage"]["completion_tokens"] == len(whole.token_ids)
