@@ -38,13 +38,20 @@ def _unique_id(replica) -> str:
     return getattr(rid, "unique_id", str(rid))
 
 
+def ready(replica) -> bool:
+    """False while the replica reports (record_routing_stats, every 2 s) that it cannot serve: a replica rebuilding
+    its workers answers every request at once with a 503, and least pending work would draw requests to it."""
+    return (getattr(replica, "routing_stats", None) or {}).get("state", "ready") == "ready"
+
+
 def excluding(candidates: list, job: Job | None) -> list:
-    """The candidates less those that failed this job (failover: cluster.serving.failover), unless that leaves
-    none: then all of them, as one may have recovered since."""
+    """The candidates that report themselves ready, less those that failed this job (failover:
+    cluster.serving.failover); each rule only while it leaves one: else all of them, as one may have recovered."""
+    pool = [r for r in candidates if ready(r)] or list(candidates)
     if job is None or not job.exclude_replicas:
-        return list(candidates)
-    left = [r for r in candidates if _unique_id(r) not in job.exclude_replicas]
-    return left or list(candidates)
+        return pool
+    left = [r for r in pool if _unique_id(r) not in job.exclude_replicas]
+    return left or pool
 
 
 def _count(deployment: str, replica_id, reason: str | None) -> None:

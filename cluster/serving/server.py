@@ -7,6 +7,7 @@ import hmac
 import logging
 import time
 import weakref
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from cluster.admission import MAX_REQUEST_BYTES, Cached, check_fits, inline_images
@@ -14,7 +15,7 @@ from cluster.engine.multimodal import has_images
 from cluster.messages import EngineStats, Failed, ReplicaInfo, Started
 from cluster.protocol import APIError, ChatCompletionRequest, CompletionRequest, make_job, new_id, parse
 from cluster.serving.backends import Backend, EventStream
-from cluster.serving.failover import STALL_TIMEOUT_S, FailoverStream
+from cluster.serving.failover import MAX_MOVES, RETRY_DELAY_S, STALL_TIMEOUT_S, FailoverStream, replica_failed
 from cluster.serving.metrics import RouterMetrics
 from cluster.serving.responses import ResponseBuilder, backend_error
 
@@ -22,6 +23,15 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_MODEL = "unknown"  # the metrics label of requests for models that are not served: clients pick the name
 STATS_TTL_S = 0.5  # /health and /metrics reuse the engines' answers this long
+
+
+class _Refused(Exception):
+    """An engine replica could not take a request (not the request's fault): `error` is what the client gets if no
+    other attempt succeeds."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.message)
+        self.error = error
 
 
 class OpenAIServer:
@@ -105,7 +115,27 @@ class OpenAIServer:
 
     # -- completions ---------------------------------------------------------------------------------------------------
     async def _start(self, backend: Backend, job) -> tuple[EventStream, Started]:
-        """Send the job; wait for its first event, so a bad request is an HTTP error, not a broken stream."""
+        """Send the job; wait for its first event, so a bad request is an HTTP error, not a broken stream. A refusal
+        that is the replica's, not the request's (rebuilding its workers, shutting down, gone: replica_failed),
+        is tried again, MAX_MOVES times with a doubling pause, while the request routers learn from the replicas'
+        routing stats to skip one that is not ready (replica_choice.ready): a replica killed under load otherwise
+        turns every request least-pending-work sends it into a 503 until it is back."""
+        delay = RETRY_DELAY_S
+        for attempt in range(MAX_MOVES + 1):
+            try:
+                return await self._first(backend, job if not attempt else replace(
+                    job, request_id=f"{job.request_id}-r{attempt}"))
+            except _Refused as e:
+                if attempt == MAX_MOVES:
+                    raise e.error from None
+                log.warning("request %s: an engine replica refused it (%s); trying again in %.1f s",
+                            job.request_id, e.error.message, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def _first(self, backend: Backend, job) -> tuple[EventStream, Started]:
+        """The job's stream and its Started; APIError when it failed, _Refused when the replica could not take it."""
         events = backend.generate(job)
         try:
             first = await events.__anext__()
@@ -115,9 +145,13 @@ class OpenAIServer:
             events.close()
             if isinstance(e, (asyncio.CancelledError, KeyboardInterrupt, APIError)):
                 raise
+            if replica_failed(e):
+                raise _Refused(backend_error(e)) from None
             raise backend_error(e) from None
         if isinstance(first, Failed):
             events.close()
+            if replica_failed(first):
+                raise _Refused(APIError.from_error(first.error))
             raise APIError.from_error(first.error)
         return events, first
 
