@@ -15,6 +15,13 @@ each sent with the whole history (the answers included) once the previous answer
 turns and over turns 2+, throughput, the share of turn 2+ prompt tokens the engines found in their prefix cache
 (`usage.prompt_tokens_details.cached_tokens`), and how many conversations changed replica (X-Cluster-Replica).
 
+fault (`--fault kill-replica`, one sweep level, 2+ replicas): when half the level's requests are done, SIGKILL one
+engine replica's rank-0 worker process (this machine's: `--serve`, or `--ray-address` of a local cluster). Reports
+requests lost (an HTTP error, an error event, or a stream short of max_tokens: target 0), requests moved
+(`cluster_router_moved_requests_total` in /metrics), TTFT p50/p99 of the requests that started before the kill,
+within `--fault-window` seconds after it, and later, and the longest pause between two chunks of a stream that was
+running at the kill (what a moved stream's client waits).
+
 `--serve "ARGS"` (repeatable) starts `cluster serve ARGS` on a free port for each run, benchmarks it, stops it;
 without it the URL's server is used. Token counts are the server's own (`usage` in the last chunk). Prints a table
 to stderr and JSON to stdout (or --out).
@@ -26,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -67,12 +75,13 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     else:
         body["prompt"] = prompt
         path = "/v1/completions"
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     ttft = None
     usage = None
     err = None
     text = ""
     replica = None
+    gap = 0.0  # the longest wait between two chunks with text
     try:
         async with client.stream("POST", url + path, json=body) as r:
             if r.status_code != 200:
@@ -88,17 +97,21 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     break
                 for c in ch.get("choices", []):
                     piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                    now = time.perf_counter()
                     if piece and ttft is None:
-                        ttft = time.perf_counter() - t0
+                        ttft = now - t0
+                    if piece:
+                        gap, last = max(gap, now - last), now
                     text += piece or ""
                 usage = ch.get("usage") or usage
     except httpx.HTTPError as e:
         err = f"{type(e).__name__}: {e}"
     e2e = time.perf_counter() - t0
     if err or usage is None:
-        return {"ok": False, "error": err or "no usage in the stream"}
+        return {"ok": False, "error": err or "no usage in the stream", "start": t0, "end": t0 + e2e}
     n = usage["completion_tokens"]
     return {"ok": True, "ttft": ttft if ttft is not None else e2e, "e2e": e2e, "out": n, "in": usage["prompt_tokens"],
+            "start": t0, "end": t0 + e2e, "max_gap": gap,
             "tpot": (e2e - (ttft or e2e)) / (n - 1) if n > 1 else None, "text": text, "replica": replica,
             "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0}
 
@@ -108,6 +121,7 @@ async def run_level(url: str, model: str, conc: int, prompts: list[str], args) -
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=conc + 8, max_keepalive_connections=conc + 8)
     results: list[dict] = []
+    fault = Fault(url, headers, args.ray_address) if args.fault else None
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), headers=headers, limits=limits) as client:
         queue = list(range(num))
 
@@ -115,6 +129,8 @@ async def run_level(url: str, model: str, conc: int, prompts: list[str], args) -
             while queue:
                 i = queue.pop()
                 results.append(await one_request(client, url, model, prompts[i], args.max_tokens, args.chat))
+                if fault is not None and len(results) == num // 2:
+                    fault.kill()
 
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(conc)])
@@ -134,7 +150,92 @@ async def run_level(url: str, model: str, conc: int, prompts: list[str], args) -
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
         "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99),
         "e2e_p50_s": pct(e2e, 50), "e2e_p99_s": pct(e2e, 99),
+        **(fault.report(results, args.max_tokens, args.fault_window) if fault is not None else {}),
     }
+
+
+# -- a replica killed halfway (--fault kill-replica) ------------------------------------------------------------------
+def rank0_pids(ray_address: str) -> dict[str, int]:
+    """Engine replica id -> its rank-0 worker's process id, from a second Ray driver (a fresh process: Ray reads its
+    auth settings at import; `cluster serve` starts its cluster with token auth)."""
+    prog = ("import json, os, ray\n"
+            f"ray.init(address={ray_address!r}, logging_level='ERROR', log_to_driver=False)\n"
+            "out = {}\n"
+            "for a in ray.util.list_named_actors(all_namespaces=True):\n"
+            "    if a['name'].startswith('cluster-rank0|'):\n"
+            "        h = ray.get_actor(a['name'], namespace=a['namespace'])\n"
+            "        out[a['name'].split('|')[3]] = ray.get(h.__ray_call__.remote(lambda self: os.getpid()))\n"
+            "print(json.dumps(out))")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"could not list the rank-0 workers at {ray_address}: {out.stderr[-500:]}")
+    return {k: int(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def moved_requests(url: str, headers: dict) -> float:
+    """cluster_router_moved_requests_total summed over models (this router replica's count)."""
+    text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("cluster_router_moved_requests_total"))
+
+
+class Fault:
+    """One engine replica's rank-0 worker SIGKILLed mid-run, and what that did to the requests."""
+
+    def __init__(self, url: str, headers: dict, ray_address: str | None):
+        if not ray_address:
+            raise SystemExit("--fault needs the server's Ray cluster: use --serve, or give --ray-address")
+        self.url, self.headers = url, headers
+        self.pids = rank0_pids(ray_address)  # looked up before the load: the kill itself is instant
+        if len(self.pids) < 2:
+            raise SystemExit(f"--fault kill-replica needs 2+ engine replicas (found {len(self.pids)}): "
+                             "serve with --replicas 2")
+        self.victim = sorted(self.pids)[0]
+        self.moved_before = moved_requests(url, headers)
+        self.at: float | None = None
+
+    def kill(self) -> None:
+        self.at = time.perf_counter()
+        os.kill(self.pids[self.victim], signal.SIGKILL)
+        print(f"fault: SIGKILL of engine replica {self.victim}'s rank-0 worker (pid {self.pids[self.victim]})",
+              file=sys.stderr, flush=True)
+
+    def report(self, results: list[dict], max_tokens: int, window: float) -> dict:
+        assert self.at is not None, "the run ended before half its requests were done"
+        lost = [r for r in results if not r["ok"] or r["out"] != max_tokens]
+        ok = [r for r in results if r["ok"]]
+        phases = {"before": [r for r in ok if r["start"] < self.at],
+                  "around": [r for r in ok if self.at <= r["start"] < self.at + window],
+                  "after": [r for r in ok if r["start"] >= self.at + window]}
+        running = [r for r in ok if r["start"] < self.at < r["end"]]
+        out = {"fault": "kill-replica", "victim": self.victim, "lost": len(lost),
+               "lost_errors": sorted({r.get("error") or f"{r['out']} tokens" for r in lost})[:5],
+               "moved": moved_requests(self.url, self.headers) - self.moved_before,
+               "running_at_kill": len(running), "fault_window_s": window,
+               "max_gap_running_s": max((r["max_gap"] for r in running), default=None),
+               "max_gap_others_p99_s": pct([r["max_gap"] for r in ok if r not in running], 99)}
+        for name, rs in phases.items():
+            out[f"ttft_{name}_n"] = len(rs)
+            out[f"ttft_{name}_p50_s"] = pct([r["ttft"] for r in rs], 50)
+            out[f"ttft_{name}_p99_s"] = pct([r["ttft"] for r in rs], 99)
+        return out
+
+
+def fault_table(runs: list[dict]) -> str:
+    """The fault runs as a markdown table (docs/benchmarks.md)."""
+    rows = ["| server | requests | lost | moved | TTFT p50 / p99 (ms): before | within the window after | later "
+            "| longest pause, streams running at the kill / others p99 (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        for lv in r.get("levels", []):
+            if "fault" not in lv:
+                continue
+            ph = [f"{_fmt(lv[f'ttft_{n}_p50_s'], 1e3, 0)} / {_fmt(lv[f'ttft_{n}_p99_s'], 1e3, 0)} "
+                  f"({lv[f'ttft_{n}_n']})" for n in ("before", "around", "after")]
+            rows.append(f"| `{r.get('label') or r['url']}` c={lv['concurrency']} | {lv['requests']} | {lv['lost']} | "
+                        f"{lv['moved']:.0f} | {' | '.join(ph)} | {_fmt(lv['max_gap_running_s'], 1e3, 0)} / "
+                        f"{_fmt(lv['max_gap_others_p99_s'], 1e3, 0)} |")
+    return "\n".join(rows)
 
 
 # -- multi-turn chats ---------------------------------------------------------------------------------------------
@@ -198,6 +299,7 @@ class Launched:
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.log = log_dir / f"serve-{port}.log"
+        self.ray_address: str | None = None
         cmd = [sys.executable, "-m", "cluster.cli", "serve", *shlex.split(serve_args), "--port", str(port)]
         if api_key:
             cmd += ["--api-key", api_key]
@@ -212,6 +314,8 @@ class Launched:
                 self.stop()
                 raise RuntimeError(f"cluster serve {serve_args} did not start; see {self.log}")
             time.sleep(0.5)
+        found = re.search(r"^ray: (\S+)", self.log.read_text(errors="replace"), re.M)
+        self.ray_address = found.group(1) if found else None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -260,6 +364,10 @@ async def main_async(args) -> dict:
               f"{res['output_token_throughput']:8.1f} tok/s  TTFT p50 {_fmt(res['ttft_p50_s'], 1e3, 0)} ms "
               f"p99 {_fmt(res['ttft_p99_s'], 1e3, 0)} ms  TPOT p50 {_fmt(res['tpot_p50_s'], 1e3)} ms "
               f"p99 {_fmt(res['tpot_p99_s'], 1e3)} ms", file=sys.stderr, flush=True)
+        if args.fault:
+            print(f"       lost {res['lost']}  moved {res['moved']:.0f}  TTFT p99 before / after the kill / later "
+                  f"{_fmt(res['ttft_before_p99_s'], 1e3, 0)} / {_fmt(res['ttft_around_p99_s'], 1e3, 0)} / "
+                  f"{_fmt(res['ttft_after_p99_s'], 1e3, 0)} ms", file=sys.stderr, flush=True)
     return {"url": url, "model": model, "endpoint": "chat" if args.chat else "completions",
             "max_tokens": args.max_tokens, "prompt_tokens_approx": args.prompt_tokens, "levels": levels}
 
@@ -312,6 +420,11 @@ def main(argv=None) -> int:
     p.add_argument("--system-tokens", type=int, default=200, help="multiturn: shared system prompt length")
     p.add_argument("--first-tokens", type=int, default=200, help="multiturn: each chat's first message length")
     p.add_argument("--turn-tokens", type=int, default=16, help="multiturn: each later user message's length")
+    p.add_argument("--fault", choices=["kill-replica"], default=None,
+                   help="sweep, one level: SIGKILL one engine replica's rank-0 worker when half the requests are done")
+    p.add_argument("--fault-window", type=float, default=10.0, metavar="S",
+                   help="--fault: TTFT of requests started this long after the kill is reported apart")
+    p.add_argument("--ray-address", default=None, help="--fault without --serve: the server's (local) Ray cluster")
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--timeout", type=float, default=600)
@@ -323,6 +436,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if (args.url is None) == (not args.serve):
         p.error("give a server URL or --serve ARGS (not both)")
+    if args.fault and (args.workload != "sweep" or len(args.concurrency) != 1):
+        p.error("--fault runs one sweep level: give one --concurrency value (and --workload sweep)")
     args.label = None
     runs = []
     if args.serve:
@@ -330,7 +445,7 @@ def main(argv=None) -> int:
         for serve_args in args.serve:
             srv = Launched(serve_args, args.api_key, log_dir)
             try:
-                args.url, args.label = srv.url, serve_args
+                args.url, args.label, args.ray_address = srv.url, serve_args, srv.ray_address
                 runs.append(asyncio.run(main_async(args)))
             finally:
                 srv.stop()
@@ -343,13 +458,16 @@ def main(argv=None) -> int:
             lv.pop("prompts", None)
     if args.workload == "multiturn":
         print(multiturn_table(runs), file=sys.stderr)
+    if args.fault:
+        print(fault_table(runs), file=sys.stderr)
     text = json.dumps(runs if args.serve else runs[0], indent=2)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     else:
         print(text)
-    failed = [r.get("failed", 0) for r in runs] + [lv["failed"] for r in runs for lv in r.get("levels", [])]
+    failed = [r.get("failed", 0) for r in runs] + [lv["failed"] + lv.get("lost", 0) for r in runs
+                                                   for lv in r.get("levels", [])]
     return 0 if not any(failed) else 1
 
 
