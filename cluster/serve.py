@@ -336,7 +336,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"serving on {_url(host, port)} (models: GET /v1/models); SIGTERM or Ctrl-C to stop", flush=True)
         signals.stop.wait()
         print("shutting down: refusing new requests, letting those in flight finish", flush=True)
-        # requests still in flight after --shutdown-timeout: do not wait on (the router's drain_timeout_s, 300 s)
+        # requests still in flight after --shutdown-timeout: stop without waiting on router_drain_timeout_s (300 s)
         quick = not _drain(args.app_name, args.shutdown_timeout)
     except KeyboardInterrupt:
         quick = True

@@ -132,5 +132,10 @@ def test_sigkill_of_a_replica_worker_moves_its_streams(server):
             assert all(r.status_code == 200 for r in rs), [r.text[:200] for r in rs]
             return [r.headers.get("x-cluster-replica") for r in rs]
 
-    served = asyncio.run(after())
+    served: list[str] = []
+    for _ in range(5):  # the request routers see it ready at their next routing-stats pull (every 2 s)
+        served += asyncio.run(after())
+        if victim in served:
+            break
+        time.sleep(2)
     assert victim in served, served
