@@ -16,6 +16,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.admission import MAX_REQUEST_BYTES
+from cluster.serving.failover import STALL_TIMEOUT_S
 from cluster.serving.replica_choice import make_request_routers
 from cluster.serving.server import OpenAIServer
 
@@ -35,6 +36,8 @@ class ServeArgs(BaseModel):
     image_dir: Optional[str] = Field(None, description="image_url may name files under this directory (relative "
                                      "to it); otherwise only inline data: URLs are accepted over HTTP")
     router_replicas: int = Field(1, ge=1)
+    stall_timeout_s: float = Field(STALL_TIMEOUT_S, gt=0, description="a running request whose engine replica sends "
+                                   "nothing, not even its 5 s keep-alive, this long moves to another replica")
     router_max_ongoing_requests: int = Field(10000, ge=1)
     router_drain_timeout_s: float = Field(
         ROUTER_DRAIN_TIMEOUT_S, gt=0, description="a router replica Serve replaces (redeploy) or removes keeps "
@@ -71,7 +74,8 @@ class RouterIngress:
         backends = [ServeBackend(h, spec.name, ctx.app_name, spec.deployment_name)
                     for h, spec in zip(engines, a.specs())]
         self.server = OpenAIServer(backends, api_key=a.api_key or os.environ.get("CLUSTER_API_KEY"),
-                                   max_request_bytes=a.max_request_bytes, image_dir=a.image_dir)
+                                   max_request_bytes=a.max_request_bytes, image_dir=a.image_dir,
+                                   stall_timeout_s=a.stall_timeout_s)
 
     def __serve_build_asgi_app__(self):
         from cluster.serving.app import create_app
