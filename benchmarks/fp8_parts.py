@@ -17,7 +17,8 @@ from cluster.quant import fp8
 LINEAR = re.compile(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
 # (label, N rows of the weight, K, gated): Llama-3-8B's gate/up (two 14336-row halves), down, and fused qkv
 KERNEL_SHAPES = {"llama3-8b": [("gate_up 4096->2x14336 gated", 2 * 14336, 4096, True),
-                               ("down 14336->4096", 4096, 14336, False), ("qkv 4096->6144", 6144, 4096, False)],
+                               ("down 14336->4096", 4096, 14336, False), ("qkv 4096->6144", 6144, 4096, False),
+                               ("o 4096->4096", 4096, 4096, False)],
                  "tiny": [("gate_up 256->2x512 gated", 1024, 256, True), ("down 512->256", 256, 512, False),
                           ("qkv 256->384", 384, 256, False)]}
 ROWS = (1, 8, 64, 512, 4096)

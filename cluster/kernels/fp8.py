@@ -5,7 +5,8 @@ Up to GEMV_ROWS activation rows go to the GEMVs here, which stream the fp8 rows 
 bytes (16-byte vector loads), widen them in registers and accumulate in fp32; the per-channel scale multiplies each
 output once, at the end. Activations stay in their dtype (W8A16): at these rows the step waits on memory, not on
 the math. M = 1 runs on the CUDA cores, structured as gemv.py (FMA into a [BLOCK_N, BLOCK_K] tile); 2..16 rows
-widen the weight tile to the activation dtype and multiply on the tensor cores (one 16-row tile of x). Both fuse the
+widen the weight tile to bf16 (by moving its bits, or through the conversion instructions: whichever measured faster
+for the layer's shape) and multiply on the tensor cores (one 16-row tile of x). Both fuse the
 MLP's SiLU-and-multiply (GATED: the weight is [gate; up], rounded to the dtype at the same points as gemv.py) and
 load their first weight chunk before waiting on the kernel that writes x (programmatic dependent launch, pdl.py).
 
@@ -26,13 +27,18 @@ from cluster.kernels.pdl import wait_for_previous
 from cluster.quant import fp8 as q8
 
 GEMV_ROWS = 16  # up to this many rows the step is bound by the weights' bytes: the GEMVs
+DOT_ROWS = 64  # the most rows the widening dot kernel takes (benchmarks compare it with scaled_mm up to here)
 # few configs: each is timed at engine start per layer shape (and per row bucket for the 2..16-row kernel)
 GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                 for bn in (4, 8, 16) for bk in (1024, 2048) for w in (4, 8) for s in (2, 3) if bn * bk <= 16384]
-DOT_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)
-               for bn in (16, 32, 64) for bk in (128, 256) for s in (3, 4)]
+DOT_CONFIGS = ([triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bn in (16, 32, 64, 128) for bk in (128, 256) for s in (3, 4) for w in (4, 8)
+                if bn * bk <= 16384 and (w == 4 or bn >= 64)]
+               + [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)  # long K chunks: the
+                  for bn in (16, 32) for bk in (512, 1024) for s in (2, 3)])  # layers with few rows (as M = 1)
 INTERPRETER_GEMV = {"BLOCK_N": 4, "BLOCK_K": 64}  # the interpreter cannot time configs
 INTERPRETER_DOT = {"BLOCK_N": 16, "BLOCK_K": 32}
+E4M3_BITS_SCALE = tl.constexpr(2.0 ** 120)  # _widen's WIDEN=1 values are the e4m3 values times 2**-120
 
 
 @triton.jit
@@ -84,13 +90,25 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.autotune(configs=DOT_CONFIGS, key=["M_BUCKET", "N", "K", "GATED"])
 @triton.jit
-def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                     USE_PDL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """2..16 rows: the fp8 tile widened to x's dtype in registers, one 16-row tile of x on the tensor cores.
-    M_BUCKET (M's power of two) only keys the autotuner, so 16 row counts tune 4 times."""
-    BLOCK_M: tl.constexpr = 16
+def _widen(w, dt: tl.constexpr, WIDEN: tl.constexpr):
+    """e4m3 weight tile -> the dot's operand. WIDEN 0: x's dtype through the conversion instructions (e4m3 -> f16 ->
+    f32 -> dtype); 1: bf16 by moving the bits (the value * 2**-120, integer ops only: fewer instructions a weight).
+    Both are exact (e4m3 subnormals become bf16 subnormals)."""
+    if WIDEN == 1:
+        b = w.to(tl.uint8, bitcast=True).to(tl.int32)
+        return (((b & 0x80) << 8) | ((b & 0x7F) << 4)).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return w.to(dt)
+
+
+@triton.autotune(configs=DOT_CONFIGS, key=["BLOCK_M", "N", "K", "GATED", "WIDEN"])
+@triton.jit
+def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                     USE_PDL: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """2..DOT_ROWS rows: the fp8 tile widened in registers (_widen), one BLOCK_M-row tile of x on the tensor cores.
+    BLOCK_M is M's power of two (at least 16), so the row counts tune a few times each."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     n_ok = rn < N
@@ -105,19 +123,22 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, M_BUCKET, N, K, HAS_B
         w_up = tl.load(w_ptr + row_up + rk[None, :], mask=mask, other=0.0)
     wait_for_previous(USE_PDL)
     x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-    acc = tl.dot(x, tl.trans(w.to(dt)), input_precision=PRECISION)
+    acc = tl.dot(x, tl.trans(_widen(w, dt, WIDEN)), input_precision=PRECISION)
     acc_up = acc  # unused unless GATED
     if GATED:
-        acc_up = tl.dot(x, tl.trans(w_up.to(dt)), input_precision=PRECISION)
+        acc_up = tl.dot(x, tl.trans(_widen(w_up, dt, WIDEN)), input_precision=PRECISION)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask = n_ok[:, None] & (rk[None, :] < K)
         w = tl.load(w_ptr + row + rk[None, :], mask=mask, other=0.0)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(dt)), acc, input_precision=PRECISION)
+        acc = tl.dot(x, tl.trans(_widen(w, dt, WIDEN)), acc, input_precision=PRECISION)
         if GATED:
             w_up = tl.load(w_ptr + row_up + rk[None, :], mask=mask, other=0.0)
-            acc_up = tl.dot(x, tl.trans(w_up.to(dt)), acc_up, input_precision=PRECISION)
+            acc_up = tl.dot(x, tl.trans(_widen(w_up, dt, WIDEN)), acc_up, input_precision=PRECISION)
+    if WIDEN == 1:
+        acc = acc * E4M3_BITS_SCALE
+        acc_up = acc_up * E4M3_BITS_SCALE
     y = _epilogue(acc, acc_up, rn[None, :], n_ok[None, :], s_ptr, b_ptr, N, HAS_BIAS, GATED, y_ptr.dtype.element_ty)
     tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & n_ok[None, :])
@@ -147,24 +168,28 @@ def _out_rows(weight: torch.Tensor, gated: bool) -> int:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-         gated: bool = False, config: dict | None = None) -> torch.Tensor:
-    """x [M <= 16, K] contiguous, weight e4m3 [N, K], scale fp32 [N] -> [M, N] in x's dtype (gated: [M, N / 2]).
+         gated: bool = False, config: dict | None = None, widen: int | None = None) -> torch.Tensor:
+    """x [M <= DOT_ROWS, K] contiguous, weight e4m3 [N, K], scale fp32 [N] -> [M, N] in x's dtype (gated: [M, N / 2]).
     config: fixed block sizes instead of the autotuner's (the interpreter; tests)."""
     m, k = x.shape
-    assert m <= GEMV_ROWS and weight.shape[1] == k and x.is_contiguous() and weight.is_contiguous(), (x.shape,
+    assert m <= DOT_ROWS and weight.shape[1] == k and x.is_contiguous() and weight.is_contiguous(), (x.shape,
                                                                                                       weight.shape)
     n = _out_rows(weight, gated)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y  # any pointer; unread without HAS_BIAS
     interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if widen is None:  # measured on the H200 (fp8_dot_variants.py): the bit moves win on gate/up, down and o
+        widen = 0 if not gated and n > k else 1  # (13-44 against 15-56 us at 2-16 rows); qkv (N > K) 18 against 23
     args, kw = (bias is not None, gated), pdl.launch_args(x)
     if m == 1:
         kernel, cfg = _gemv_kernel, config or (INTERPRETER_GEMV if interp else None)
         head = (x, weight, scale, b, y, n, k)
     else:
         kernel, cfg = _gemv_dot_kernel, config or (INTERPRETER_DOT if interp else None)
-        head = (x, weight, scale, b, y, m, triton.next_power_of_2(m), n, k)
+        head = (x, weight, scale, b, y, m, n, k)
         kw["PRECISION"] = "ieee" if x.dtype == torch.float32 else "tf32"
+        kw["WIDEN"] = widen if x.dtype == torch.bfloat16 else 0
+        kw["BLOCK_M"] = max(16, triton.next_power_of_2(m))
     if cfg is not None:
         kernel.fn[(triton.cdiv(n, cfg["BLOCK_N"]),)](*head, *args, **cfg, **kw)
     else:
