@@ -10,6 +10,7 @@ writes JSON (+ PNG). A decode step's floor is (weight bytes + KV bytes read) / r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -59,8 +60,9 @@ def hardware_ceilings() -> dict:
     return {"read_bytes_per_s": read, "copy_bytes_per_s": bw, "bf16_flops_per_s": flops}
 
 
-def steady_step_ms(eng, prompts: list[list[int]], steps: int = 50) -> float:
-    """Mean time of engine.step() once every prompt is prefilled and decoding (prefill left out)."""
+@contextlib.contextmanager
+def decoding(eng, prompts: list[list[int]], steps: int):
+    """Inside: every prompt prefilled and decoding (5 steps in), with room for `steps` more; aborted after."""
     from cluster.config import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=steps + 64, temperature=0.0, ignore_eos=True)
@@ -69,10 +71,18 @@ def steady_step_ms(eng, prompts: list[list[int]], steps: int = 50) -> float:
         eng.step()
     for _ in range(5):
         eng.step()
-    t, _ = timed(lambda: [eng.step() for _ in range(steps)])
-    for rid in rids:
-        eng.abort(rid)
-    eng.step()  # reads out (and drops) a step still in flight
+    try:
+        yield
+    finally:
+        for rid in rids:
+            eng.abort(rid)
+        eng.step()  # reads out (and drops) a step still in flight
+
+
+def steady_step_ms(eng, prompts: list[list[int]], steps: int = 50) -> float:
+    """Mean time of engine.step() once every prompt is prefilled and decoding (prefill left out)."""
+    with decoding(eng, prompts, steps):
+        t, _ = timed(lambda: [eng.step() for _ in range(steps)])
     return t * 1e3 / steps
 
 

@@ -72,6 +72,25 @@ def engine_from_shard(cfg, shard: dict[str, torch.Tensor], device: str, **engine
     return LLMEngine(runner=runner, tokenizer=None, engine_config=ec)
 
 
+def random_shard(shape: str, dtype: torch.dtype, device: str) -> tuple[dict, dict, object, dict]:
+    """A random model of `shape` as one rank's engine tensors on `device`: (its HF config dict, its HF state dict,
+    the engine config, the bf16 shard). Some shard tensors are views of the state's."""
+    from cluster.convert.hf import build_shards, engine_config
+
+    hf_model = random_hf_model(shape, dtype, 8192, device=device)
+    hf = hf_model.config.to_dict()
+    state = hf_model.state_dict()
+
+    def get(name: str) -> torch.Tensor:
+        return state[name]
+
+    get.names = set(state)
+    cfg = engine_config(hf, "bfloat16", 1, "random")
+    shard = {k: (v if k == "rotary.inv_freq" else v.contiguous()).to(device)
+             for k, v in build_shards(get, hf, cfg, 1)[0].items()}
+    return hf, state, cfg, shard
+
+
 def quantize_shard(shard: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
     """bf16 shard -> the engine's 4-bit shard (every decoder linear; the rest shared, not copied). Each linear of
     `shard` is overwritten in place by its dequantized value, in the dtype, from the same rounded zeros and scales
@@ -203,7 +222,7 @@ def main() -> None:
     path = out / "bench_w4a16_e2e.json"
     import triton
 
-    from cluster.convert.hf import build_shards, engine_config
+    from cluster.convert.hf import engine_config
 
     res: dict = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
                  "torch": torch.__version__, "triton": triton.__version__, "sizes": sz, "group": GROUP,
@@ -227,20 +246,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     torch.manual_seed(1)
-    hf_model = random_hf_model(args.shape, dtype, 8192, device=args.device)
-    hf = hf_model.config.to_dict()
-    hf_state = hf_model.state_dict()
-
-    def get(name: str) -> torch.Tensor:
-        return hf_state[name]
-
-    get.names = set(hf_state)
-    cfg = engine_config(hf, "bfloat16", 1, "random")
-    shard = build_shards(get, hf, cfg, 1)[0]
-    shard = {k: (v if k == "rotary.inv_freq" else v.contiguous()).to(args.device) for k, v in shard.items()}
+    hf, hf_state, cfg, shard = random_shard(args.shape, dtype, args.device)
     # the shard's o_proj and down_proj are views of the model's tensors, which quantize_shard overwrites
     hf_state = {k: v.clone() for k, v in hf_state.items()} if args.shape == "tiny" else None
-    del hf_model, get
     free()
     res["build_s"] = time.perf_counter() - t0
 

@@ -17,29 +17,19 @@ from collections import defaultdict
 import torch
 
 import fp8_parts
-from bench_engine import rand_prompts, random_hf_model, steady_step_ms
-from bench_w4a16_e2e import engine_from_shard
+from bench_engine import decoding, rand_prompts, steady_step_ms
+from bench_w4a16_e2e import engine_from_shard, random_shard
 
 
 def kernel_table(eng, prompts: list[list[int]], steps: int = 10, top: int = 14) -> list[tuple[str, float, float]]:
     """(kernel, us per step, launches per step) of steady decode steps, most time first."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cluster.config import GenerationConfig
-
-    gen = GenerationConfig(max_new_tokens=steps + 64, temperature=0.0, ignore_eos=True)
-    rids = [eng.add_request(p, gen) for p in prompts]
-    while eng.scheduler.waiting or any(s.num_uncomputed > 1 for s in eng.scheduler.running):
-        eng.step()
-    for _ in range(5):
-        eng.step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            eng.step()
-        torch.cuda.synchronize()
-    for rid in rids:
-        eng.abort(rid)
-    eng.step()
+    with decoding(eng, prompts, steps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
     us, n = defaultdict(float), defaultdict(int)
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
@@ -61,21 +51,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--engines", nargs="+", default=["bf16", "fp8"])
     args = ap.parse_args()
-    from cluster.convert.hf import build_shards, engine_config
+    from cluster.convert.hf import engine_config
     from cluster.quant.fp8_export import quantization_config
 
     torch.manual_seed(1)
-    hf_model = random_hf_model(args.shape, torch.bfloat16, 8192)
-    hf = hf_model.config.to_dict()
-    state = hf_model.state_dict()
-
-    def get(name: str) -> torch.Tensor:
-        return state[name]
-
-    get.names = set(state)
-    cfg = engine_config(hf, "bfloat16", 1, "random")
-    shard = {k: (v if k == "rotary.inv_freq" else v.contiguous()).cuda() for k, v in build_shards(get, hf, cfg, 1)[0].items()}
-    del hf_model, state, get
+    hf, _, cfg, shard = random_shard(args.shape, torch.bfloat16, "cuda")
     f8 = fp8_parts.fp8_shard(shard)
     kw = dict(session_len=4096, max_batch_size=64, max_prefill_token_num=8192, cache_max_entry_count=0.3)
     vocab = hf["vocab_size"]
