@@ -200,6 +200,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
+CPU_BMM_DECODE_BATCH = 16  # from this batch on, half-precision CPU decode attention runs as two batched matmuls
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,7 +224,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     v = dequantize(_select(v_cache, bt).flatten(0, 1), vs, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)
     mask = torch.arange(nblocks * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
     qb = q.view(B, hkv, group, d)
-    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and B >= CPU_BMM_DECODE_BATCH:
+        # one query a sequence, many sequences: oneDNN's half-precision batched matmuls beat SDPA's CPU flash kernel
+        # (2.4x in bf16 at batch 64 on AVX512-BF16; at batch 1 SDPA is 3x faster); the softmax stays in fp32
+        s = torch.matmul(qb, k.transpose(-1, -2)).float().mul_(scale)
+        s.masked_fill_(~mask[:, None, None, :], float("-inf"))
+        o = torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+    else:
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return o.reshape(B, hq, d)
 
 
