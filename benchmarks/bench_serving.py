@@ -318,13 +318,25 @@ class Launched:
         self.ray_address = found.group(1) if found else None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+        terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen, kill_group: bool = False) -> None:
+    """SIGTERM (a server drains and exits), up to 120 s; then SIGKILL: the process, or with `kill_group` its whole
+    session (what it started: Ray's processes, vLLM's engine core), even after a clean exit."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            if not kill_group:
+                proc.kill()
+    if kill_group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(30)
 
 
 def _fmt(v, scale=1.0, digits=1):

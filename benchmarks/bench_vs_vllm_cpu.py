@@ -287,17 +287,9 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM (both drain and exit), then the group's leftovers (Ray's, vLLM's engine core) SIGKILLed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(30)
+        from bench_serving import terminate
+
+        terminate(self.proc, kill_group=True)
 
 
 class OursServer:
