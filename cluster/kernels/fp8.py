@@ -32,10 +32,9 @@ DOT_ROWS = 64  # the most rows the widening dot kernel takes (benchmarks compare
 GEMV_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                 for bn in (4, 8, 16) for bk in (1024, 2048) for w in (4, 8) for s in (2, 3) if bn * bk <= 16384]
 DOT_CONFIGS = ([triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bn in (16, 32, 64, 128) for bk in (128, 256) for s in (3, 4) for w in (4, 8)
-                if bn * bk <= 16384 and (w == 4 or bn >= 64)]
-               + [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=s)  # long K chunks: the
-                  for bn in (16, 32) for bk in (512, 1024) for s in (2, 3)])  # layers with few rows (as M = 1)
+                for bn in (16, 32, 64) for bk in (128, 256) for s in (3, 4) for w in (4, 8) if w == 4 or bn == 64]
+               + [triton.Config({"BLOCK_N": bn, "BLOCK_K": 512}, num_warps=4, num_stages=s)  # long K chunks: the
+                  for bn in (16, 32) for s in (2, 3)])  # layers with few output rows (the H200 picked 32 x 512 there)
 INTERPRETER_GEMV = {"BLOCK_N": 4, "BLOCK_K": 64}  # the interpreter cannot time configs
 INTERPRETER_DOT = {"BLOCK_N": 16, "BLOCK_K": 32}
 E4M3_BITS_SCALE = tl.constexpr(2.0 ** 120)  # _widen's WIDEN=1 values are the e4m3 values times 2**-120
