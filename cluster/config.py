@@ -17,7 +17,10 @@ class EngineConfig(BaseModel):
         "auto", description="weight and activation type; auto: float32 on the CPU, the checkpoint's half type on a GPU")
     tp: int = Field(1, ge=1, le=64, description="tensor parallel size: GPUs (or CPU processes) per model replica")
     session_len: int | None = Field(None, ge=16, description="max tokens of prompt + output; default: the model's context")
-    max_batch_size: int = Field(128, ge=1, le=4096, description="max concurrent sequences in a step")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="max concurrent sequences in a step; default: what the KV cache holds at "
+        "256 tokens a sequence, from 128 up to 512 on a GPU (every decode batch up to it replays a CUDA graph); 128 on "
+        "the CPU")
     max_prefill_token_num: int = Field(4096, ge=16, description="token budget of one step (prefill chunks + decodes)")
     cache_max_entry_count: float = Field(0.8, gt=0.0, le=1.0, description="share of free memory given to the KV cache")
     num_blocks: int | None = Field(None, ge=1, description="fix the KV cache size in blocks (overrides cache_max_entry_count)")

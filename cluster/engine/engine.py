@@ -18,8 +18,10 @@ from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.resume import replay
 from cluster.engine.sequence import Sequence
+from cluster.engine.startup import Phases
 from cluster.engine.tokenizer import IncrementalDetokenizer, PreparedPrompt, Prompt, Tokenizer
 from cluster.executor import Executor, create_executor, resolve_model
+from cluster.kernels import jit_cache
 from cluster.messages import Delta
 
 log = logging.getLogger(__name__)
@@ -80,14 +82,18 @@ class LLMEngine:
         self.model_path = model
         self.vision = None  # LLaVA's image encoder
         self.model_dir: Path | None = None
+        self.phases = Phases()
         if runner is None:
-            self.model_dir, cfg, session_len = resolve_model(model, ec, progress=True)
+            jit_cache.starting()
+            self.model_dir, cfg, session_len = self.phases.run("convert", resolve_model, model, ec, progress=True)
             runner = create_executor(self.model_dir, cfg, ec, session_len, init_method=init_method)
-            tokenizer = tokenizer or Tokenizer(self.model_dir)
+            self.phases.merge(getattr(runner, "runner", runner).phases)  # a TPExecutor's: rank 0's runner's
+            tokenizer = tokenizer or self.phases.run("tokenizer", Tokenizer, self.model_dir)
             if cfg.vision:
                 from cluster.models.llava import VisionEncoder
 
-                self.vision = VisionEncoder(self.model_dir, cfg.vision, runner.device, runner.dtype)
+                self.vision = self.phases.run("vision", VisionEncoder, self.model_dir, cfg.vision, runner.device,
+                                              runner.dtype)
         if ec.overlap_steps and not runner.can_overlap:
             raise ValueError("overlap_steps needs a single-rank engine (tp=1); leave it unset with --tp > 1")
         self.overlap = ec.overlap_steps if ec.overlap_steps is not None else (
@@ -95,10 +101,11 @@ class LLMEngine:
         self.runner, self.tokenizer = runner, tokenizer
         self.model_config, self.session_len = runner.cfg, runner.session_len
         self.bm = BlockManager(runner.num_blocks, ec.block_size, ec.enable_prefix_caching)
+        self.max_batch_size = getattr(runner, "max_batch_size", None) or ec.max_batch_size or 128
         log.info("KV cache: %d blocks of %d = %d tokens (quant_policy %s: 8 and fp8 hold about 2x, 4 about 3.6x "
-                 "the tokens of 0 in the same memory)", runner.num_blocks, ec.block_size,
-                 runner.num_blocks * ec.block_size, ec.quant_policy)
-        self.scheduler = Scheduler(self.bm, ec.max_batch_size, ec.max_prefill_token_num, self.session_len)
+                 "the tokens of 0 in the same memory); up to %d sequences a step", runner.num_blocks, ec.block_size,
+                 runner.num_blocks * ec.block_size, ec.quant_policy, self.max_batch_size)
+        self.scheduler = Scheduler(self.bm, self.max_batch_size, ec.max_prefill_token_num, self.session_len)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.eos_ids = set(runner.cfg.eos_token_ids)
@@ -107,6 +114,9 @@ class LLMEngine:
             self.eos_ids.add(tokenizer.eos_token_id)
         # the logits' width: a tokenizer's ids past it are never drawn, a padded vocabulary's extra ids never allowed
         self.grammars = Grammars(tokenizer.hf, runner.cfg.vocab_size, tokenizer.grammar_tokens) if tokenizer else None
+        if self.model_dir is not None:  # built here: the start is over, and anything compiled from now is logged
+            log.info("%s (%s)", self.phases.summary(), self.model_dir)
+            jit_cache.mark_ready()
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt: PreparedPrompt, gen: GenerationConfig) -> None:

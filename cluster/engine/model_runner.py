@@ -14,6 +14,7 @@ from cluster.config import EngineConfig
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import OutOfMemoryError
 from cluster.engine.sequence import Sequence
+from cluster.engine.startup import Phases
 from cluster.kernels.reference import kv_row_bytes
 from cluster.layers.attention import AttnMetadata
 from cluster.layers.linear import pack_cpu_weights
@@ -25,6 +26,17 @@ from cluster.quant import fp8
 log = logging.getLogger(__name__)
 GiB = 1 << 30
 CPU_KV_BUDGET = 2 * GiB  # on the CPU, cache_max_entry_count is a share of at most this much
+MAX_DEFAULT_BATCH = {"cuda": 512, "cpu": 128}  # max_batch_size's default is at most this (see default_batch_size)
+MIN_DEFAULT_BATCH = 128
+TOKENS_PER_DEFAULT_SEQ = 256
+
+
+def default_batch_size(num_blocks: int, block_size: int, device: torch.device) -> int:
+    """max_batch_size when unset: as many sequences as the cache holds at 256 tokens each (a short chat), between
+    128 and the CUDA graphs' range (512; 128 on the CPU). Sequences that outgrow the cache are preempted and
+    recomputed, not refused, so a small cache keeps 128."""
+    cap = MAX_DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    return min(cap, max(MIN_DEFAULT_BATCH, num_blocks * block_size // TOKENS_PER_DEFAULT_SEQ))
 
 
 @dataclass
@@ -96,11 +108,14 @@ class ModelRunner:
         self.dtype = self.model.embed_tokens.weight.dtype
         self.model.rotary.build_cache(max(session_len, 1) + 1)
         self.num_blocks = 0  # no KV cache until init_cache()
+        # sequences a step may hold: EngineConfig.max_batch_size, else from the cache's size (set by init_cache)
+        self.max_batch_size = engine_cfg.max_batch_size or MAX_DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
         self.kv_cache: torch.Tensor | None = None
         self.kv_scales: torch.Tensor | None = None
         self.free_memory_for_cache: int | None = None  # CUDA: what profile() found free for the cache
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.max_graph_batch = 0  # decode steps of up to this many sequences replay a graph
+        self.phases = Phases()  # what the start spent (cluster/engine/startup.py); the executor adds its phases
 
     # -- KV cache ----------------------------------------------------------------------------------------------
     @property
@@ -141,6 +156,8 @@ class ModelRunner:
             if self.kv_scales is not None:
                 attn.k_scale, attn.v_scale = self.kv_scales[0, i], self.kv_scales[1, i]
         self.num_blocks = num_blocks
+        if not self.engine_cfg.max_batch_size:
+            self.max_batch_size = default_batch_size(num_blocks, self.block_size, self.device)
 
     def free_cache(self) -> None:
         """Drop the KV cache (profile's warm-up cache, or one init_cache replaces)."""
@@ -158,7 +175,9 @@ class ModelRunner:
         if ec.num_blocks:
             num = ec.num_blocks
         elif self.device.type == "cuda":
-            self.init_cache(need_one + ec.max_batch_size)  # the warm-up's, freed before measuring
+            bound = self.max_batch_size  # before the cache's size sets a default: the warm-up's batch
+            self.init_cache(need_one + bound)  # the warm-up's, freed before measuring
+            self.max_batch_size = bound
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
@@ -172,7 +191,7 @@ class ModelRunner:
         else:
             avail = min(_mem_available(), CPU_KV_BUDGET)  # host RAM is shared with everything else here
             num = int(avail * ec.cache_max_entry_count) // self.block_bytes
-            num = min(num, ec.max_batch_size * (need_one + 1))  # more than every sequence can use is waste here
+            num = min(num, self.max_batch_size * (need_one + 1))  # more than every sequence can use is waste here
         if num < need_one:
             raise OutOfMemoryError(
                 f"KV cache of {num} blocks ({num * self.block_bytes / GiB:.2f} GiB) holds {num * self.block_size} "
@@ -182,7 +201,7 @@ class ModelRunner:
 
     def _warmup(self) -> None:
         ec = self.engine_cfg
-        n_seqs = max(1, min(ec.max_batch_size, ec.max_prefill_token_num // max(1, min(self.session_len, 512))))
+        n_seqs = max(1, min(self.max_batch_size, ec.max_prefill_token_num // max(1, min(self.session_len, 512))))
         tokens = min(ec.max_prefill_token_num, self.session_len * n_seqs)
         per = tokens // n_seqs
         plan_lens = [per] * n_seqs
@@ -253,15 +272,19 @@ class ModelRunner:
             tables.extend(s.block_table)
             tables.extend([0] * (width - len(s.block_table)))
         T, B = len(ids), len(plan)
-        big = torch.tensor(ids + pos + slots + rows, dtype=torch.long)
-        small = torch.tensor(tables + ctx + cu, dtype=torch.int32)
+        # Every segment starts 16-byte aligned: Triton specializes a kernel on its pointers' alignment, so a view
+        # at an odd offset would compile another variant mid-request, whenever a step's token count is odd.
+        t2, bw4, b4 = _up(T, 2), _up(B * width, 4), _up(B, 4)
+        big = torch.tensor(_padded(ids, t2) + _padded(pos, t2) + _padded(slots, t2) + rows, dtype=torch.long)
+        small = torch.tensor(_padded(tables, bw4) + _padded(ctx, b4) + cu, dtype=torch.int32)
         if self.device.type == "cuda" and to_device:
             big = big.pin_memory().to(self.device, non_blocking=True)
             small = small.pin_memory().to(self.device, non_blocking=True)
         return StepInput(
-            input_ids=big[:T], positions=big[T:2 * T], slot_mapping=big[2 * T:3 * T], logit_indices=big[3 * T:],
-            block_tables=small[:B * width].view(B, width), context_lens=small[B * width:B * width + B],
-            cu_seqlens_q=small[B * width + B:], max_context_len=max(ctx), decode_only=decode_only,
+            input_ids=big[:T], positions=big[t2:t2 + T], slot_mapping=big[2 * t2:2 * t2 + T],
+            logit_indices=big[3 * t2:], block_tables=small[:B * width].view(B, width),
+            context_lens=small[bw4:bw4 + B], cu_seqlens_q=small[bw4 + b4:], max_context_len=max(ctx),
+            decode_only=decode_only,
             embeds=embeds, embed_rows=None if embed_rows is None else embed_rows.to(big.device, non_blocking=True),
         )
 
@@ -291,12 +314,12 @@ class ModelRunner:
         self.graphs, self.max_graph_batch = {}, 0
         if self.device.type != "cuda":
             return
-        self._compile_kernels()
+        self.phases.run("kernels", self._compile_kernels)
         if self.engine_cfg.cuda_graph and os.environ.get("CLUSTER_KERNELS") != "reference":
-            self._capture_graphs()
+            self.phases.run("graphs", self._capture_graphs)
 
     def _graph_batch_sizes(self) -> list[int]:
-        top = min(self.engine_cfg.max_batch_size, 512)
+        top = min(self.max_batch_size, MAX_DEFAULT_BATCH["cuda"])
         sizes = [1, 2, 4, 8] + list(range(16, top + 1, 16))
         return sorted({s for s in sizes if s <= top} | {top})
 
@@ -309,7 +332,9 @@ class ModelRunner:
         self._g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self._g_ctx = torch.ones(max_bs, dtype=torch.int32, device=dev)
         self._g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self._g_out: dict[int, torch.Tensor] = {}
+        # One fp32 logits buffer for every graph (a step's logits are read before the next step runs, in stream
+        # order): a buffer per graph would hold [bs, vocab] for each of the ~36 sizes, 4 GiB at 512 for Llama 3.
+        self._g_logits = torch.empty(max_bs, self.cfg.vocab_size, dtype=torch.float32, device=dev)
         max_ctx = self.max_blocks_per_seq * self.block_size
         pool = None
         for bs in reversed(self._graph_batch_sizes()):
@@ -321,10 +346,11 @@ class ModelRunner:
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    out = self.model.compute_logits(self.model(self._g_ids[:bs], self._g_pos[:bs], meta)).float()
+                    logits = self.model.compute_logits(self.model(self._g_ids[:bs], self._g_pos[:bs], meta))
+                    self._g_logits[:bs].copy_(logits)
+                    del logits
             pool = g.pool()
             self.graphs[bs] = g
-            self._g_out[bs] = out
         torch.cuda.synchronize()
         self.max_graph_batch = max_bs
 
@@ -340,7 +366,15 @@ class ModelRunner:
         w = step.block_tables.shape[1]
         self._g_tables[:n, :w].copy_(step.block_tables)
         self.graphs[bs].replay()
-        return self._g_out[bs][:n]
+        return self._g_logits[:n]
+
+
+def _up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _padded(values: list[int], length: int) -> list[int]:
+    return values + [0] * (length - len(values))
 
 
 def _mem_available() -> int:

@@ -30,6 +30,7 @@ class Executor(Protocol):
     dtype: torch.dtype  # of the model's activations (LLaVA's vision tower runs in it)
     num_blocks: int  # KV blocks of the cache, the same count on every rank
     block_size: int
+    max_batch_size: int  # sequences a step may hold (EngineConfig.max_batch_size or its default)
     tp_size: int
     can_overlap: bool  # execute() takes input ids still on the device, so a step can be launched ahead
 
@@ -68,11 +69,12 @@ def resolve_model(model: str | None, ec: EngineConfig, progress: bool = False) -
 
 def single_rank(cfg: ModelConfig, weights: dict[str, torch.Tensor], ec: EngineConfig, device: torch.device,
                 session_len: int) -> ModelRunner:
-    """A one-rank executor: the ModelRunner itself, its phases run in order."""
+    """A one-rank executor: the ModelRunner itself, its phases run in order (and timed: runner.phases)."""
     from cluster.engine.model_runner import ModelRunner
 
     runner = ModelRunner(cfg, weights, ec, device, session_len)
-    runner.init_cache(runner.profile())
+    run = runner.phases.run
+    run("cache", runner.init_cache, run("profile", runner.profile))
     runner.capture()
     return runner
 
@@ -83,10 +85,19 @@ def create_executor(model_dir: Path, cfg: ModelConfig, ec: EngineConfig, session
     followers are spawned here (init_method None) or run `run_follower` elsewhere on the same init_method (the Ray
     workers; see cluster/executor/tp.py)."""
     if ec.tp == 1:
+        import time
+
         from cluster.engine.model_runner import default_device, load_shard
+        from cluster.kernels import jit_cache
 
         device = default_device(ec)
-        return single_rank(cfg, load_shard(model_dir, 0, device), ec, device, session_len)
+        jit_cache.use_beside(model_dir, device)
+        t = time.perf_counter()
+        weights = load_shard(model_dir, 0, device)
+        loaded = time.perf_counter() - t
+        runner = single_rank(cfg, weights, ec, device, session_len)
+        runner.phases.seconds = {"load": loaded, **runner.phases.seconds}
+        return runner
     from cluster.executor.tp import TPExecutor
 
     if init_method is None:

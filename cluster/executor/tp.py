@@ -64,6 +64,7 @@ from cluster.engine.sequence import Sequence
 from cluster.executor.tp_groups import (TPGroups, cpu_share, init_groups, intra_op_threads, rank_device,
                                         start_timeout, tp_scope)
 from cluster.executor.tp_wire import CMD_SHUTDOWN, HEADER_LEN, embeds_message, pack_step, payload_len, unpack_step
+from cluster.kernels import jit_cache
 from cluster.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,21 @@ def build_runner(model_dir: Path, cfg: ModelConfig, engine_cfg: EngineConfig, se
     smallest block count over the ranks (every rank indexes its cache with rank 0's block tables), init_cache, and
     capture CUDA graphs (all ranks capture the same batch sizes in the same order). Collective."""
     cfg.check_tp(groups.size)
+    jit_cache.use_beside(model_dir, groups.device)
     with tp_scope(groups):
+        t = time.perf_counter()
         weights = load_shard(Path(model_dir), groups.rank, groups.device)
+        loaded = time.perf_counter() - t
         runner = ModelRunner(cfg, weights, engine_cfg, groups.device, session_len, groups.rank, groups.size)
+        runner.phases.seconds["load"] = loaded
         del weights
-        fits = runner.profile()
+        fits = runner.phases.run("profile", runner.profile)
         n = torch.tensor([fits], dtype=torch.long)
         dist.all_reduce(n, op=dist.ReduceOp.MIN, group=groups.cpu_group)
         agreed = int(n.item())
         if agreed != fits:
             log.info("rank %d: KV cache %d -> %d blocks (the smallest over the ranks)", groups.rank, fits, agreed)
-        runner.init_cache(agreed)
+        runner.phases.run("cache", runner.init_cache, agreed)
         runner.capture()
     return runner
 
@@ -187,6 +192,7 @@ class TPExecutor:
             raise
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.num_blocks, self.block_size = self.runner.num_blocks, self.runner.block_size
+        self.max_batch_size = self.runner.max_batch_size
         self._ref = weakref.ref(self)
         atexit.register(_close_at_exit, self._ref)
         if self._procs and self.groups.backend == "nccl":

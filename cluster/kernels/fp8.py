@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cluster.kernels import activation, pdl
+from cluster.kernels import activation, jit_cache, pdl
 from cluster.kernels.pdl import wait_for_previous
 from cluster.quant import fp8 as q8
 
@@ -56,7 +56,7 @@ def _epilogue(y, up, rn, n_ok, s_ptr, b_ptr, N, HAS_BIAS: tl.constexpr, GATED: t
     return y
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "GATED"])
+@triton.autotune(configs=GEMV_CONFIGS, key=["N", "K", "GATED"], **jit_cache.autotune_kwargs())
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                  USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -101,7 +101,7 @@ def _widen(w, dt: tl.constexpr, WIDEN: tl.constexpr):
         return w.to(dt)
 
 
-@triton.autotune(configs=DOT_CONFIGS, key=["BLOCK_M", "N", "K", "GATED", "WIDEN"])
+@triton.autotune(configs=DOT_CONFIGS, key=["BLOCK_M", "N", "K", "GATED", "WIDEN"], **jit_cache.autotune_kwargs())
 @triton.jit
 def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                      USE_PDL: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,

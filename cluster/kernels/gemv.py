@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cluster.kernels import pdl
+from cluster.kernels import jit_cache, pdl
 from cluster.kernels.pdl import wait_for_previous
 
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -24,7 +24,7 @@ CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 64}  # the interpreter cannot time configs
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "GATED"])
+@triton.autotune(configs=CONFIGS, key=["N", "K", "GATED"], **jit_cache.autotune_kwargs())
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                  USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cluster.kernels import activation, pdl, reference
+from cluster.kernels import activation, jit_cache, pdl, reference
 from cluster.kernels.pdl import wait_for_previous
 from cluster.kernels.w4a16_gemv import _bcast8, _dequant_kernel, _gate, _gemv_kernel
 
@@ -329,6 +329,10 @@ def tune(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
     key = (bucket, N, K, group, gated, x.dtype, bias is not None)
     if key in _TUNED:
         return _TUNED[key]
+    saved = jit_cache.load_picks("w4a16").get(str(key))  # timed on an earlier start of this model on this GPU
+    if saved is not None:
+        _TUNED[key] = saved
+        return saved
     options = candidates(M, N, K, group, _sms(x.device))
     if os.environ.get("CLUSTER_W4_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return options[0]
@@ -344,6 +348,8 @@ def tune(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
             times[i] = min(ms, times.get(i, float("inf")))
     best = options[min(times, key=times.get)] if times else options[0]
     _TUNED[key] = best
+    if times:
+        jit_cache.save_pick("w4a16", str(key), best)
     return best
 
 
