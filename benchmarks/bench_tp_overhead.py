@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench_engine import rand_prompts, random_hf_model
+from random_checkpoint import save_word_tokenizer
 
 
 def sync(device: str) -> None:
@@ -47,16 +48,6 @@ def decode_cases(generate, vocab: int, device: str, new_tokens: int, seed: int =
         out[name] = n * new_tokens / (time.perf_counter() - t)
         print(name, round(out[name], 1), flush=True)
     return out
-
-
-def save_word_tokenizer(out: Path, vocab: int) -> None:
-    """A tokenizer of `vocab` made-up words, so random token ids decode (and cost what detokenizing costs)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1").save_pretrained(out)
 
 
 def ray_generate_fn(rank0):
