@@ -10,7 +10,11 @@ module reads files, slices for ranks and writes. Engine names per rank (qkv and 
 Expert layers (Mixtral, Qwen2/3-MoE, DeepSeek-MoE, Dbrx) have instead, every expert on every rank, sliced along
 its FFN width:
   layers.{i}.mlp.gate.weight, layers.{i}.mlp.w13, layers.{i}.mlp.w2,
-  [layers.{i}.mlp.shared_expert.{gate_up_proj,down_proj}.weight, [layers.{i}.mlp.shared_expert_gate.weight]]
+  [layers.{i}.mlp.shared_expert.{gate_up_proj,down_proj}.weight, [layers.{i}.mlp.shared_expert_gate.weight]],
+  [layers.{i}.mlp.e_score_correction_bias (DeepSeek-V3, fp32)]
+Multi-head latent attention layers (DeepSeek-V2/V3, cluster/layers/mla.py) have, instead of qkv_proj:
+  layers.{i}.self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}.weight,
+  layers.{i}.self_attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}.weight
 """
 from __future__ import annotations
 
