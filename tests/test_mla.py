@@ -18,7 +18,7 @@ from cluster.engine.engine import LLMEngine
 from conftest import hf_greedy
 from test_tp import GREEDY, PROMPTS, _ec, tp_pipeline
 
-KINDS = mla_models.KINDS
+KINDS = ("deepseek_v2", "deepseek_v3")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _engine(path, engine_cache, **kw) -> LLMEngine:
     return LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", **kw))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", mla_models.KINDS)
 def test_greedy_matches_transformers(kind, mla_model, engine_cache):
     path, hf_model = mla_model(kind)
     engine = _engine(path, engine_cache)
@@ -121,6 +121,19 @@ def test_routing_matches_transformers_router(kind):
         order_g, order_w = got_e.sort(dim=-1), want_e.sort(dim=-1)
         assert torch.equal(order_g.values, order_w.values), method
         torch.testing.assert_close(got_w.gather(1, order_g.indices), want_w.gather(1, order_w.indices))
+
+
+def test_bfloat16_runs_and_keeps_the_bias_in_fp32(mla_model, engine_cache):
+    """A bf16 engine (the CPU's bf16 matmuls, a bf16 latent cache): its first tokens are the fp32 engine's, and the
+    correction bias stays fp32 (it is added to sigmoid scores near 0.5, where bf16 keeps 2-3 digits)."""
+    path, _ = mla_model("deepseek_v3")
+    engine = LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="bfloat16"))
+    assert engine.runner.kv_cache.dtype == torch.bfloat16
+    assert engine.runner.model.layers[1].mlp.e_score_correction_bias.dtype == torch.float32
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    got = [r.token_ids for r in engine.generate(ids, GREEDY)]
+    want = [r.token_ids for r in _engine(path, engine_cache).generate(ids, GREEDY)]
+    assert all(len(g) == GREEDY.max_new_tokens for g in got) and [g[0] for g in got] == [w[0] for w in want]
 
 
 def _cfg(mla_model, kind: str, tp: int = 1, **over):
