@@ -9,7 +9,7 @@ against transformers (or, for a quantized KV cache, against the same engine on t
 | mixtral, qwen2_moe | the Triton grouped-GEMM experts (eager and in CUDA graphs) | transformers, same weights |
 | awq | 4-bit weights through the W4A16 Triton matmul | transformers on the dequantized weights |
 | kv8, kv4 | the quantized KV cache's store and attention kernels | our engine on the CPU (reference kernels) |
-| deepseek_v2, deepseek_v3 | MLA: the latent store and decode kernels (mla.py; prefill in torch ops), DeepSeek routing into the Triton experts | transformers, same weights |
+| deepseek_v2, deepseek_v3 | MLA: the latent store, prefill and decode kernels (mla.py), DeepSeek routing into the Triton experts | transformers, same weights |
 
 Tiny fp32 models, random weights scaled up for peakier logits, prompts of token ids; no tokenizer, Ray or
 pydantic-free imports needed beyond what bench_engine.py needs. `--device cpu` runs the same comparisons on the

@@ -127,8 +127,9 @@ def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.
 
 def mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
-    """MLA prefill / chunk / mixed batch over the latent cache: torch ops on every device (no Triton kernel yet)."""
-    return mla_reference.mla_attention(q, cache, block_tables, context_lens, cu_seqlens_q, scale, v_dim)
+    """MLA prefill / chunk / mixed batch over the latent cache (causal); the Triton path syncs nothing."""
+    return (_triton("mla", q) or mla_reference).mla_attention(q, cache, block_tables, context_lens, cu_seqlens_q,
+                                                              scale, v_dim)
 
 
 def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
