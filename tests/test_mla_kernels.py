@@ -105,7 +105,8 @@ def test_engine_through_the_interpreted_kernels_matches_transformers(kind, token
     path, hf_model = mla_models.build(kind, tokenizer_dir, tmp_path / kind)
     engine = LLMEngine(str(path), EngineConfig(cache_dir=str(tmp_path / "converted"), device="cpu", dtype="float32",
                                                max_prefill_token_num=16))
-    ids = [engine.tokenizer.encode(p + " Please answer in one short sentence, in English, and politely.") for p in PROMPTS]
+    tail = " Please answer in one short sentence, in English, and politely."
+    ids = [engine.tokenizer.encode(p + tail) for p in PROMPTS]
     assert max(len(x) for x in ids) > 16
     got = [r.token_ids for r in engine.generate(ids, GREEDY)]
     assert got == [hf_greedy(hf_model, x, GREEDY.max_new_tokens) for x in ids], kind

@@ -67,7 +67,7 @@ class Family:
     layer_hook: Callable[[Tensors, ModelConfig, int], None] | None = None  # in place, after reading a layer
     model_hook: Callable[[Tensors, ModelConfig], None] | None = None  # in place, on embed / head / norm
     tokenizer_hint: str = ""  # what to do when the checkpoint's tokenizer is remote code
-    optional: tuple[str, ...] = ()  # `layer` keys read only where the checkpoint has them (DeepSeek's q_proj or q_a_proj)
+    optional: tuple[str, ...] = ()  # `layer` keys read where the checkpoint has them (DeepSeek: q_proj or q_a_proj)
 
 
 def config_view(fam: Family, hf: dict) -> dict:

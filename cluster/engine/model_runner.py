@@ -86,7 +86,7 @@ class ModelRunner:
                              "--quant-policy 8 (int8, 1.9x the tokens) instead")
         if cfg.kv_lora_rank and engine_cfg.quant_policy:
             raise ValueError(f"quant_policy {engine_cfg.quant_policy!r} is not supported for multi-head latent "
-                             "attention (DeepSeek-V2/V3): its latent cache stays in the model dtype; use quant_policy 0")
+                             "attention (DeepSeek-V2/V3): its latent cache is in the model dtype; use quant_policy 0")
         self.session_len = session_len
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.block_size = engine_cfg.block_size

@@ -16,9 +16,9 @@ from cluster.layers.embedding import LMHead, VocabEmbedding
 from cluster.layers.linear import ColumnLinear, RowLinear
 from cluster.layers.mla import MLAAttention
 from cluster.layers.moe import SparseMoE
-from cluster.layers.routing import Routing
 from cluster.layers.norm import RMSNorm, make_norm
 from cluster.layers.rotary import Rotary
+from cluster.layers.routing import Routing
 from cluster.models.config import ModelConfig
 
 
