@@ -179,3 +179,37 @@ def test_quant_flag_and_quantized_kv_cache_are_refused(mla_model, engine_cache):
         engine_config(hf, "float32", 1, str(path), quant="fp8")
     with pytest.raises(ValueError, match=r"^quant_policy 8 is not supported for multi-head latent attention"):
         _engine(path, engine_cache, quant_policy=8)
+
+
+V2_LITE_STYLE = {  # the keys of deepseek-ai's remote-code config.json (rope_scaling with "type"), V2-Lite's shape
+    "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False,
+    "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+    "hidden_size": 2048, "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+    "num_key_value_heads": 16, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400,
+    "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32,
+                     "beta_slow": 1, "original_max_position_embeddings": 4096}}
+
+
+def test_remote_code_config_keys_give_transformers_rope_and_scale():
+    """A config in deepseek-ai's published form (no weights read): YaRN's frequencies and cos/sin scaling as
+    transformers' DeepSeek-V2 computes them, the softmax scale with mscale_all_dim squared in, a 576-value row."""
+    import transformers as tf
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
+
+    from cluster.convert import rope
+    from cluster.layers.mla import latent_dim
+
+    cfg = engine_config(V2_LITE_STYLE, "bfloat16", 1, "x")
+    inv_freq, cos_sin_scale = rope.inv_freq(V2_LITE_STYLE, cfg)
+    yarn = {k: v for k, v in V2_LITE_STYLE["rope_scaling"].items() if k != "type"}
+    theirs = tf.DeepseekV2Config(**{k: v for k, v in V2_LITE_STYLE.items() if k not in ("rope_scaling", "rope_theta")},
+                                 rope_parameters={**yarn, "rope_type": "yarn", "rope_theta": 10000.0})
+    rotary = v2.DeepseekV2RotaryEmbedding(theirs)
+    torch.testing.assert_close(inv_freq, rotary.inv_freq, rtol=0, atol=0)
+    assert cos_sin_scale == rotary.attention_scaling
+    assert cfg.attn_scale == pytest.approx(v2.DeepseekV2Attention(theirs, 0).scaling, rel=1e-12)
+    assert latent_dim(cfg) == 576 and cfg.sparse_layers == list(range(1, 27)) and cfg.topk_method == "greedy"
