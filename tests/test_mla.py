@@ -213,3 +213,24 @@ def test_remote_code_config_keys_give_transformers_rope_and_scale():
     assert cos_sin_scale == rotary.attention_scaling
     assert cfg.attn_scale == pytest.approx(v2.DeepseekV2Attention(theirs, 0).scaling, rel=1e-12)
     assert latent_dim(cfg) == 576 and cfg.sparse_layers == list(range(1, 27)) and cfg.topk_method == "greedy"
+
+
+def test_fused_3d_expert_tensors_convert_the_same(mla_model, engine_cache, tmp_path):
+    """transformers 5's in-memory layout (experts.gate_up_proj [E, 2F, H], experts.down_proj [E, H, F]), which
+    save_pretrained turns back into per-expert tensors: a checkpoint holding it gives transformers' tokens too."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, hf_model = mla_model("deepseek_v3")
+    fused = tmp_path / "fused"
+    shutil.copytree(path, fused)
+    sd = load_file(str(fused / "model.safetensors"))
+    p, n = "model.layers.1.mlp.experts.", mla_models.config("deepseek_v3").n_routed_experts
+    for name, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+        sd[p + name] = torch.stack([torch.cat([sd.pop(f"{p}{e}.{part}.weight") for part in parts])
+                                    for e in range(n)]).contiguous()
+    save_file(sd, str(fused / "model.safetensors"))
+    engine = _engine(fused, engine_cache)
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    assert [r.token_ids for r in engine.generate(ids, GREEDY)] == _want(hf_model, ids)
