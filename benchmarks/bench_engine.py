@@ -6,6 +6,11 @@ and the matmul rate, then the cases of issue 3, steady decode steps and a concur
 writes JSON (+ PNG). A decode step's floor is (weight bytes + KV bytes read) / read bandwidth.
 
     python benchmarks/bench_engine.py [--shape llama3-8b] [--out DIR] [--quick]
+
+--shape deepseek-v2-lite: DeepSeek-V2-Lite's shape (15.7B parameters, 2.4B read a token besides the embedding
+table; MLA with a 512 + 64 latent row a token and layer, 64 routed experts top-6 + 2 shared, layer 0 dense). Its
+floor counts the weights a step reads: of each expert layer, only the experts its tokens choose (weight_bytes_read).
+transformers' own DeepSeek-V2 runs the experts in a Python loop: --skip-hf saves its minutes.
 """
 from __future__ import annotations
 
@@ -28,6 +33,12 @@ SHAPES = {
                        intermediate_size=28672, vocab_size=128256, rope_theta=500000.0),
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=512, vocab_size=1024),
+    # deepseek-ai/DeepSeek-V2-Lite's config.json (its YaRN rope left out: random weights, short contexts)
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", hidden_size=2048, num_hidden_layers=27, num_attention_heads=16,
+                             intermediate_size=10944, vocab_size=102400, kv_lora_rank=512, q_lora_rank=None,
+                             qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, n_routed_experts=64,
+                             num_experts_per_tok=6, n_shared_experts=2, moe_intermediate_size=1408,
+                             first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=1.0),
 }
 
 
@@ -89,11 +100,37 @@ def steady_step_ms(eng, prompts: list[list[int]], steps: int = 50) -> float:
 def random_hf_model(shape: str, dtype: torch.dtype, max_pos: int, device: str = "cuda"):
     import transformers as tf
 
-    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_pos, initializer_range=0.02,
-                         tie_word_embeddings=False)
+    kw = dict(SHAPES[shape])
+    config = tf.DeepseekV2Config if kw.pop("model_type", "llama") == "deepseek_v2" else tf.LlamaConfig
+    cfg = config(**kw, max_position_embeddings=max_pos, initializer_range=0.02, tie_word_embeddings=False)
     with torch.device(device):
-        model = tf.LlamaForCausalLM(cfg).to(dtype).eval()
+        model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     return model
+
+
+def expert_share(cfg, batch: int) -> float:
+    """Of a routed-expert layer's experts, the share a decode step of `batch` tokens reads: k / E for one token;
+    for more, what at least one token chooses if each token's k experts were uniformly drawn (random weights route
+    close to that): 1 - (1 - k / E) ** batch."""
+    e, k = getattr(cfg, "n_routed_experts", 0) or 0, getattr(cfg, "num_experts_per_tok", 0) or 0
+    return 1.0 if not e else 1 - (1 - k / e) ** batch
+
+
+def weight_bytes_read(hf_model, batch: int = 1) -> float:
+    """Weight bytes a decode step of `batch` tokens reads: every parameter but the embedding table, routed experts
+    (transformers' mlp.experts.*) at expert_share."""
+    share = expert_share(hf_model.config, batch)
+    return sum(p.numel() * p.element_size() * (share if ".mlp.experts." in n else 1.0)
+               for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
+
+
+def attention_flops(cfg, tokens: int) -> float:
+    """Causal attention's multiply-adds x 2 for one sequence of `tokens`, per layer summed: Llama's q.k and p.v at
+    head_dim; MLA's absorbed form (what the engine runs) scores over the latent row (kv_lora_rank + rope) and sums
+    the latent (kv_lora_rank)."""
+    per_pair = (2 * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) if getattr(cfg, "kv_lora_rank", 0)
+                else 2 * 2 * cfg.hidden_size // cfg.num_attention_heads)
+    return cfg.num_hidden_layers * cfg.num_attention_heads * per_pair * tokens ** 2 / 2
 
 
 def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | None = None, hf: dict | None = None,
@@ -220,7 +257,9 @@ def main() -> None:
         print("transformers:", {k: round(v, 1) for k, v in hf_res.items()}, flush=True)
     results["transformers"] = hf_res
 
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
+    weight_bytes = weight_bytes_read(hf_model)  # all but the embedding table (of an expert layer: one token's experts)
+    step_weights = {b: weight_bytes_read(hf_model, b) for b in (1, 8, 32, 64, 128)}
+    model_cfg = hf_model.config
     free_before = torch.cuda.mem_get_info()[0]
     eng = engine_from_hf(hf_model, "bfloat16", session_len=4096, max_batch_size=256, max_prefill_token_num=8192,
                          cache_max_entry_count=args.cache_max_entry_count)
@@ -236,7 +275,7 @@ def main() -> None:
     kv_per_token = runner.block_bytes / runner.block_size
 
     def step_floor(batch: int, ctx: float) -> float:
-        return (weight_bytes + batch * ctx * kv_per_token) / bw
+        return (step_weights[batch] + batch * ctx * kv_per_token) / bw
 
     def run(prompts, new_tokens):
         gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -282,10 +321,10 @@ def main() -> None:
     pre = rand_prompts(16, 2048 if not q else 1024, vocab, rng)
     t, _ = run(pre, 1)
     toks = sum(len(p) for p in pre)
-    L, H = cfgd["num_hidden_layers"], cfgd["hidden_size"]
-    D = H // cfgd["num_attention_heads"]
-    layer_params = weight_bytes / 2 - vocab * H  # bf16: 2 bytes a parameter; lm_head runs for 16 rows only
-    attn_flops = 16 * L * 2 * 2 * (len(pre[0]) ** 2 / 2) * cfgd["num_attention_heads"] * D
+    H = cfgd["hidden_size"]
+    # bf16: 2 bytes a parameter; lm_head runs for 16 rows only; an expert layer: the k experts each token runs
+    layer_params = weight_bytes / 2 - vocab * H
+    attn_flops = 16 * attention_flops(model_cfg, len(pre[0]))
     flops = 2 * layer_params * toks + attn_flops
     ours["prefill_tok_s"] = toks / t
     ours["prefill_tflops"] = flops / t / 1e12

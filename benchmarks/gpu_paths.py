@@ -9,6 +9,7 @@ against transformers (or, for a quantized KV cache, against the same engine on t
 | mixtral, qwen2_moe | the Triton grouped-GEMM experts (eager and in CUDA graphs) | transformers, same weights |
 | awq | 4-bit weights through the W4A16 Triton matmul | transformers on the dequantized weights |
 | kv8, kv4 | the quantized KV cache's store and attention kernels | our engine on the CPU (reference kernels) |
+| deepseek_v2, deepseek_v3 | MLA: the latent store, prefill and decode kernels (mla.py), DeepSeek routing into the Triton experts | transformers, same weights |
 
 Tiny fp32 models, random weights scaled up for peakier logits, prompts of token ids; no tokenizer, Ray or
 pydantic-free imports needed beyond what bench_engine.py needs. `--device cpu` runs the same comparisons on the
@@ -60,7 +61,10 @@ def peaky(model):
 def build(kind: str, device: str):
     import transformers as tf
 
-    torch.manual_seed({"mixtral": 1, "qwen2_moe": 2, "awq": 3, "kv8": 4, "kv4": 4}[kind])
+    torch.manual_seed({"mixtral": 1, "qwen2_moe": 2, "awq": 3, "kv8": 4, "kv4": 4, "deepseek_v2": 5,
+                       "deepseek_v3": 6}[kind])
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        return deepseek(kind, device)
     if kind == "mixtral":
         cfg = tf.MixtralConfig(**TINY, num_local_experts=8, num_experts_per_tok=2, sliding_window=None)
     elif kind == "qwen2_moe":
@@ -70,6 +74,30 @@ def build(kind: str, device: str):
         cfg = tf.LlamaConfig(**TINY)
     with torch.device(device):
         return peaky(tf.AutoModelForCausalLM.from_config(cfg).float().eval())
+
+
+def deepseek(kind: str, device: str):
+    """DeepSeek-V2 (q_proj, softmax + group_limited_greedy) or -V3 (q_a/q_b, sigmoid + noaux_tc with a random
+    correction bias): layer 0 dense, layer 1 experts + shared experts; latent 64 + rope 16 (the decode kernel's
+    powers of two)."""
+    import transformers as tf
+
+    mla = dict(kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+               moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+    base = {k: v for k, v in TINY.items() if k != "num_key_value_heads"}
+    if kind == "deepseek_v2":
+        cfg = tf.DeepseekV2Config(**base, **mla, q_lora_rank=None, n_shared_experts=2,
+                                  topk_method="group_limited_greedy", routed_scaling_factor=2.0)
+    else:
+        cfg = tf.DeepseekV3Config(**base, **mla, q_lora_rank=64, n_shared_experts=1, routed_scaling_factor=2.5)
+    with torch.device(device):
+        model = peaky(tf.AutoModelForCausalLM.from_config(cfg).float().eval())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+            if bias is not None:
+                bias.copy_(torch.randn_like(bias) * 0.1)
+    return model
 
 
 def awq_state(model, prompts: list[list[int]]) -> tuple[dict, dict]:
@@ -112,7 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    ap.add_argument("--cases", nargs="*", default=["mixtral", "qwen2_moe", "awq", "kv8", "kv4"])
+    ap.add_argument("--cases", nargs="*", default=["mixtral", "qwen2_moe", "awq", "kv8", "kv4", "deepseek_v2",
+                                                   "deepseek_v3"])
     args = ap.parse_args()
     rng = random.Random(0)
     prompts = rand_prompts(6, (5, 200), TINY["vocab_size"], rng)

@@ -115,7 +115,6 @@ def test_remote_code_tokenizer_is_refused_with_the_way_out(tiny_models, engine_c
     ({"model_type": "bert"}, r"^model type 'bert' is not supported; supported: .*gemma.*qwen3_moe"),
     ({"model_type": "gemma2"}, r"^model type 'gemma2' is not supported: it needs attention-logit soft-capping"),
     ({"model_type": "gemma3_text"}, r"^model type 'gemma3_text' is not supported: it needs sliding-window"),
-    ({"model_type": "deepseek_v3"}, r"^model type 'deepseek_v3' is not supported: it needs multi-head latent"),
 ])
 def test_unsupported_model_types_are_refused_in_one_line(hf, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from cluster.convert import mla
 from cluster.convert.family import Experts, Family, Tensors
 from cluster.convert.rope import rope_type
 
@@ -13,6 +14,11 @@ LLAMA_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn
                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
                "ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
 QK_NORM_LAYER = {**LLAMA_LAYER, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+MLA_LAYER = {"wq": "self_attn.q_proj", "wq_a": "self_attn.q_a_proj", "q_a_norm": "self_attn.q_a_layernorm",
+             "wq_b": "self_attn.q_b_proj", "wkv_a": "self_attn.kv_a_proj_with_mqa",
+             "kv_a_norm": "self_attn.kv_a_layernorm", "wkv_b": "self_attn.kv_b_proj", "o": "self_attn.o_proj",
+             **{k: v for k, v in LLAMA_LAYER.items() if k not in ("q", "k", "v", "o")}}
+MLA_Q = ("wq", "wq_a", "q_a_norm", "wq_b")  # q_proj (q_lora_rank null: V2-Lite) or q_a_proj, its norm, q_b_proj
 GLM_LAYER = {**{k: v for k, v in LLAMA_LAYER.items() if k not in ("gate", "up")}, "gate_up": "mlp.gate_up_proj"}
 BAICHUAN2_VOCAB = 125696
 
@@ -107,10 +113,15 @@ def _chatglm_view(view: dict) -> None:
 
 
 def _deepseek(view: dict) -> dict:
-    """DeepSeek-MoE (v1): experts from layer first_k_dense_replace on, every moe_layer_freq; the n_shared_experts
-    always-on experts run as one MLP of their summed width, ungated."""
+    """DeepSeek-MoE (v1): softmax routing, q/k/v attention."""
     if view.get("scoring_func", "softmax") != "softmax":
         raise ValueError(f"DeepSeek-MoE scoring_func {view['scoring_func']!r} is not supported; supported: softmax")
+    return {**_deepseek_experts(view), **_llama_bias(view)}
+
+
+def _deepseek_experts(view: dict) -> dict:
+    """DeepSeek-MoE, -V2, -V3: experts from layer first_k_dense_replace on, every moe_layer_freq; the
+    n_shared_experts always-on experts run as one MLP of their summed width, ungated."""
     layers, n = view["num_hidden_layers"], view.get("n_routed_experts")
     first, freq = view.get("first_k_dense_replace", 0), view.get("moe_layer_freq", 1) or 1
     sparse = [i for i in range(layers) if n and i >= first and i % freq == 0]
@@ -118,7 +129,28 @@ def _deepseek(view: dict) -> dict:
                 moe_intermediate_size=view["moe_intermediate_size"],
                 norm_topk_prob=bool(view.get("norm_topk_prob", False) and view.get("num_experts_per_tok", 1) > 1),
                 shared_expert_intermediate_size=view["moe_intermediate_size"] * (view.get("n_shared_experts") or 0),
-                shared_expert_gate=False, sparse_layers=sparse, **_llama_bias(view))
+                shared_expert_gate=False, sparse_layers=sparse)
+
+
+def _deepseek_mla(view: dict, method: str, scoring: str, interleaved: bool) -> dict:
+    """DeepSeek-V2/V3: multi-head latent attention (convert/mla.py), DeepSeek-MoE's experts, and routing by
+    `method` and `scoring` unless the config names its own (cluster/layers/routing.py)."""
+    method, scoring = view.get("topk_method") or method, view.get("scoring_func") or scoring
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc") or scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"DeepSeek routing {method!r} with {scoring!r} scores is not supported; supported: greedy, "
+                         "group_limited_greedy, noaux_tc with softmax or sigmoid scores")
+    if view.get("mlp_bias"):
+        raise ValueError("MLP biases (mlp_bias: true) are not supported; supported: mlp_bias false")
+    return {**_deepseek_experts(view), **mla.config_fields(view, interleaved),
+            "topk_method": method, "scoring_func": scoring, "n_group": view.get("n_group") or 1,
+            "topk_group": view.get("topk_group") or 1, "router_bias": method == "noaux_tc",
+            "routed_scaling_factor": float(view.get("routed_scaling_factor") or 1.0)}
+
+
+def _deepseek_v3(view: dict) -> dict:
+    """transformers' V3 normalizes the k weights at any k (V2 and DeepSeek-MoE only from k = 2)."""
+    return {**_deepseek_mla(view, "noaux_tc", "sigmoid", bool(view.get("rope_interleave", True))),
+            "norm_topk_prob": bool(view.get("norm_topk_prob", True))}
 
 
 def _falcon(view: dict) -> dict:
@@ -257,21 +289,22 @@ FAMILIES: tuple[Family, ...] = (
                           "tokenizer.model beside the weights"),
     Family("DeepSeek-MoE", ("deepseek",), LLAMA_LAYER, keys={"num_experts": "n_routed_experts"},
            config_hook=_deepseek, experts=Experts(shared="shared_experts.")),
+    Family("DeepSeek-V2", ("deepseek_v2",), MLA_LAYER, keys={"num_experts": "n_routed_experts"}, optional=MLA_Q,
+           config_hook=lambda v: _deepseek_mla(v, "greedy", "softmax", True), layer_hook=mla.rope_rows,
+           experts=Experts(shared="shared_experts.")),
+    Family("DeepSeek-V3", ("deepseek_v3",), MLA_LAYER, keys={"num_experts": "n_routed_experts"}, optional=MLA_Q,
+           config_hook=_deepseek_v3, layer_hook=mla.rope_rows,
+           experts=Experts(shared="shared_experts.", router_bias="gate.e_score_correction_bias")),
 )
 
 # Families whose attention the paged kernels (cluster/kernels/attention.py) cannot compute yet, and what they lack.
 _GEMMA3 = ("sliding-window attention (5 of every 6 layers attend only to the last sliding_window keys, with their own "
            "rope base) in the paged attention kernels")
-_MLA = ("multi-head latent attention (MLA): a paged cache of one compressed kv_lora_rank latent + a shared rope key "
-        "per token, and attention that absorbs kv_b_proj into q and the output (or K and V of different head dims); "
-        "the paged attention kernels store and read full per-head K and V of one head_dim")
 REFUSED = {
     "gemma2": ("attention-logit soft-capping (scores become tanh(s / cap) * cap before the softmax) and sliding-window "
                "attention on every other layer in the paged attention kernels"),
     "gemma3": _GEMMA3,
     "gemma3_text": _GEMMA3,
-    "deepseek_v2": _MLA,
-    "deepseek_v3": _MLA,
 }
 
 BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.model_types}

@@ -3,7 +3,9 @@ per-layer tensors. The families themselves are data, in cluster/convert/families
 
 A layer's tensors come out in engine meaning, full size (not yet sliced for a rank): q, k, v, o, gate, up, down,
 ln1, ln2, their biases as q_b, k_b, v_b, o_b, ln1_b, ln2_b, q_norm / k_norm (per-head norms), and for expert layers
-router, e_gate, e_up [E, F, H], e_down [E, H, F] (+ the shared expert's gate, up, down, shared_gate).
+router, e_gate, e_up [E, F, H], e_down [E, H, F] (+ the shared expert's gate, up, down, shared_gate; router_bias).
+Multi-head latent attention layers (DeepSeek-V2/V3) have wq (or wq_a, q_a_norm, wq_b), wkv_a, kv_a_norm, wkv_b
+and o instead of q, k, v (cluster/convert/mla.py).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class Experts:
     names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per expert: gate, up, down
     shared: str = ""  # the always-on expert's module (Qwen2-MoE: "shared_expert."), "" for none
     shared_gate: str = ""  # its sigmoid gate (Qwen2-MoE: "shared_expert_gate"), "" when ungated
+    router_bias: str = ""  # the router's choice-only bias (DeepSeek-V3: "gate.e_score_correction_bias"), a tensor
     read: Callable[[Getter, ModelConfig, str], Tensors] | None = None  # a layout no template says (Dbrx)
 
 
@@ -64,6 +67,7 @@ class Family:
     layer_hook: Callable[[Tensors, ModelConfig, int], None] | None = None  # in place, after reading a layer
     model_hook: Callable[[Tensors, ModelConfig], None] | None = None  # in place, on embed / head / norm
     tokenizer_hint: str = ""  # what to do when the checkpoint's tokenizer is remote code
+    optional: tuple[str, ...] = ()  # `layer` keys read where the checkpoint has them (DeepSeek: q_proj or q_a_proj)
 
 
 def config_view(fam: Family, hf: dict) -> dict:
@@ -122,6 +126,8 @@ def read_layer(fam: Family, get: Getter, cfg: ModelConfig, i: int) -> Tensors:
             continue
         if not isinstance(module, str):
             module = next((m for m in module if p + m + ".weight" in names), module[0])
+        if key in fam.optional and p + module + ".weight" not in names:
+            continue
         t.update(_read(key, get(p + module + ".weight"), cfg))
         if _has_bias(key, cfg):
             t.update(_read(key, get(p + module + ".bias"), cfg, "_b"))
@@ -155,6 +161,8 @@ def read_experts(spec: Experts, get: Getter, cfg: ModelConfig, layer_prefix: str
         t.update(gate=get(s + "gate_proj.weight"), up=get(s + "up_proj.weight"), down=get(s + "down_proj.weight"))
         if spec.shared_gate:
             t["shared_gate"] = get(p + spec.shared_gate + ".weight")
+    if spec.router_bias and cfg.router_bias:
+        t["router_bias"] = get(p + spec.router_bias)
     return t
 
 

@@ -44,7 +44,7 @@ def is_identity(cfg: ModelConfig) -> bool:
     return cfg.head_dim == src and (cfg.rotary_dim in (0, src)) and not cfg.rope_interleaved
 
 
-def _rows(x: torch.Tensor, heads: int, src: int, order: list[int]) -> torch.Tensor:
+def rows(x: torch.Tensor, heads: int, src: int, order: list[int]) -> torch.Tensor:
     """x [heads * src, ...] -> [heads * len(order), ...], each head's rows taken in `order` (-1: zeros)."""
     h = x.reshape(heads, src, *x.shape[1:])
     idx = torch.tensor([max(o, 0) for o in order], device=x.device)
@@ -66,7 +66,7 @@ def apply(t: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
                           ("v", cfg.num_kv_heads, v_order)):
         for name in (key, key + "_b"):
             if name in t:
-                t[name] = _rows(t[name], heads, src, o)
+                t[name] = rows(t[name], heads, src, o)
     for name in ("q_norm", "k_norm"):  # [src]: refused with padding (engine_config), only permuted here
         if name in t:
             t[name] = t[name][torch.tensor(order, device=t[name].device)]

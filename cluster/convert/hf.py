@@ -10,7 +10,11 @@ module reads files, slices for ranks and writes. Engine names per rank (qkv and 
 Expert layers (Mixtral, Qwen2/3-MoE, DeepSeek-MoE, Dbrx) have instead, every expert on every rank, sliced along
 its FFN width:
   layers.{i}.mlp.gate.weight, layers.{i}.mlp.w13, layers.{i}.mlp.w2,
-  [layers.{i}.mlp.shared_expert.{gate_up_proj,down_proj}.weight, [layers.{i}.mlp.shared_expert_gate.weight]]
+  [layers.{i}.mlp.shared_expert.{gate_up_proj,down_proj}.weight, [layers.{i}.mlp.shared_expert_gate.weight]],
+  [layers.{i}.mlp.e_score_correction_bias (DeepSeek-V3, fp32)]
+Multi-head latent attention layers (DeepSeek-V2/V3, cluster/layers/mla.py) have, instead of qkv_proj:
+  layers.{i}.self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj}.weight,
+  layers.{i}.self_attn.{kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj}.weight
 """
 from __future__ import annotations
 
@@ -111,6 +115,9 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None 
     if limit:
         fields["max_position_embeddings"] = limit
     cfg = ModelConfig(**fields)
+    if cfg.quant and cfg.kv_lora_rank:
+        raise ValueError(f"{cfg.quant['method']}-quantized multi-head latent attention models (DeepSeek-V2/V3) are "
+                         "not supported yet; serve a bf16 checkpoint without --quant")
     if cfg.quant and cfg.num_experts:
         raise ValueError(f"{cfg.quant['method']}-quantized mixture-of-experts models are not supported yet; "
                          "serve this one without --quant")
@@ -122,6 +129,8 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None 
 
 def _head_fields(view: dict, fields: dict, name: str) -> dict:
     """head_dim padded to a power of two and the rotary's extent, for convert/head_layout.py."""
+    if fields.get("kv_lora_rank"):  # MLA: head_dim is the rope dims, all rotating, never padded (layers/mla.py)
+        return {"rotary_dim": 0}
     src = fields["head_dim"]
     dim = head_layout.padded_dim(src)
     out = {"head_dim": dim, "real_head_dim": src if dim != src else 0,
@@ -178,17 +187,34 @@ def _expert_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -
         out.update(_mlp_shard(t, prefix + "shared_expert.", rank, tp))
     if "shared_gate" in t:  # its sigmoid gate (Qwen2-MoE)
         out[prefix + "shared_expert_gate.weight"] = t["shared_gate"]
+    if "router_bias" in t:  # DeepSeek-V3's choice-only bias
+        out[prefix + "e_score_correction_bias"] = t["router_bias"]
+    return out
+
+
+def _mla_shard(t: dict[str, torch.Tensor], prefix: str, rank: int, tp: int) -> dict[str, torch.Tensor]:
+    """Multi-head latent attention (cluster/layers/mla.py): the rank's heads' rows of q_proj / q_b_proj and
+    kv_b_proj and its columns of o_proj; the latent's projection and both norms whole on every rank."""
+    out = {prefix + "kv_a_proj_with_mqa.weight": t["wkv_a"], prefix + "kv_a_layernorm.weight": t["kv_a_norm"],
+           prefix + "kv_b_proj.weight": _rows(t["wkv_b"], rank, tp),
+           prefix + "o_proj.weight": _rows(t["o"].t(), rank, tp).t()}
+    if "wq" in t:
+        out[prefix + "q_proj.weight"] = _rows(t["wq"], rank, tp)
+    else:
+        out.update({prefix + "q_a_proj.weight": t["wq_a"], prefix + "q_a_layernorm.weight": t["q_a_norm"],
+                    prefix + "q_b_proj.weight": _rows(t["wq_b"], rank, tp)})
     return out
 
 
 def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int, i: int) -> dict[str, torch.Tensor]:
     p = f"layers.{i}."
-    out = {
-        p + "self_attn.qkv_proj.weight": torch.cat(
-            [_rows(t["q"], rank, tp), _kv_rows(t["k"], cfg, rank, tp), _kv_rows(t["v"], cfg, rank, tp)]),
-        p + "self_attn.o_proj.weight": _rows(t["o"].t(), rank, tp).t(),
-        **(_expert_shard if cfg.is_sparse(i) else _mlp_shard)(t, p + "mlp.", rank, tp),
-    }
+    if cfg.kv_lora_rank:
+        out = _mla_shard(t, p + "self_attn.", rank, tp)
+    else:
+        out = {p + "self_attn.qkv_proj.weight": torch.cat(
+                   [_rows(t["q"], rank, tp), _kv_rows(t["k"], cfg, rank, tp), _kv_rows(t["v"], cfg, rank, tp)]),
+               p + "self_attn.o_proj.weight": _rows(t["o"].t(), rank, tp).t()}
+    out.update((_expert_shard if cfg.is_sparse(i) else _mlp_shard)(t, p + "mlp.", rank, tp))
     if "q_b" in t:
         out[p + "self_attn.qkv_proj.bias"] = torch.cat(
             [_rows(t["q_b"], rank, tp), _kv_rows(t["k_b"], cfg, rank, tp), _kv_rows(t["v_b"], cfg, rank, tp)])
@@ -295,7 +321,7 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         llava.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
         keep = {k for k, v in shard.items() if k == "rotary.inv_freq" or not v.is_floating_point()  # + 4-bit q
-                or v.dtype == fp8.FP8 or k.endswith(".weight_scale")}
+                or v.dtype == fp8.FP8 or k.endswith((".weight_scale", ".e_score_correction_bias"))}
         save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
                   str(out_dir / f"rank{r}.safetensors"))
     tokenizer.save_pretrained(out_dir)

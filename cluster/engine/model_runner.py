@@ -18,6 +18,7 @@ from cluster.engine.startup import Phases
 from cluster.kernels.reference import kv_row_bytes
 from cluster.layers.attention import AttnMetadata
 from cluster.layers.linear import pack_cpu_weights
+from cluster.layers.mla import latent_dim
 from cluster.models.config import ModelConfig
 from cluster.models.llama import shard_sizes
 from cluster.models.registry import build_model
@@ -95,6 +96,9 @@ class ModelRunner:
         if engine_cfg.quant_policy == "fp8":
             fp8.check_device(device, "quant_policy='fp8' (an e4m3 KV cache)",
                              "--quant-policy 8 (int8, 1.9x the tokens) instead")
+        if cfg.kv_lora_rank and engine_cfg.quant_policy:
+            raise ValueError(f"quant_policy {engine_cfg.quant_policy!r} is not supported for multi-head latent "
+                             "attention (DeepSeek-V2/V3): its latent cache is in the model dtype; use quant_policy 0")
         self.session_len = session_len
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.block_size = engine_cfg.block_size
@@ -129,8 +133,11 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        """K and V of one block in every layer (reference.kv_row_bytes a row)."""
-        row = kv_row_bytes(self.kv_bits, self.cfg.head_dim, torch.tensor([], dtype=self.dtype).element_size())
+        """K and V of one block in every layer (reference.kv_row_bytes a row); MLA: one latent row a token a layer."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        if self.cfg.kv_lora_rank:
+            return self.cfg.num_layers * self.block_size * latent_dim(self.cfg) * elem
+        row = kv_row_bytes(self.kv_bits, self.cfg.head_dim, elem)
         return 2 * self.cfg.num_layers * self.block_size * self.kv_heads_per_rank * row
 
     def init_cache(self, num_blocks: int) -> None:
@@ -139,6 +146,13 @@ class ModelRunner:
         finite (see reference.py). The fp8 cache's scales are 1.0: e4m3 holds +-448, far beyond the K/V values of
         the models served here, with a 3-bit mantissa at every magnitude."""
         self.free_cache()
+        if self.cfg.kv_lora_rank:  # MLA: [layers, blocks, block_size, 1, L + R], K and V the same row
+            self.kv_cache = torch.zeros((self.cfg.num_layers, num_blocks, self.block_size, 1, latent_dim(self.cfg)),
+                                        dtype=self.dtype, device=self.device)
+            for i, attn in enumerate(self.model.attention_layers()):
+                attn.k_cache = attn.v_cache = self.kv_cache[i]
+            self.num_blocks = num_blocks
+            return
         bits, d, hkv = self.kv_bits, self.cfg.head_dim, self.kv_heads_per_rank
         layers = (2, self.cfg.num_layers)
         dtype = {0: self.dtype, 8: torch.int8, 4: torch.uint8, "fp8": torch.float8_e4m3fn}[bits]

@@ -9,10 +9,11 @@ from types import ModuleType
 
 import torch
 
-from cluster.kernels import reference
+from cluster.kernels import mla_reference, reference
 
-__all__ = ["linear", "linear_fp8", "linear_w4", "moe_experts", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store",
-           "silu_and_mul", "store_kvcache"]
+__all__ = ["linear", "linear_fp8", "linear_w4", "mla_attention", "mla_decode_attention", "moe_experts",
+           "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store", "silu_and_mul",
+           "store_kvcache", "store_latent"]
 
 _modules: dict[str, ModuleType | None] = {}
 
@@ -117,3 +118,22 @@ def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: t
     """Each token's k experts (experts, weights [T, k]) applied and summed; see reference.moe_experts. The Triton
     path reads only the chosen experts and is CUDA-graph capturable."""
     return (_triton("moe", x) or reference).moe_experts(x, w13, w2, weights, experts)
+
+
+def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """MLA: this step's latent rows [T, L + R] into their slots of the latent cache (mla_reference.py)."""
+    return (_triton("mla", latent) or mla_reference).store_latent(latent, cache, slot_mapping)
+
+
+def mla_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, scale: float, v_dim: int) -> torch.Tensor:
+    """MLA prefill / chunk / mixed batch over the latent cache (causal); the Triton path syncs nothing."""
+    return (_triton("mla", q) or mla_reference).mla_attention(q, cache, block_tables, context_lens, cu_seqlens_q,
+                                                              scale, v_dim)
+
+
+def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         scale: float, v_dim: int, max_context_len: int | None = None) -> torch.Tensor:
+    """MLA decode, one query per sequence; the Triton path is CUDA-graph capturable."""
+    return (_triton("mla", q) or mla_reference).mla_decode_attention(q, cache, block_tables, context_lens, scale,
+                                                                     v_dim, max_context_len)

@@ -51,6 +51,20 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # an always-on expert (Qwen2-MoE, DeepSeek-MoE: all shared ones as one)
     shared_expert_gate: bool = True  # Qwen2-MoE gates it by a sigmoid; DeepSeek-MoE adds it as it is
     sparse_layers: list[int] = field(default_factory=list)  # the layers whose MLP is the experts
+    # DeepSeek-V2/V3 routing (cluster/layers/routing.py); topk_method "": route() of cluster/layers/moe.py
+    topk_method: str = ""  # greedy, group_limited_greedy (V2), noaux_tc (V3: choice by score + correction bias)
+    scoring_func: str = "softmax"  # or sigmoid (V3)
+    n_group: int = 1  # experts in n_group groups; only the topk_group best groups are chosen from
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by this
+    router_bias: bool = False  # e_score_correction_bias (V3): added to the scores for the choice only
+    # multi-head latent attention (DeepSeek-V2/V3, cluster/layers/mla.py); kv_lora_rank 0: not MLA. The paged cache
+    # holds one kv_lora_rank + qk_rope_head_dim row a token; head_dim is qk_rope_head_dim (the rotary's width)
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: q_proj from the hidden state (V2-Lite); else q_a_proj, its norm, q_b_proj
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    attn_scale: float = 0.0  # MLA's softmax scale: (nope + rope dims) ** -0.5, times YaRN's mscale ** 2
     # LLaVA: the vision tower's HF config, the image token and how many it stands for (cluster/convert/llava.py)
     vision: dict = field(default_factory=dict)
     # 4-bit weights (AWQ): {"method": "awq", "bits": 4, "group_size": G}; empty: weights in `dtype`

@@ -14,9 +14,11 @@ from cluster.layers import activation
 from cluster.layers.attention import AttnMetadata, PagedAttention
 from cluster.layers.embedding import LMHead, VocabEmbedding
 from cluster.layers.linear import ColumnLinear, RowLinear
+from cluster.layers.mla import MLAAttention
 from cluster.layers.moe import SparseMoE
 from cluster.layers.norm import RMSNorm, make_norm
 from cluster.layers.rotary import Rotary
+from cluster.layers.routing import Routing
 from cluster.models.config import ModelConfig
 
 
@@ -97,8 +99,11 @@ def make_mlp(cfg: ModelConfig, tp: int, layer: int) -> nn.Module:
     if not cfg.is_sparse(layer):
         return LlamaMLP(cfg, tp)
     s = shard_sizes(cfg, tp)
+    routing = None if not cfg.topk_method else Routing(  # DeepSeek-V2/V3
+        cfg.num_experts_per_tok, cfg.topk_method, cfg.scoring_func, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+        cfg.routed_scaling_factor, cfg.router_bias)
     return SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, s["expert_ffn"], cfg.norm_topk_prob,
-                     s["shared_ffn"], cfg.shared_expert_gate)
+                     s["shared_ffn"], cfg.shared_expert_gate, routing)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -106,7 +111,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         norm = functools.partial(make_norm, cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_bias)
         self.input_layernorm = norm()
-        self.self_attn = LlamaAttention(cfg, tp)
+        self.self_attn = MLAAttention(cfg, tp) if cfg.kv_lora_rank else LlamaAttention(cfg, tp)
         self.parallel = cfg.parallel_attn
         if not self.parallel or cfg.mlp_norm:  # in parallel: the MLP's own norm, of the same input as ln1's
             self.post_attention_layernorm = norm()
