@@ -146,12 +146,17 @@ class ModelRunner:
         finite (see reference.py). The fp8 cache's scales are 1.0: e4m3 holds +-448, far beyond the K/V values of
         the models served here, with a 3-bit mantissa at every magnitude."""
         self.free_cache()
+        self._allocate_cache(num_blocks)
+        self.num_blocks = num_blocks
+        if not self.engine_cfg.max_batch_size:
+            self.max_batch_size = default_batch_size(num_blocks, self.block_size, self.device)
+
+    def _allocate_cache(self, num_blocks: int) -> None:
         if self.cfg.kv_lora_rank:  # MLA: [layers, blocks, block_size, 1, L + R], K and V the same row
             self.kv_cache = torch.zeros((self.cfg.num_layers, num_blocks, self.block_size, 1, latent_dim(self.cfg)),
                                         dtype=self.dtype, device=self.device)
             for i, attn in enumerate(self.model.attention_layers()):
                 attn.k_cache = attn.v_cache = self.kv_cache[i]
-            self.num_blocks = num_blocks
             return
         bits, d, hkv = self.kv_bits, self.cfg.head_dim, self.kv_heads_per_rank
         layers = (2, self.cfg.num_layers)
@@ -169,9 +174,6 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if self.kv_scales is not None:
                 attn.k_scale, attn.v_scale = self.kv_scales[0, i], self.kv_scales[1, i]
-        self.num_blocks = num_blocks
-        if not self.engine_cfg.max_batch_size:
-            self.max_batch_size = default_batch_size(num_blocks, self.block_size, self.device)
 
     def free_cache(self) -> None:
         """Drop the KV cache (profile's warm-up cache, or one init_cache replaces)."""
