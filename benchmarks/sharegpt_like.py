@@ -10,7 +10,8 @@ most 2048). The script prints the realized means beside the targets.
 
 All requests are submitted at once (as vLLM's and SGLang's offline throughput benchmarks do), greedy, ignoring
 EOS so each produces its drawn output length; the engine is warmed first on other prompts. Reports output tok/s,
-total tok/s, and each request's time to first token and time per output token (p50 / p99).
+total tok/s, and each request's time to first token and time per output token (p50 / p99). Then part 3's stall
+check: 64 running decodes while a 3800-token prompt is prefilled beside them.
 
     python benchmarks/sharegpt_like.py [--dir /tmp/llama3-8b] [--requests 1000] [--out DIR]
 """
@@ -82,6 +83,43 @@ def run(eng, pairs: list[tuple[int, int]], vocab: int, seed: int) -> dict:
             "preemptions": eng.scheduler.num_preemptions}
 
 
+def decodes_during_prefill(eng, vocab: int, streams: int = 64, long_prompt: int = 3800) -> dict:
+    """Part 3's stall check: the gaps between output tokens of `streams` running decodes before, and while, one long
+    prompt is prefilled in chunks beside them (ms; the gap is what their users see as time per output token)."""
+    from cluster.config import GenerationConfig
+
+    rng = random.Random(3)
+    gen = GenerationConfig(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    rids = {eng.add_request([rng.randrange(2, vocab) for _ in range(256)], gen) for _ in range(streams)}
+    last: dict[str, float] = {}
+    gaps: dict[str, list[float]] = {"before": [], "during": []}
+    phase, steps, long_rid = "warm", 0, None
+    while True:
+        outs = eng.step()
+        now = time.perf_counter()
+        steps += 1
+        for o in outs:
+            if o.request_id in rids and o.token_ids:
+                if o.request_id in last and phase != "warm":
+                    gaps[phase].append((now - last[o.request_id]) * 1e3)
+                last[o.request_id] = now
+            if o.request_id == long_rid and o.token_ids:
+                phase = "after"
+        if phase == "warm" and steps >= 40:
+            phase = "before"
+        elif phase == "before" and steps >= 80:
+            long_rid = eng.add_request([rng.randrange(2, vocab) for _ in range(long_prompt)],
+                                       GenerationConfig(max_new_tokens=1, temperature=0.0, ignore_eos=True))
+            phase = "during"
+        if phase == "after":
+            break
+    for rid in rids:
+        eng.abort(rid)
+    eng.step()
+    return {f"gap_ms_{k}_{q}": (pct(v, f) if v else float("nan")) for k, v in gaps.items()
+            for q, f in (("p50", 0.5), ("max", 1.0))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
@@ -108,6 +146,7 @@ def main() -> None:
     run(eng, workload(min(64, args.requests), seed=1), eng.model_config.vocab_size, seed=1)  # warm-up
     res = run(eng, pairs, eng.model_config.vocab_size, seed=2)
     res.update(prompt_mean=means[0], output_mean=means[1], max_batch_size=eng.max_batch_size)
+    res.update(decodes_during_prefill(eng, eng.model_config.vocab_size))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "sharegpt_like.json").write_text(json.dumps(res, indent=1))
     print("\n| requests | max batch | output tok/s | total tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | preempted |")
@@ -115,6 +154,9 @@ def main() -> None:
     print(f"| {res['requests']} | {res['max_batch_size']} | {res['output_tok_s']:.0f} | {res['total_tok_s']:.0f} | "
           f"{res['ttft_ms_p50']:.0f} / {res['ttft_ms_p99']:.0f} | {res['tpot_ms_p50']:.1f} / {res['tpot_ms_p99']:.1f} | "
           f"{res['preemptions']} |")
+    print(f"\n64 decodes, one 3800-token prompt arriving: token gap p50 / max {res['gap_ms_before_p50']:.1f} / "
+          f"{res['gap_ms_before_max']:.1f} ms before, {res['gap_ms_during_p50']:.1f} / {res['gap_ms_during_max']:.1f} ms "
+          "while it is prefilled")
 
 
 if __name__ == "__main__":
