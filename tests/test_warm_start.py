@@ -53,6 +53,19 @@ def test_engine_reports_its_start_phases(engine, caplog):
     assert engine.max_batch_size == 128  # the CPU's default
 
 
+def test_warm_up_requests_leave_a_fresh_engine(tiny_models, engine_cache):
+    """(Run on a GPU at every start.) What the warm-up requests used is given back: every block free, nothing in
+    the prefix cache, counters at zero; and requests after it get the tokens they would have got without it."""
+    path, _ = tiny_models("llama")
+    e = LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", block_size=4))
+    prompt, gen = list(range(3, 40)), GenerationConfig(max_new_tokens=6, temperature=0.0)
+    before = e.generate([prompt], gen)[0].token_ids
+    e.warm_up_requests()
+    assert e.bm.num_free == e.bm.num_blocks and e.stats.steps == 0 and e.stats.finished == 0 and not e.seqs
+    assert not e.bm.hash_to_block and e.bm.prefix_queries == 0  # its 3-token prompts filled no block
+    assert e.generate([prompt], gen)[0].token_ids == before
+
+
 def test_default_batch_size_follows_the_cache():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert default_batch_size(10, 16, gpu) == 128  # a small cache keeps 128: sequences preempt, none is refused
