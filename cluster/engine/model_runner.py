@@ -226,10 +226,16 @@ class ModelRunner:
             self.execute(step)
 
     def _compile_kernels(self) -> None:
-        """JIT-compile the kernel variants of prefill-heavy and decode-heavy eager steps now, not mid-request."""
+        """JIT-compile the kernel variants of prefill-heavy and decode-heavy eager steps now, not mid-request; then
+        one prefill of each size from 16 tokens to the step's budget, so cuBLAS has picked (and loaded) its kernel for
+        each range of rows before a request of that length arrives."""
         n = min(128, self.session_len - 1)
         for lens in ([n], [n, n], [n // 4] + [1] * 7, [1]):  # [1]: one row, the GEMV's autotuning
             self.execute(self._dummy_prefill(lens))
+        top = min(self.engine_cfg.max_prefill_token_num, self.session_len - 1)
+        for t in sorted({min(top, 16 << i) for i in range(12)} | {top, 200}):
+            if t <= top:
+                self.execute(self._dummy_prefill([t]))
         torch.cuda.synchronize()
 
     def _dummy_prefill(self, lens: list[int]) -> StepInput:
