@@ -129,6 +129,21 @@ def test_prefix_cache_tells_images_apart(qwen):
     assert again.token_ids == a.token_ids
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preempted_image_prompts_recompute_the_same_tokens(qwen, engine_cache, overlap):
+    """A cache too small for three image prompts at once: some are preempted and recomputed from their tokens
+    (M-RoPE ids and rope_delta stay on the sequence); with overlapped decode steps too (index + delta ahead)."""
+    path, hf_model, engine = qwen
+    prompts = [engine.prepare_prompt(_ask(f"Picture {i}: what is it?", _image(10 + i, (40 + 8 * i, 52))))
+               for i in range(3)]
+    small = _engine(path, engine_cache, enable_prefix_caching=False, num_blocks=9, session_len=128,
+                    overlap_steps=overlap)
+    out = small.generate(prompts, GREEDY)
+    assert small.scheduler.num_preemptions > 0
+    assert [r.token_ids for r in out] == [_hf(hf_model, engine, p) for p in prompts]
+    assert small.bm.num_free == small.bm.num_blocks
+
+
 @pytest.mark.parametrize("prompt, message", [
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
      "not valid base64"),
