@@ -1,7 +1,8 @@
-"""Qwen2-VL: images of any size through the engine, token-exact with transformers' Qwen2VLForConditionalGeneration
-on the same weights and pixels; the placeholders and M-RoPE ids as transformers' processor and get_rope_index
-make them; an image straddling prefill chunks; the prefix cache telling images apart; tensor parallelism; bad
-images refused with LLaVA's messages. The parity is sensitive to M-RoPE: plain rope gives other tokens."""
+"""Qwen2-VL and Qwen2.5-VL: images of any size through the engine, token-exact with transformers'
+Qwen2VLForConditionalGeneration (Qwen2_5_VLForConditionalGeneration) on the same weights and pixels; the
+placeholders and M-RoPE ids as transformers' processor and get_rope_index make them; an image straddling prefill
+chunks; the prefix cache telling images apart; preemption; tensor parallelism; bad images refused with LLaVA's
+messages. The parity is sensitive to M-RoPE: plain rope gives other tokens."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,13 @@ from qwen_vl_models import CHAT_TEMPLATE
 from test_llava import _ask, _image
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
-KIND = "qwen2_vl"
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def kind(request) -> str:
+    """Qwen2.5-VL: the same language side and M-RoPE for images; its tower has window attention and an RMSNorm
+    merger (transformers' module, so nothing of it is the engine's)."""
+    return request.param
 
 
 def _engine(path, engine_cache: str, **kw) -> LLMEngine:
@@ -27,8 +34,8 @@ def _engine(path, engine_cache: str, **kw) -> LLMEngine:
 
 
 @pytest.fixture(scope="module")
-def qwen(tiny_models, engine_cache):
-    path, hf_model = tiny_models(KIND)
+def qwen(tiny_models, engine_cache, kind):
+    path, hf_model = tiny_models(kind)
     return path, hf_model, _engine(path, engine_cache)
 
 
@@ -104,9 +111,9 @@ def test_plain_rope_would_differ(qwen, engine_cache, monkeypatch):
     assert engine.generate([prompt], GREEDY)[0].token_ids != want
 
 
-def test_chunked_prefill_splits_an_image(tiny_models, engine_cache):
+def test_chunked_prefill_splits_an_image(tiny_models, engine_cache, kind):
     """Prefill chunks of 16 tokens: the images' embeddings and M-RoPE ids straddle steps."""
-    path, hf_model = tiny_models(KIND)
+    path, hf_model = tiny_models(kind)
     engine = _engine(path, engine_cache, max_prefill_token_num=16, session_len=256)
     prepared = engine.prepare_prompt(_two_images())
     token = engine.model_config.vision["image_token_id"]
@@ -160,12 +167,12 @@ def test_bad_images_are_refused_with_the_reason(qwen, prompt, message):
     assert not engine.seqs and engine.bm.num_free == engine.bm.num_blocks
 
 
-def test_empty_thin_and_oversized_images(tiny_models, engine_cache):
+def test_empty_thin_and_oversized_images(tiny_models, engine_cache, kind):
     """Empty bytes and a 0-pixel image are refused as LLaVA's are, a 1 x 300 strip with the reason; a prompt whose
     image tokens overflow the session is too long."""
     from PIL import Image
 
-    path, _ = tiny_models(KIND)
+    path, _ = tiny_models(kind)
     engine = _engine(path, engine_cache, session_len=96)
     image = lambda im: [{"role": "user", "content": [{"type": "image", "image": im}]}]  # noqa: E731
     with pytest.raises(ValueError, match="could not be decoded"):
@@ -192,3 +199,37 @@ def test_qwen2_vl_at_tp2_matches_tp1(qwen, engine_cache):
             assert pipe(prompt, GREEDY).token_ids == want
         finally:
             pipe.engine.engine.runner.close()
+
+
+HUB_QWEN2_VL_7B = {  # the hub's config.json of Qwen2-VL-7B-Instruct: flat, rope_scaling of type mrope
+    "architectures": ["Qwen2VLForConditionalGeneration"], "bos_token_id": 151643, "eos_token_id": 151645,
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 3584,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28, "model_type": "qwen2_vl",
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False, "use_sliding_window": False,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064}
+
+
+def test_hub_config_converts_as_qwen2():
+    """The flat hub layout: a Qwen2 language model (q/k/v biases, theta 1e6, plain frequencies), M-RoPE's sections
+    and the vision tower's config in ModelConfig.vision; the config check passes it."""
+    from cluster.convert import qwen2_vl, rope
+    from cluster.convert.families import check_supported, family_for
+    from cluster.convert.family import config_view
+    from cluster.convert.hf import engine_config
+
+    check_supported(HUB_QWEN2_VL_7B)
+    text = qwen2_vl.text_config(HUB_QWEN2_VL_7B)
+    cfg = engine_config(text, "bfloat16", 1, "")
+    assert (cfg.hf_model_type, cfg.attention_bias, cfg.head_dim, cfg.num_kv_heads) == ("qwen2", True, 128, 4)
+    inv, scaling = rope.inv_freq(config_view(family_for("qwen2"), text), cfg)
+    assert scaling == 1.0 and torch.allclose(inv, 1e6 ** -(torch.arange(0, 128, 2) / 128))
+    vision = qwen2_vl.vision_fields(HUB_QWEN2_VL_7B)
+    assert vision["mrope_section"] == [16, 24, 24] and vision["image_token_id"] == 151655
+    assert vision["vision_config"]["embed_dim"] == 1280 and vision["kind"] == "qwen2_vl"
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        qwen2_vl.text_config({**HUB_QWEN2_VL_7B, "use_sliding_window": True})
