@@ -42,7 +42,7 @@ class Sequence:
     # parser of tool calls / reasoning in the text (cluster.tool_parsers.OutputParser)
     matcher: object | None = None
     parser: object | None = None
-    # images (LLaVA): the embeddings [n, hidden] that replace the token embeddings at image_positions (sorted),
+    # images (LLaVA, Qwen2-VL): the embeddings [n, hidden] that replace the token embeddings at image_positions (sorted),
     # and a stand-in token per image position for the prefix cache, so two images never share cached K/V
     image_embeds: torch.Tensor | None = None
     image_positions: list[int] = field(default_factory=list)
