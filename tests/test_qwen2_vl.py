@@ -233,3 +233,40 @@ def test_hub_config_converts_as_qwen2():
     assert vision["vision_config"]["embed_dim"] == 1280 and vision["kind"] == "qwen2_vl"
     with pytest.raises(ValueError, match="use_sliding_window"):
         qwen2_vl.text_config({**HUB_QWEN2_VL_7B, "use_sliding_window": True})
+
+
+def test_pipeline_takes_text_and_image_tuples(qwen, engine_cache):
+    path, hf_model, engine = qwen
+    img = _image(6, (48, 36))
+    with pipeline(str(path), engine_config=EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32")) as pipe:
+        batch = pipe([("Describe this image", img), "Shanghai is"], GREEDY)
+    assert batch[0].token_ids == engine.generate([_ask("Describe this image", img)], GREEDY)[0].token_ids
+    assert len(batch[1].token_ids) == GREEDY.max_new_tokens
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_openai_api_takes_image_url_parts(qwen, engine_cache):
+    """The router, replica core and worker host in this process over a real Qwen2-VL engine (no Ray)."""
+    from cluster.engine.async_engine import AsyncEngine
+    from test_router_protocol import make_client
+
+    engine = _engine(qwen[0], engine_cache)  # its own: the client shuts it down
+    messages = _ask("What is this?", _image(7), _image(8, (30, 60)))
+    gen = GenerationConfig(max_new_tokens=8, temperature=0.0)
+    want = engine.generate([messages], gen)[0]
+    c = await make_client(AsyncEngine(engine))
+    try:
+        model = (await c.get("/v1/models")).json()["data"][0]["id"]
+        r = await c.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 8,
+                                                       "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+        assert r.json()["usage"]["prompt_tokens"] == want.input_token_len
+    finally:
+        await c.aclose()
+        c.engine.shutdown()
