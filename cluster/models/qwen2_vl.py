@@ -4,13 +4,13 @@ it runs once per prompt, over all its images, not per token), turning images of 
 (its grid's t * h * w / merge^2) and the M-RoPE ids of its tokens follow its grid (cluster/layers/mrope.py)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cluster.convert.llava import VISION_FILE
+from cluster.models.llava import image_digest
 
 TOWERS = {"qwen2_vl": ("Qwen2VLVisionConfig", "qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel"),
           "qwen2_5_vl": ("Qwen2_5_VLVisionConfig",
@@ -58,7 +58,7 @@ class QwenVisionEncoder(nn.Module):
     def digests(self, pixel_values: torch.Tensor, grid: torch.Tensor | None) -> list[int]:
         """One digest per image, of its patches and its grid (the same patches in another shape are another image)."""
         chunks = pixel_values.split(grid.prod(-1).tolist())
-        return [_digest(c, g) for c, g in zip(chunks, grid.tolist())]
+        return [image_digest(torch.cat([g.float(), c.flatten().float()])) for c, g in zip(chunks, grid)]
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
@@ -66,8 +66,3 @@ class QwenVisionEncoder(nn.Module):
         out = self.tower(pixel_values.to(self.device, self.dtype), grid_thw=grid.to(self.device))
         return out.pooler_output
 
-
-def _digest(pixels: torch.Tensor, grid: list[int]) -> int:
-    h = hashlib.blake2b(str(grid).encode(), digest_size=8)
-    h.update(pixels.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return int.from_bytes(h.digest(), "little") >> 4
