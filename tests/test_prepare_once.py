@@ -28,9 +28,9 @@ def _count(engine: LLMEngine, monkeypatch) -> dict[str, int]:
     counts = {"prompt_ids": 0, "validate": 0}
     prompt_ids, validate = engine.tokenizer.prompt_ids, engine.validate
 
-    def counting_prompt_ids(prompt):
+    def counting_prompt_ids(prompt, image_lens=None):
         counts["prompt_ids"] += 1
-        return prompt_ids(prompt)
+        return prompt_ids(prompt, image_lens)
 
     def counting_validate(prompt, gen):
         counts["validate"] += 1

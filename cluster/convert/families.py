@@ -308,13 +308,16 @@ REFUSED = {
 }
 
 BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.model_types}
-SUPPORTED = sorted(BY_MODEL_TYPE) + ["llava"]  # llava: a Llama-family language model (cluster/convert/llava.py)
+# vision-language models (cluster/convert/vlm.py): llava (a Llama-family language model), qwen2_vl and qwen2_5_vl (Qwen2)
+SUPPORTED = sorted(BY_MODEL_TYPE) + ["llava", "qwen2_5_vl", "qwen2_vl"]
 
 
 def check_supported(hf: dict) -> None:
-    """Refuse an unsupported model type (LLaVA: its language model's) in one line, from the config alone."""
-    model_type = hf.get("model_type", "")
-    family_for((hf.get("text_config") or {}).get("model_type", "llama") if model_type == "llava" else model_type)
+    """Refuse an unsupported model type (a vision-language model: its language model's) in one line, from the config
+    alone."""
+    from cluster.convert.vlm import text_model_type
+
+    family_for(text_model_type(hf))
 
 
 def family_for(model_type: str) -> Family:

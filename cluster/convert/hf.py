@@ -299,16 +299,16 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
     'fp8' to quantize a full-precision checkpoint here (see convert/quant.py)."""
     from safetensors.torch import save_file
 
-    from cluster.convert import llava
+    from cluster.convert.vlm import vlm_for
 
     hf = read_hf_config(src)
-    vlm = llava.is_llava(hf)
+    vlm = vlm_for(hf)  # LLaVA, Qwen2-VL: the language model converts as its family, the vision side is kept whole
     if vlm:
-        hf, vision = llava.text_config(hf), llava.vision_fields(hf)
+        hf, vision = vlm.text_config(hf), vlm.vision_fields(hf)
     cfg = engine_config(hf, dtype, tp, str(src.path / (src.gguf_file or "")), quant)  # refusals before any weight
     get = _tensor_reader(src)
     if vlm:
-        get, vision_get = llava.text_reader(get), get
+        get, vision_get = vlm.text_reader(get), get
     if cfg.quant and not hf.get("quantization_config"):
         log_at_conversion(cfg.quant["method"])
     _add_generation_eos(src, cfg)
@@ -318,7 +318,7 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
     out_dir.mkdir(parents=True, exist_ok=True)
     if vlm:
         cfg.vision = vision
-        llava.save_vision(vision_get, src.path, out_dir, torch_dtype)
+        vlm.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
         keep = {k for k, v in shard.items() if k == "rotary.inv_freq" or not v.is_floating_point()  # + 4-bit q
                 or v.dtype == fp8.FP8 or k.endswith((".weight_scale", ".e_score_correction_bias"))}

@@ -6,9 +6,10 @@ transformers saves) and `model.language_model.*` / `model.vision_tower.*` (trans
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # the config checks (families.check_supported) import this without torch
+    import torch
 
 VISION_FILE = "vision.safetensors"
 
@@ -17,9 +18,12 @@ def is_llava(hf: dict) -> bool:
     return hf.get("model_type") == "llava"
 
 
+accepts = is_llava  # cluster/convert/vlm.py
+
+
 def text_config(hf: dict) -> dict:
     """The language model's HF config, with what LLaVA keeps at the top level folded in."""
-    text = dict(hf["text_config"])
+    text = dict(hf.get("text_config") or {})
     text.setdefault("model_type", "llama")
     for k in ("tie_word_embeddings",):
         if k not in text and k in hf:
@@ -45,17 +49,13 @@ def vision_fields(hf: dict) -> dict:
 
 def text_reader(get: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
     """Language-model names (model.layers.*, lm_head.weight) -> the LLaVA checkpoint's."""
-    names = getattr(get, "names", set())
+    from cluster.convert.vlm import renamed_reader
 
-    def text_get(name: str) -> torch.Tensor:
+    def candidates(name: str) -> tuple[str, ...]:
         rest = name[len("model."):] if name.startswith("model.") else name
-        for cand in (f"language_model.{name}", f"model.language_model.{rest}", name):
-            if cand in names:
-                return get(cand)
-        raise KeyError(f"LLaVA checkpoint has no language-model tensor {name!r}")
+        return f"language_model.{name}", f"model.language_model.{rest}", name
 
-    text_get.names = names  # type: ignore[attr-defined]
-    return text_get
+    return renamed_reader(get, candidates, "LLaVA")
 
 
 def vision_tensors(get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:

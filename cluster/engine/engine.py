@@ -14,6 +14,7 @@ from cluster.engine.block_manager import BlockManager
 from cluster.engine.errors import PromptTooLongError, RequestFailedError
 from cluster.engine.grammar import GrammarKey, Grammars, grammar_key
 from cluster.engine.multimodal import has_images, prompt_images
+from cluster.layers.mrope import mrope_positions
 from cluster.engine.sampler import Drawn, draw, read_out, to_device
 from cluster.engine.scheduler import Scheduler
 from cluster.engine.resume import replay
@@ -80,7 +81,7 @@ class LLMEngine:
         ec = engine_config or EngineConfig()
         self.engine_config = ec
         self.model_path = model
-        self.vision = None  # LLaVA's image encoder
+        self.vision = None  # a vision-language model's image encoder (cluster/models/vision.py)
         self.model_dir: Path | None = None
         self.phases = Phases()
         if runner is None:
@@ -90,9 +91,9 @@ class LLMEngine:
             self.phases.merge(getattr(runner, "runner", runner).phases)  # a TPExecutor's: rank 0's runner's
             tokenizer = tokenizer or self.phases.run("tokenizer", Tokenizer, self.model_dir)
             if cfg.vision:
-                from cluster.models.llava import VisionEncoder
+                from cluster.models.vision import vision_encoder
 
-                self.vision = self.phases.run("vision", VisionEncoder, self.model_dir, cfg.vision, runner.device,
+                self.vision = self.phases.run("vision", vision_encoder, self.model_dir, cfg.vision, runner.device,
                                               runner.dtype)
         if ec.overlap_steps and not runner.can_overlap:
             raise ValueError("overlap_steps needs a single-rank engine (tp=1); leave it unset with --tp > 1")
@@ -179,7 +180,7 @@ class LLMEngine:
         ids = list(prompt.token_ids)
         seq = Sequence(rid, ids, gen, num_resumed=prompt.resumed)
         if prompt.pixel_values is not None:
-            self._attach_images(seq, prompt.pixel_values)
+            self._attach_images(seq, prompt)
         seq.stop_ids = frozenset(gen.stop_token_ids) | (frozenset() if gen.ignore_eos else frozenset(self.eos_ids))
         if gen.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(gen.seed)
@@ -199,37 +200,46 @@ class LLMEngine:
 
     def prepare_prompt(self, prompt: Prompt | PreparedPrompt) -> PreparedPrompt:
         """Token ids, and preprocessed images if any: everything about a prompt that can fail, checked on the
-        caller's thread (images decoded and resized here; the vision tower runs on the engine's thread)."""
+        caller's thread (images decoded and resized here, before tokenizing: an image's size may set its token
+        count; the vision tower runs on the engine's thread)."""
         if isinstance(prompt, PreparedPrompt):
             return prompt
-        ids = self._prompt_ids(prompt)
         image_token = self.model_config.vision.get("image_token_id")
         if not has_images(prompt):
+            ids = self._prompt_ids(prompt)
             if image_token is not None and image_token in ids:
                 raise ValueError("the prompt has image tokens but no image; pass images as content parts")
             return PreparedPrompt(ids, chat=_is_chat(prompt))
         if self.vision is None:
             raise ValueError("this model takes no images (it is not a vision-language model)")
-        return PreparedPrompt(ids, self.vision.pixel_values(prompt_images(prompt)), chat=True)
+        pixels, grid = self.vision.preprocess(prompt_images(prompt))
+        ids = self._prompt_ids(prompt, self.vision.token_counts(pixels, grid))
+        return PreparedPrompt(ids, pixels, chat=True, image_grid=grid)
 
-    def _attach_images(self, seq: Sequence, pixel_values: torch.Tensor) -> None:
-        from cluster.models.llava import image_digest
-
-        n = self.vision.tokens_per_image
-        token = self.model_config.vision["image_token_id"]
+    def _attach_images(self, seq: Sequence, prompt: PreparedPrompt) -> None:
+        """The images' embeddings, their tokens' positions and prefix-cache keys onto the sequence; with M-RoPE,
+        its position ids (cluster/layers/mrope.py)."""
+        pixels, grid = prompt.pixel_values, prompt.image_grid
+        counts = self.vision.token_counts(pixels, grid)
+        vision = self.model_config.vision
+        token = vision["image_token_id"]
         positions = [i for i, t in enumerate(seq.token_ids) if t == token]
-        if len(positions) != n * pixel_values.shape[0]:
-            raise ValueError(f"{len(positions)} image tokens for {pixel_values.shape[0]} image(s) of {n} tokens")
-        seq.image_embeds = self.vision.encode(pixel_values)
+        if len(positions) != sum(counts):
+            raise ValueError(f"{len(positions)} image tokens for {len(counts)} image(s) of {counts} tokens")
+        seq.image_embeds = self.vision.encode(pixels, grid)
         seq.image_positions = positions
-        for i, pixels in enumerate(pixel_values):
-            digest = image_digest(pixels)
+        first = 0
+        for digest, n in zip(self.vision.digests(pixels, grid), counts):
             for j in range(n):  # negative: never a real token id
-                seq.image_keys[positions[i * n + j]] = -1 - ((digest + j) & ((1 << 60) - 1))
+                seq.image_keys[positions[first + j]] = -1 - ((digest + j) & ((1 << 60) - 1))
+            first += n
+        if vision.get("mrope_section"):
+            seq.mrope_positions, seq.rope_delta = mrope_positions(seq.token_ids, token, grid.tolist(),
+                                                                  vision["spatial_merge_size"])
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def _prompt_ids(self, prompt: Prompt, image_lens: list[int] | None = None) -> list[int]:
         if self.tokenizer is not None:
-            return self.tokenizer.prompt_ids(prompt)
+            return self.tokenizer.prompt_ids(prompt, image_lens)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)  # a tokenizer-less engine (random-weight benchmarks) takes token ids only
         raise ValueError("this engine has no tokenizer: pass prompts as token ids")

@@ -19,6 +19,7 @@ from cluster.kernels.reference import kv_row_bytes
 from cluster.layers.attention import AttnMetadata
 from cluster.layers.linear import pack_cpu_weights
 from cluster.layers.mla import latent_dim
+from cluster.layers.mrope import step_positions
 from cluster.models.config import ModelConfig
 from cluster.models.llama import shard_sizes
 from cluster.models.registry import build_model
@@ -55,6 +56,7 @@ class StepInput:
     decode_only: bool
     embeds: torch.Tensor | None = None  # [M, hidden] image embeddings (LLaVA) that replace rows embed_rows [M]
     embed_rows: torch.Tensor | None = None
+    mrope: torch.Tensor | None = None  # [3, T] M-RoPE position ids (Qwen2-VL), when the step holds image tokens
 
     def to(self, device: torch.device) -> "StepInput":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -273,21 +275,23 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + n
             table = seq.block_table
+            delta = seq.rope_delta  # M-RoPE: text after an image sits at index + delta (0 for other models)
             if n == 1:  # start == len(seq): a step launched ahead, whose token is fed on the device
                 ids.append(seq.token_ids[start] if start < len(seq.token_ids) else 0)
-                pos.append(start)
+                pos.append(start + delta)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
                 decode_only = False
                 ids.extend(seq.token_ids[start:end])
-                pos.extend(range(start, end))
+                pos.extend(range(start + delta, end + delta))
                 slots.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
             cu.append(cu[-1] + n)
             ctx.append(end)
             if end >= len(seq.token_ids):
                 rows.append(cu[-1] - 1)
         embeds, embed_rows = _image_rows(plan)
-        decode_only = decode_only and embeds is None
+        mrope = _mrope_rows(plan)
+        decode_only = decode_only and embeds is None and mrope is None
         width = max(len(s.block_table) for s, _ in plan)
         tables: list[int] = []
         for s, _ in plan:
@@ -308,6 +312,7 @@ class ModelRunner:
             context_lens=small[bw4:bw4 + B], cu_seqlens_q=small[bw4 + b4:], max_context_len=max(ctx),
             decode_only=decode_only,
             embeds=embeds, embed_rows=None if embed_rows is None else embed_rows.to(big.device, non_blocking=True),
+            mrope=None if mrope is None else mrope.to(big.device, non_blocking=True),
         )
 
     @torch.inference_mode()
@@ -322,7 +327,7 @@ class ModelRunner:
             return self._replay(step)
         meta = AttnMetadata(step.slot_mapping, step.block_tables, step.context_lens, step.cu_seqlens_q,
                             step.max_context_len, step.decode_only)
-        hidden = self.model(step.input_ids, step.positions, meta, step.embeds, step.embed_rows)
+        hidden = self.model(step.input_ids, step.positions, meta, step.embeds, step.embed_rows, step.mrope)
         return self.model.compute_logits(hidden[step.logit_indices]).float()
 
     def close(self) -> None:
@@ -424,3 +429,12 @@ def _image_rows(plan: list[tuple[Sequence, int]]) -> tuple[torch.Tensor | None, 
     if not parts:
         return None, None
     return torch.cat(parts), torch.tensor(rows, dtype=torch.long)
+
+
+def _mrope_rows(plan: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+    """[3, T] M-RoPE position ids of the step's tokens, when one of them lies in a prompt's image span (else None:
+    every token's three ids are equal, and `positions` says them)."""
+    if not any(s.mrope_positions is not None and s.num_computed_tokens < s.mrope_positions.shape[1] for s, _ in plan):
+        return None
+    return torch.cat([step_positions(s.mrope_positions, s.rope_delta, s.num_computed_tokens, s.num_computed_tokens + n)
+                      for s, n in plan], dim=1)

@@ -28,6 +28,8 @@ def load_image(obj: Any):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(obj, Image.Image):
+        if obj.width == 0 or obj.height == 0:
+            raise ValueError("image has no pixels")
         return obj.convert("RGB")
     data: bytes
     if isinstance(obj, (bytes, bytearray)):
@@ -96,9 +98,10 @@ def _part_image(part: dict) -> Any:
     return url.get("url") if isinstance(url, dict) else url
 
 
-def split_content(content: Any, image_token: str) -> tuple[str, list[Any]]:
-    """A message's content -> its text with the image token (and a newline, as LLaVA was trained) where each image
-    was, and the raw images in order. Text parts join with nothing between them, as the HTTP API's do."""
+def split_content(content: Any, image_text: str) -> tuple[str, list[Any]]:
+    """A message's content -> its text with `image_text` (the model's image token, and what surrounds it: see
+    Tokenizer.image_text) where each image was, and the raw images in order. Text parts join with nothing between
+    them, as the HTTP API's do."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -107,7 +110,7 @@ def split_content(content: Any, image_token: str) -> tuple[str, list[Any]]:
     for part in content:
         if is_image_part(part):
             images.append(_part_image(part))
-            texts.append(image_token + "\n")
+            texts.append(image_text)
         elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         else:

@@ -42,11 +42,15 @@ class Sequence:
     # parser of tool calls / reasoning in the text (cluster.tool_parsers.OutputParser)
     matcher: object | None = None
     parser: object | None = None
-    # images (LLaVA): the embeddings [n, hidden] that replace the token embeddings at image_positions (sorted),
+    # images (LLaVA, Qwen2-VL): the embeddings [n, hidden] that replace the token embeddings at image_positions (sorted),
     # and a stand-in token per image position for the prefix cache, so two images never share cached K/V
     image_embeds: torch.Tensor | None = None
     image_positions: list[int] = field(default_factory=list)
     image_keys: dict[int, int] = field(default_factory=dict)
+    # M-RoPE (Qwen2-VL): the [3, n] position ids of the prompt's tokens up to its last image's end; every later token
+    # i sits at i + rope_delta (three equal ids: plain rope), generated tokens included (cluster/layers/mrope.py)
+    mrope_positions: torch.Tensor | None = None
+    rope_delta: int = 0
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

@@ -23,7 +23,8 @@ Prompt = Union[str, list[int], list[dict]]  # as callers write it
 @dataclass(frozen=True)
 class PreparedPrompt:
     """A prompt made ready for the engine by LLMEngine.prepare_prompt, on the caller's thread: its token ids (each
-    image token already expanded) and its images as the model's processor left them, [n_images, 3, H, W], or None.
+    image token already expanded) and its images as the model's processor left them (LLaVA: [n_images, 3, H, W];
+    Qwen2-VL: every image's patches flattened, with image_grid), or None.
     Tokenizing and decoding images happen once, there; LLMEngine.validate then checks it against a request's
     GenerationConfig, and the engine's thread takes it as it is."""
 
@@ -31,6 +32,7 @@ class PreparedPrompt:
     pixel_values: torch.Tensor | None = None
     chat: bool = False  # rendered by the chat template (its output may hold reasoning or tool calls)
     resumed: int = 0  # failover: the trailing token ids are output a failed replica already sent (host.resumed)
+    image_grid: torch.Tensor | None = None  # Qwen2-VL: each image's (t, h, w) patch grid [n_images, 3]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -67,6 +69,12 @@ class Tokenizer:
         self.image_token_id: int | None = vision.get("image_token_id")
         self.image_seq_len: int = vision.get("image_seq_len", 0)
         self.image_token = self.hf.convert_ids_to_tokens(self.image_token_id) if vision else None
+        # the text that stands for an image in a message: LLaVA's token and a newline, as it was trained; Qwen2-VL's
+        # <|vision_start|><|image_pad|><|vision_end|>, as its chat template writes an image part
+        self.image_text = (self.image_token or "") + "\n"
+        if "vision_start_token_id" in vision:
+            self.image_text = "".join(self.hf.convert_ids_to_tokens(
+                [vision["vision_start_token_id"], self.image_token_id, vision["vision_end_token_id"]]))
 
     @property
     def eos_token_id(self) -> int | None:
@@ -165,8 +173,9 @@ class Tokenizer:
             out.insert(0, {"role": "system", "content": text})
         return out
 
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """A string, token ids, or an OpenAI-style message list (chat template applied) -> token ids."""
+    def prompt_ids(self, prompt: Prompt, image_lens: list[int] | None = None) -> list[int]:
+        """A string, token ids, or an OpenAI-style message list (chat template applied) -> token ids. image_lens:
+        the tokens each image stands for, in order (Qwen2-VL: by its size), else image_seq_len each."""
         if isinstance(prompt, str):
             return self.expand_images(self.encode(prompt), 0)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
@@ -181,15 +190,16 @@ class Tokenizer:
                 raise ValueError("this model takes no images (it is not a vision-language model)")
             messages, n_images = [], 0
             for m in prompt:
-                text, images = split_content(m["content"], self.image_token or "")
+                text, images = split_content(m["content"], self.image_text)
                 messages.append({**m, "content": text})
                 n_images += len(images)
             text = self.apply_chat_template(messages, getattr(prompt, "tools", None))
-            return self.expand_images(self.encode(text, add_special_tokens=False), n_images)
+            return self.expand_images(self.encode(text, add_special_tokens=False), n_images, image_lens)
         raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
 
-    def expand_images(self, ids: list[int], n_images: int) -> list[int]:
-        """Each image token -> image_seq_len of them, one per image embedding (what the model was trained on)."""
+    def expand_images(self, ids: list[int], n_images: int, image_lens: list[int] | None = None) -> list[int]:
+        """Image token k -> image_lens[k] of them (image_seq_len by default), one per image embedding (what the
+        model was trained on)."""
         if self.image_token_id is None:
             return ids
         found = ids.count(self.image_token_id)
@@ -198,9 +208,10 @@ class Tokenizer:
                              "pass images as content parts, which place the token for you")
         if not found:
             return ids
+        lens = iter(image_lens if image_lens is not None else [self.image_seq_len] * found)
         out: list[int] = []
         for t in ids:
-            out.extend([t] * self.image_seq_len if t == self.image_token_id else [t])
+            out.extend([t] * next(lens) if t == self.image_token_id else [t])
         return out
 
 

@@ -7,8 +7,8 @@ import torch
 
 from cluster.engine.model_runner import StepInput
 
-HEADER_LEN = 8  # [cmd, T tokens, B seqs, W block-table width, N sampled rows, max_context_len, decode_only,
-#                   M image-embedding rows (LLaVA: sent as a second, float message)]
+HEADER_LEN = 9  # [cmd, T tokens, B seqs, W block-table width, N sampled rows, max_context_len, decode_only,
+#                   M image-embedding rows (LLaVA: sent as a second, float message), R: 1 with M-RoPE ids [3, T]]
 CMD_SHUTDOWN, CMD_STEP = 0, 1
 
 
@@ -17,9 +17,11 @@ def pack_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
     image embeddings' rows included; the embeddings themselves go as a float message, `embeds_message`)."""
     t, (b, w), n = step.input_ids.numel(), step.block_tables.shape, step.logit_indices.numel()
     m = 0 if step.embed_rows is None else step.embed_rows.numel()
-    header = torch.tensor([CMD_STEP, t, b, w, n, step.max_context_len, int(step.decode_only), m], dtype=torch.long)
+    r = int(step.mrope is not None)
+    header = torch.tensor([CMD_STEP, t, b, w, n, step.max_context_len, int(step.decode_only), m, r],
+                          dtype=torch.long)
     parts = [step.input_ids, step.positions, step.slot_mapping, step.block_tables, step.context_lens,
-             step.cu_seqlens_q, step.logit_indices] + ([step.embed_rows] if m else [])
+             step.cu_seqlens_q, step.logit_indices] + ([step.embed_rows] if m else []) + ([step.mrope] if r else [])
     payload = torch.cat([p.reshape(-1).to("cpu", torch.long) for p in parts])
     return header, payload
 
@@ -31,14 +33,15 @@ def embeds_message(step: StepInput) -> torch.Tensor | None:
 
 def payload_len(header: torch.Tensor) -> int:
     _, t, b, w, n = header[:5].tolist()
-    return 3 * t + b * w + b + (b + 1) + n + int(header[7])
+    return 3 * t + b * w + b + (b + 1) + n + int(header[7]) + 3 * t * int(header[8])
 
 
 def unpack_step(header: torch.Tensor, payload: torch.Tensor, embeds: torch.Tensor | None = None) -> StepInput:
-    _, t, b, w, n, max_ctx, decode_only, m = header.tolist()
-    sizes = [t, t, t, b * w, b, b + 1, n, m]
-    ids, pos, slots, tables, ctx, cu, rows, embed_rows = payload.split(sizes)
+    _, t, b, w, n, max_ctx, decode_only, m, r = header.tolist()
+    sizes = [t, t, t, b * w, b, b + 1, n, m, 3 * t * r]
+    ids, pos, slots, tables, ctx, cu, rows, embed_rows, mrope = payload.split(sizes)
     return StepInput(input_ids=ids, positions=pos, slot_mapping=slots,
                      block_tables=tables.view(b, w).to(torch.int32), context_lens=ctx.to(torch.int32),
                      cu_seqlens_q=cu.to(torch.int32), logit_indices=rows, max_context_len=max_ctx,
-                     decode_only=bool(decode_only), embeds=embeds, embed_rows=embed_rows if m else None)
+                     decode_only=bool(decode_only), embeds=embeds, embed_rows=embed_rows if m else None,
+                     mrope=mrope.view(3, t) if r else None)

@@ -13,6 +13,7 @@ class Rotary(nn.Module):
         self.attention_scaling = attention_scaling
         self.inv_freq = nn.Parameter(torch.empty(head_dim // 2), requires_grad=False)
         self.cos_sin: torch.Tensor | None = None
+        self.mrope_section: list[int] = []  # M-RoPE (Qwen2-VL): frequencies per position id (cluster/layers/mrope.py)
 
     def build_cache(self, max_positions: int | None = None) -> None:
         """Precompute [max_pos, head_dim] = [cos | sin] in fp32 on the weights' device (after loading)."""
@@ -20,3 +21,16 @@ class Rotary(nn.Module):
         t = torch.arange(max_positions or self.max_positions, dtype=torch.float32, device=inv.device)
         freqs = torch.outer(t, inv)
         self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+
+    def per_token(self, positions3: torch.Tensor) -> "TokenRotary":
+        """For a step with M-RoPE position ids [3, T]: a table of one cos/sin row per token, read at arange(T)."""
+        from cluster.layers.mrope import mrope_table
+
+        return TokenRotary(mrope_table(self.cos_sin, positions3, self.mrope_section))
+
+
+class TokenRotary:
+    """What the attention layers read of a Rotary (its cos/sin table), one row per token of a step."""
+
+    def __init__(self, cos_sin: torch.Tensor):
+        self.cos_sin = cos_sin

@@ -65,7 +65,8 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
     attn_scale: float = 0.0  # MLA's softmax scale: (nope + rope dims) ** -0.5, times YaRN's mscale ** 2
-    # LLaVA: the vision tower's HF config, the image token and how many it stands for (cluster/convert/llava.py)
+    # vision-language models: the vision tower's HF config, the image token and how many it stands for (LLaVA,
+    # cluster/convert/llava.py); kind "qwen2_vl" / "qwen2_5_vl": also mrope_section (cluster/convert/qwen2_vl.py)
     vision: dict = field(default_factory=dict)
     # 4-bit weights (AWQ): {"method": "awq", "bits": 4, "group_size": G}; empty: weights in `dtype`
     quant: dict = field(default_factory=dict)

@@ -147,6 +147,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_scale = cfg.embed_scale
         s = shard_sizes(cfg, tp)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_attention_scaling)
+        self.rotary.mrope_section = list(cfg.vision.get("mrope_section") or [])
         self.embed_tokens = VocabEmbedding(s["vocab"], cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_bias)
@@ -157,8 +158,15 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                embeds: torch.Tensor | None = None, embed_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """embeds/embed_rows: image embeddings (LLaVA) that take the place of the image tokens' embeddings."""
+                embeds: torch.Tensor | None = None, embed_rows: torch.Tensor | None = None,
+                mrope: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds/embed_rows: image embeddings (LLaVA, Qwen2-VL) that take the place of the image tokens'
+        embeddings. mrope: [3, T] M-RoPE position ids (Qwen2-VL) of a step with image tokens; `positions` then
+        goes unread."""
+        rotary = self.rotary
+        if mrope is not None:
+            rotary = self.rotary.per_token(mrope)
+            positions = torch.arange(input_ids.shape[0], device=input_ids.device)
         x = self.embed_tokens(input_ids)
         if self.embed_scale != 1.0:  # Gemma: sqrt(hidden), rounded to the activations' dtype as transformers does
             x = x * embed_scale(self.embed_scale, x.dtype)  # a Python float: nothing copied inside a CUDA graph
@@ -166,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
             x[embed_rows] = embeds.to(x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta, self.rotary)
+            x, residual = layer(positions, x, residual, meta, rotary)
         x, _ = self.norm(x, residual)
         return x
 

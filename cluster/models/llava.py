@@ -41,8 +41,18 @@ class VisionEncoder(nn.Module):
     def pixel_values(self, images: list) -> torch.Tensor:
         return self.processor(images, return_tensors="pt")["pixel_values"]
 
+    def preprocess(self, images: list) -> tuple[torch.Tensor, None]:
+        """(pixels [n_images, 3, H, W], no grid: every image is resized to the tower's one size)."""
+        return self.pixel_values(images), None
+
+    def token_counts(self, pixel_values: torch.Tensor, grid: None = None) -> list[int]:
+        return [self.tokens_per_image] * pixel_values.shape[0]
+
+    def digests(self, pixel_values: torch.Tensor, grid: None = None) -> list[int]:
+        return [image_digest(p) for p in pixel_values]
+
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixel_values: torch.Tensor, grid: None = None) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images * tokens_per_image, hidden]: as LlavaForConditionalGeneration does."""
         out = self.tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
         layers = self.feature_layer if isinstance(self.feature_layer, list) else [self.feature_layer]
