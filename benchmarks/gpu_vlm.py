@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Qwen2-VL and Qwen2.5-VL through the GPU path (Triton kernels, the rotary kernel reading per-token M-RoPE rows,
+CUDA graphs, the vision tower on the device), token for token against transformers on the same device.
+
+The GPU machine has no PIL-free image pipeline to count on and no SmolLM2 tokenizer (its GGUF needs gguf), so the
+checkpoints and prompts are made here first:
+
+    python benchmarks/gpu_vlm.py --prepare .vlm         # on this machine: tiny checkpoints + prepared prompts
+    python benchmarks/gpu_vlm.py --dir .vlm [--out DIR] # on the GPU (carry .vlm)
+
+Prompts: one image, two images of other sizes and aspect ratios, and a text-only prompt, run as one batch (text
+rows beside image rows) with a small prefill budget so images straddle chunks. Prints a table; writes
+gpu_vlm.json to --out."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+KINDS = ("qwen2_vl", "qwen2_5_vl")
+NEW = 24
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prepare(out: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from qwen_vl_models import build_qwen_vl
+
+    from cluster.config import EngineConfig
+    from cluster.convert.cache import ensure_converted
+    from cluster.engine.engine import LLMEngine
+
+    def image(seed: int, size: tuple[int, int]):
+        rng = np.random.default_rng(seed)
+        return Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8"))
+
+    def ask(text: str, *images) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image", "image": im} for im in images]
+                 + [{"type": "text", "text": text}]}]
+
+    tokenizer_dir = ensure_converted(None, 1, "float32", progress=False)
+    prompts = {}
+    for kind in KINDS:
+        path, _ = build_qwen_vl(kind, tokenizer_dir, out / kind)
+        eng = LLMEngine(str(path), EngineConfig(cache_dir=str(out / "cpu-cache"), device="cpu", dtype="float32"))
+        chats = [ask("Describe the picture.", image(1, (40, 52))),
+                 ask("Compare the two pictures.", image(2, (64, 30)), image(3, (24, 60))),
+                 [{"role": "user", "content": "No picture this time."}]]
+        prompts[kind] = [vars(eng.prepare_prompt(c)) for c in chats]
+    torch.save(prompts, out / "prompts.pt")
+    print("wrote", out)
+
+
+def hf_greedy(model, p: dict, device: str) -> list[int]:
+    gc = copy.deepcopy(model.generation_config)
+    gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.pad_token_id = [], False, NEW, 0
+    ids = torch.tensor([p["token_ids"]], device=device)
+    extra = {}
+    if p["pixel_values"] is not None:
+        extra = dict(pixel_values=p["pixel_values"].to(device), image_grid_thw=p["image_grid"].to(device))
+        kinds = (ids == model.config.image_token_id).int()
+        try:
+            out = model.generate(ids, generation_config=gc, mm_token_type_ids=kinds, **extra)
+            return out[0, ids.shape[1]:].tolist()
+        except (TypeError, ValueError):  # a transformers without mm_token_type_ids
+            pass
+    out = model.generate(ids, generation_config=gc, **extra)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def run(kind: str, folder: Path, prompts: list[dict], device: str) -> dict:
+    import transformers as tf
+
+    from cluster.config import EngineConfig, GenerationConfig
+    from cluster.engine.engine import LLMEngine
+    from cluster.engine.tokenizer import PreparedPrompt
+
+    cls = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration}[kind]
+    model = cls.from_pretrained(str(folder / kind), torch_dtype=torch.float32).to(device).eval()
+    with torch.inference_mode():
+        want = [hf_greedy(model, p, device) for p in prompts]
+    eng = LLMEngine(str(folder / kind), EngineConfig(cache_dir=str(folder / f"{device}-cache"), device=device,
+                                                     dtype="float32", max_prefill_token_num=32, max_batch_size=8))
+    gen = GenerationConfig(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
+    got = [r.token_ids for r in eng.generate([PreparedPrompt(**p) for p in prompts], gen)]
+    again = [r.token_ids for r in eng.generate([PreparedPrompt(**p) for p in prompts[:2]], gen)]  # prefix hits
+    first = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), NEW) for g, w in zip(got, want)]
+    return {"identical": sum(g == w for g, w in zip(got, want)), "of": len(prompts), "first_difference": first,
+            "prefix_cache_rerun_identical": again == got[:2], "graphs": sorted(getattr(eng.runner, "graphs", {})),
+            "image_tokens": [p["token_ids"].count(model.config.image_token_id) for p in prompts]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prepare", default=None, help="write tiny checkpoints and prompts to this folder (CPU)")
+    ap.add_argument("--dir", default=".vlm")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = ap.parse_args()
+    if args.prepare:
+        prepare(Path(args.prepare))
+        return
+    folder = Path(args.dir)
+    prompts = torch.load(folder / "prompts.pt", weights_only=False)
+    results = {}
+    for kind in KINDS:
+        try:
+            results[kind] = run(kind, folder, prompts[kind], args.device)
+        except Exception as e:  # noqa: BLE001 - report the case and go on to the next
+            import traceback
+
+            traceback.print_exc()
+            results[kind] = {"error": f"{type(e).__name__}: {e}"}
+        print(kind, results[kind], flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_vlm.json").write_text(json.dumps(results, indent=1))
+    print("\n| case | identical | first differing token | image tokens | prefix-cache rerun | graphs |")
+    print("|---|---:|---|---|---|---|")
+    for kind, r in results.items():
+        if "error" in r:
+            print(f"| {kind} | error: {r['error'][:80]} | | | | |")
+        else:
+            print(f"| {kind} | {r['identical']}/{r['of']} | {r['first_difference']} | {r['image_tokens']} | "
+                  f"{r['prefix_cache_rerun_identical']} | {r['graphs'][:5]}... |")
+
+
+if __name__ == "__main__":
+    main()
