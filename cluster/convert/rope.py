@@ -61,12 +61,18 @@ def inv_freq(view: dict, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return head_layout.inv_freq(rot.inv_freq.float().clone(), cfg), scaling
 
 
-def context_limit(view: dict, name: str) -> int | None:
+def local_inv_freq(view: dict, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """inv_freq of the windowed layers' own table (Gemma 3: local_rope_parameters, the family's view hook)."""
+    return inv_freq({**view, "rope_parameters": view["local_rope_parameters"]}, cfg)
+
+
+def context_limit(view: dict, name: str, windowed: bool = False) -> int | None:
     """The longest context served exactly, when shorter than max_position_embeddings: sliding-window attention is
-    full attention up to the window (the paged kernels have no window), and LongRoPE keeps its short factors up to
-    original_max_position_embeddings (past it transformers switches frequencies mid-sequence)."""
+    full attention up to the window (for families whose windows the engine does not apply, `windowed` False), and
+    LongRoPE keeps its short factors up to original_max_position_embeddings (past it transformers switches
+    frequencies mid-sequence)."""
     limits = {}
-    window = view.get("sliding_window") if view.get("use_sliding_window", True) else None
+    window = view.get("sliding_window") if view.get("use_sliding_window", True) and not windowed else None
     if window:
         limits["sliding-window attention"] = int(window)
     if rope_type(view) == "longrope":

@@ -94,7 +94,8 @@ class ModelRunner:
         if device.type == "cpu":
             pack_cpu_weights(self.model)
         self.dtype = self.model.embed_tokens.weight.dtype
-        self.model.rotary.build_cache(max(session_len, 1) + 1)
+        for rotary in self.model.rotaries():
+            rotary.build_cache(max(session_len, 1) + 1)
         self.num_blocks = 0  # no KV cache until init_cache()
         self.kv_cache: torch.Tensor | None = None
         self.kv_scales: torch.Tensor | None = None

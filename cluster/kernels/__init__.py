@@ -98,18 +98,23 @@ def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached context (prefill, chunk, decode alike)."""
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached context (prefill, chunk, decode alike);
+    softcap > 0: scores soft-capped (Gemma 2); window > 0: each query sees its last `window` keys only."""
     return (_triton("attention", q) or reference).paged_attention(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, k_scale, v_scale)
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, k_scale, v_scale, softcap, window)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One query per sequence over its cache; the Triton path is CUDA-graph capturable."""
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """One query per sequence over its cache (softcap, window: as paged_attention); the Triton path is CUDA-graph
+    capturable, with softcap and window as per-layer launch arguments."""
     return (_triton("attention", q) or reference).paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, k_scale=k_scale, v_scale=v_scale)
+        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, k_scale=k_scale, v_scale=v_scale,
+        softcap=softcap, window=window)
 
 
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
