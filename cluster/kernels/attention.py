@@ -268,12 +268,9 @@ def _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row
 
 
 @triton.jit
-def _window_start(ctx, window, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
-    """The BLOCK_N-aligned first key tile a query at position ctx - 1 sees: 0, or its window's first tile."""
-    if WINDOW:
-        return tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N
-    else:
-        return 0
+def _window_start(ctx, window, BLOCK_N: tl.constexpr):
+    """The first key tile (BLOCK_N-aligned) that a query at position ctx - 1 sees through its window."""
+    return tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N
 
 
 @triton.jit
@@ -315,31 +312,23 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     first_pos = ctx - q_len + tile * BLOCK_Q
     end = ctx - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the last key any row sees
     interior = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below this are visible to every row: no mask
+    lo = 0  # the unmasked tiles' first
     if WINDOW:
-        lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N  # the first tile any row sees
+        first = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N  # the first tile any row sees
         # from here every row's window holds the whole tile (the last row's window starts at end - window)
-        mid = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(end - window, 0), BLOCK_N) * BLOCK_N, lo), interior)
-        for start in range(lo, mid, BLOCK_N):
+        lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(end - window, 0), BLOCK_N) * BLOCK_N, first), interior)
+        for start in range(first, lo, BLOCK_N):
             acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx,
                                          pos, kv_head, qk_scale, softcap, window, stride_cb, stride_cs, stride_ch, D,
                                          PAGE, BLOCK_N, 3, QUANT, SOFTCAP)
-        for start in range(mid, interior, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx,
-                                         pos, kv_head, qk_scale, softcap, window, stride_cb, stride_cs, stride_ch, D,
-                                         PAGE, BLOCK_N, 0, QUANT, SOFTCAP)
-        for start in range(interior, end, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx,
-                                         pos, kv_head, qk_scale, softcap, window, stride_cb, stride_cs, stride_ch, D,
-                                         PAGE, BLOCK_N, 3, QUANT, SOFTCAP)
-    else:
-        for start in range(0, interior, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx,
-                                         pos, kv_head, qk_scale, softcap, window, stride_cb, stride_cs, stride_ch, D,
-                                         PAGE, BLOCK_N, 0, QUANT, SOFTCAP)
-        for start in range(interior, end, BLOCK_N):
-            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx,
-                                         pos, kv_head, qk_scale, softcap, window, stride_cb, stride_cs, stride_ch, D,
-                                         PAGE, BLOCK_N, 2, QUANT, SOFTCAP)
+    for start in range(lo, interior, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+                                     kv_head, qk_scale, softcap, window, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 0, QUANT, SOFTCAP)
+    for start in range(interior, end, BLOCK_N):  # causal (MASK 2), and in the window (MASK 3)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
+                                     kv_head, qk_scale, softcap, window, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 2 + WINDOW, QUANT, SOFTCAP)
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -362,9 +351,11 @@ def _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, t, ctx, 
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
-                                  _window_start(ctx, window, BLOCK_N, WINDOW), ctx, ctx, kv_head, qk_scale, softcap,
-                                  window,
+    lo = 0
+    if WINDOW:
+        lo = _window_start(ctx, window, BLOCK_N)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, ctx, ctx,
+                                  kv_head, qk_scale, softcap, window,
                                   stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT, SOFTCAP, WINDOW)
     out = acc / l_i[:, None]
     o_off = t.to(tl.int64) * stride_ot + head * stride_oh
@@ -467,7 +458,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     if WINDOW:  # the splits share out the window's tiles only
-        base = _window_start(ctx, window, BLOCK_N, WINDOW)
+        base = _window_start(ctx, window, BLOCK_N)
         split_len = tl.cdiv(tl.cdiv(ctx - base, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = base + split * split_len
     else:
