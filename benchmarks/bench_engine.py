@@ -6,6 +6,7 @@ and the matmul rate, then the cases of issue 3, steady decode steps and a concur
 writes JSON (+ PNG). A decode step's floor is (weight bytes + KV bytes read) / read bandwidth.
 
     python benchmarks/bench_engine.py [--shape llama3-8b] [--out DIR] [--quick]
+    python benchmarks/bench_engine.py --shape gemma2-9b     # Gemma 2 9B: soft-capped, windowed attention, tied head
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ SHAPES = {
                       intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
     "llama3-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                        intermediate_size=28672, vocab_size=128256, rope_theta=500000.0),
+    # Gemma-2-9B (google/gemma-2-9b's config.json): head_dim 256 apart from hidden / heads, every other layer
+    # windowed to 4096 keys (longer than this script's contexts: the floors below read every key), caps 50 and 30
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=256, intermediate_size=14336, vocab_size=256000,
+                      query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                      final_logit_softcapping=30.0, tie_word_embeddings=True),
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=512, vocab_size=1024),
 }
@@ -87,13 +94,25 @@ def steady_step_ms(eng, prompts: list[list[int]], steps: int = 50) -> float:
 
 
 def random_hf_model(shape: str, dtype: torch.dtype, max_pos: int, device: str = "cuda"):
+    """Random weights of a shape: a Llama unless the shape names its model_type (Gemma 2: eager attention, the one
+    transformers path that soft-caps)."""
     import transformers as tf
 
-    cfg = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_pos, initializer_range=0.02,
-                         tie_word_embeddings=False)
+    kw = {"tie_word_embeddings": False, **SHAPES[shape]}
+    kind = kw.pop("model_type", "llama")
+    cfg = tf.AutoConfig.for_model(kind, **kw, max_position_embeddings=max_pos, initializer_range=0.02)
     with torch.device(device):
-        model = tf.LlamaForCausalLM(cfg).to(dtype).eval()
-    return model
+        model = tf.AutoModelForCausalLM.from_config(cfg, **({} if kind == "llama" else {"attn_implementation": "eager"}))
+    return model.to(dtype).eval()
+
+
+def weight_bytes_read(model) -> int:
+    """The bytes a decode step reads of the weights: all but the embedding table, whose one row a token costs
+    nothing; a head tied to it (Gemma) is read whole, as the head."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if model.config.tie_word_embeddings:
+        total += model.get_input_embeddings().weight.numel() * model.get_input_embeddings().weight.element_size()
+    return total
 
 
 def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | None = None, hf: dict | None = None,
@@ -220,7 +239,7 @@ def main() -> None:
         print("transformers:", {k: round(v, 1) for k, v in hf_res.items()}, flush=True)
     results["transformers"] = hf_res
 
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
+    weight_bytes = weight_bytes_read(hf_model)
     free_before = torch.cuda.mem_get_info()[0]
     eng = engine_from_hf(hf_model, "bfloat16", session_len=4096, max_batch_size=256, max_prefill_token_num=8192,
                          cache_max_entry_count=args.cache_max_entry_count)
@@ -251,18 +270,21 @@ def main() -> None:
     ours["decode-1"] = new1 / t
     fl1 = 1 / step_floor(1, p1 + new1 / 2)
     rows.append(("decode-1", ours["decode-1"], hf_res.get("decode-1"), fl1))
-    print("ours decode-1", round(ours["decode-1"], 1), "floor", round(fl1, 1), flush=True)
+    print("ours decode-1", round(ours["decode-1"], 1), "floor", round(fl1, 1), "of floor",
+          round(ours["decode-1"] / fl1, 3), flush=True)
     t, _ = run(rand_prompts(n64, p64, vocab, rng), new64)
     ours["decode-64"] = n64 * new64 / t
     fl64 = n64 / step_floor(n64, p64 + new64 / 2)
     rows.append(("decode-64", ours["decode-64"], hf_res.get("decode-64"), fl64))
-    print("ours decode-64", round(ours["decode-64"], 1), "floor", round(fl64, 1), flush=True)
+    print("ours decode-64", round(ours["decode-64"], 1), "floor", round(fl64, 1), "of floor",
+          round(ours["decode-64"] / fl64, 3), flush=True)
     for batch, plen in ((1, p1), (n64, p64)):
         ms = steady_step_ms(eng, rand_prompts(batch, plen, vocab, rng))
         ours[f"decode-{batch} steady step ms"] = ms
         fl = step_floor(batch, plen + 31) * 1e3  # context over the 50 timed steps: prompt + 6 .. prompt + 56
         rows.append((f"decode-{batch} step", batch / ms * 1e3, None, batch / fl * 1e3))
-        print(f"steady decode step at batch {batch}: {ms:.2f} ms, floor {fl:.2f} ms", flush=True)
+        print(f"steady decode step at batch {batch}: {ms:.2f} ms, floor {fl:.2f} ms ({fl / ms:.3f} of floor)",
+              flush=True)
     eng.overlap = False  # the same two cases with every step serial: what overlapping steps is worth
     t, _ = run(rand_prompts(1, p1, vocab, rng), new1)
     ours["decode-1, overlap off"] = new1 / t
@@ -283,7 +305,7 @@ def main() -> None:
     t, _ = run(pre, 1)
     toks = sum(len(p) for p in pre)
     L, H = cfgd["num_hidden_layers"], cfgd["hidden_size"]
-    D = H // cfgd["num_attention_heads"]
+    D = cfgd.get("head_dim") or H // cfgd["num_attention_heads"]
     layer_params = weight_bytes / 2 - vocab * H  # bf16: 2 bytes a parameter; lm_head runs for 16 rows only
     attn_flops = 16 * L * 2 * 2 * (len(pre[0]) ** 2 / 2) * cfgd["num_attention_heads"] * D
     flops = 2 * layer_params * toks + attn_flops
