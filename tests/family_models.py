@@ -11,7 +11,8 @@ import torch
 
 SEEDS = {"qwen3": 11, "qwen3_moe": 12, "phi3": 13, "phi3_longrope": 14, "gemma": 15, "glm": 16, "glm4": 17,
          "qwen_v1": 18, "baichuan": 19, "baichuan2": 20, "chatglm": 21, "deepseek_moe": 22, "falcon7b": 23,
-         "falcon40b": 24, "falcon_seq": 25, "dbrx": 26, "internlm": 27, "gemma2": 28, "gemma3_text": 29}
+         "falcon40b": 24, "falcon_seq": 25, "dbrx": 26, "internlm": 27, "gemma2": 28, "gemma3_text": 29,
+         "baichuan13b": 30}
 KINDS = tuple(SEEDS)
 # tiny enough that each changes the tokens (test_families checks); the final cap is monotonic, so it changes greedy
 # tokens only under a repetition penalty (test_families' GEMMA_GREEDY)
@@ -64,6 +65,8 @@ def _config(kind: str):
         return tf.Qwen2Config(**{**TINY, "num_key_value_heads": 4}, tie_word_embeddings=False)
     if kind == "internlm":  # MHA Llama with q, k, v and o biases
         return tf.LlamaConfig(**{**TINY, "num_key_value_heads": 4}, attention_bias=True)
+    if kind == "baichuan13b":  # MHA Llama; 6 heads: ALiBi's slopes for a head count not a power of two
+        return tf.LlamaConfig(**{**TINY, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6})
     if kind in ("baichuan", "baichuan2"):  # MHA Llama
         vocab = BAICHUAN2_VOCAB if kind == "baichuan2" else TINY["vocab_size"]
         return tf.LlamaConfig(**{**TINY, "num_key_value_heads": 4, "vocab_size": vocab})
@@ -107,7 +110,7 @@ def build_family(kind: str, tokenizer_dir: Path, out: Path):
     return out, model
 
 
-REMOTE = ("internlm", "qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe")
+REMOTE = ("internlm", "qwen_v1", "baichuan", "baichuan2", "baichuan13b", "chatglm", "deepseek_moe")
 QWEN_V1_GENERATION = {"eos_token_id": 2, "stop_words_ids": [[3]], "chat_format": "chatml"}
 
 
@@ -135,6 +138,9 @@ def _remote(kind: str, model, tokenizer_dir: Path, out: Path) -> Path:
         tensors, config = fl.baichuan(sd, cfg)
     elif kind == "baichuan2":
         tensors, config = fl.baichuan(sd, cfg, torch.rand(cfg.vocab_size) * 1.5 + 0.5)
+    elif kind == "baichuan13b":  # the reference: the native model with ALiBi for its rotary
+        tensors, config = fl.baichuan(sd, cfg, alibi=True)
+        fl.alibi_llama(model)
     elif kind == "chatglm":
         tensors, config = fl.chatglm(sd, cfg, rope_ratio=5.0)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cluster.config import EngineConfig
 from cluster.convert.hf import engine_config
@@ -17,11 +18,11 @@ from test_tp import GREEDY, PROMPTS, _ec, tp_pipeline
 
 NATIVE = ["qwen3", "qwen3_moe", "phi3", "phi3_longrope", "gemma", "gemma2", "gemma3_text", "glm", "glm4", "falcon7b",
           "falcon40b", "falcon_seq", "dbrx"]
-REMOTE = ["internlm", "qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe"]
+REMOTE = ["internlm", "qwen_v1", "baichuan", "baichuan2", "baichuan13b", "chatglm", "deepseek_moe"]
 TP1 = NATIVE + REMOTE
 # one of each way a family is sliced (Baichuan's W_pack splits as QWen's c_attn, GLM-4's rotary as ChatGLM's)
 TP2 = ["qwen3", "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3_text", "falcon7b", "falcon40b", "dbrx", "qwen_v1",
-       "chatglm", "deepseek_moe"]
+       "chatglm", "deepseek_moe", "baichuan13b"]
 # Gemma 2 / 3 soft-cap the LM head's logits, which leaves the greedy token as it is unless a repetition penalty acts
 # on the capped logits (as in transformers): with one, the cap changes the tokens, and the prompt + 24 tokens run
 # well past the tiny window (family_models.GEMMA_WINDOW)
@@ -51,16 +52,25 @@ def test_greedy_matches_transformers(kind, tiny_models, engine_cache):
     assert got == _want(hf_model, ids, _gen(kind)), f"{kind}: diverged from transformers"
 
 
-GEMMA_FEATURES_OFF = [("gemma2", {"attn_logit_softcapping": 0.0}), ("gemma2", {"final_logit_softcapping": 0.0}),
-                      ("gemma2", {"sliding_window": 0}), ("gemma2", {"query_pre_attn_scalar": 0.0}),
-                      ("gemma3_text", {"final_logit_softcapping": 0.0}), ("gemma3_text", {"sliding_window": 0}),
-                      ("gemma3_text", {"local_rope": "global table"})]
+FEATURES_OFF = [("gemma2", {"attn_logit_softcapping": 0.0}), ("gemma2", {"final_logit_softcapping": 0.0}),
+                ("gemma2", {"sliding_window": 0}), ("gemma2", {"query_pre_attn_scalar": 0.0}),
+                ("gemma3_text", {"final_logit_softcapping": 0.0}), ("gemma3_text", {"sliding_window": 0}),
+                ("gemma3_text", {"local_rope": "the global table"}), ("baichuan13b", {"alibi": "zero slopes"})]
 
 
-@pytest.mark.parametrize("kind, off", GEMMA_FEATURES_OFF, ids=[f"{k}-{next(iter(o))}" for k, o in GEMMA_FEATURES_OFF])
-def test_gemma_features_change_the_tokens(kind, off, tiny_models, engine_cache, tmp_path):
-    """Each Gemma feature switched off in the converted model changes the tokens, so the parity tests above would
-    fail without it (local_rope: the sliding layers given the global table)."""
+def _switched_off(weights: dict, off: dict) -> None:
+    """The weights' side of a feature switched off: Gemma 3's sliding layers given the global rope table, or
+    ALiBi's slopes zeroed."""
+    if "local_rope" in off:
+        weights["rotary_local.inv_freq"] = weights["rotary.inv_freq"].clone()
+    for name in [k for k in weights if k.endswith("alibi_slopes")] if "alibi" in off else []:
+        weights[name] = torch.zeros_like(weights[name])
+
+
+@pytest.mark.parametrize("kind, off", FEATURES_OFF, ids=[f"{k}-{next(iter(o))}" for k, o in FEATURES_OFF])
+def test_features_change_the_tokens(kind, off, tiny_models, engine_cache, tmp_path):
+    """Each Gemma feature and ALiBi switched off in the converted model changes the tokens, so the parity tests
+    above would fail without it."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -71,16 +81,16 @@ def test_gemma_features_change_the_tokens(kind, off, tiny_models, engine_cache, 
     model = tmp_path / "model"
     shutil.copytree(ensure_converted(str(path), 1, "float32", engine_cache, progress=False), model)
     cfg = json.loads((model / "config.json").read_text())
-    if "local_rope" in off:
+    if {"local_rope", "alibi"} & set(off):
         weights = load_file(str(model / "rank0.safetensors"))
-        weights["rotary_local.inv_freq"] = weights["rotary.inv_freq"].clone()
+        _switched_off(weights, off)
         save_file(weights, str(model / "rank0.safetensors"))
     else:
         assert all(cfg[k] for k in off), f"{kind}: {off} is not on"
         cfg.update(off)
     (model / "config.json").write_text(json.dumps(cfg))
-    ids, got = _engine_tokens(model, engine_cache, GEMMA_GREEDY)
-    assert got != _want(hf_model, ids, GEMMA_GREEDY), f"{kind}: {off} does not change the tokens"
+    ids, got = _engine_tokens(model, engine_cache, _gen(kind))
+    assert got != _want(hf_model, ids, _gen(kind)), f"{kind}: {off} does not change the tokens"
 
 
 @pytest.mark.parametrize("kind", TP2)
@@ -125,6 +135,8 @@ def test_conversion_decisions(tiny_models):
     assert _cfg(tiny_models, "glm4").sandwich_norms
     ds = _cfg(tiny_models, "deepseek_moe")
     assert (ds.sparse_layers, ds.shared_expert_intermediate_size, ds.shared_expert_gate) == ([1], 64, False)
+    b13 = _cfg(tiny_models, "baichuan13b")
+    assert (b13.alibi, b13.max_position_embeddings) == (True, 512)  # model_max_length
     qwen = _cfg(tiny_models, "qwen_v1")
     assert (qwen.intermediate_size, qwen.max_position_embeddings) == (128, 256)  # w1/w2 halves; seq_length
     path, _ = tiny_models("phi3")  # sliding-window attention is full attention up to the window: served that far
@@ -168,8 +180,6 @@ def test_remote_code_tokenizer_is_refused_with_the_way_out(tiny_models, engine_c
 
 
 @pytest.mark.parametrize("hf, message", [
-    ({"model_type": "baichuan", "hidden_size": 5120, "num_attention_heads": 40, "model_max_length": 4096},
-     r"^Baichuan/Baichuan2-13B use ALiBi position biases.*supported: Baichuan-7B and Baichuan2-7B"),
     ({"model_type": "chatglm", "position_encoding_2d": True}, r"^ChatGLM-6B \(v1: 2D positions"),
     ({"model_type": "bert"}, r"^model type 'bert' is not supported; supported: .*gemma.*qwen3_moe"),
     ({"model_type": "gemma3"}, r"^model type 'gemma3' is not supported: it needs its SigLIP vision tower.*gemma3_text"),

@@ -119,9 +119,10 @@ def _qwen_v1(view: dict) -> dict:
 
 
 def _baichuan(view: dict) -> dict:
-    if not view.get("max_position_embeddings"):  # the 13B configs name only model_max_length: their ALiBi length
-        raise ValueError("Baichuan/Baichuan2-13B use ALiBi position biases, which the paged attention kernels do not "
-                         "add; supported: Baichuan-7B and Baichuan2-7B (rotary)")
+    """Baichuan / Baichuan2-13B name only model_max_length (the 7B ones max_position_embeddings too): they use
+    ALiBi position biases instead of a rotary, over model_max_length tokens."""
+    if not view.get("max_position_embeddings"):
+        return {"alibi": True, "max_position_embeddings": int(view.get("model_max_length") or 4096)}
     return {}
 
 
@@ -174,8 +175,9 @@ def _falcon(view: dict) -> dict:
     """Falcon: LayerNorms with biases, a plain gelu MLP, and (parallel_attn) attention and MLP side by side, from one
     norm (7B) or two (ln_attn / ln_mlp: 40B, 180B); multi-query, grouped KV (new_decoder_architecture) or MHA."""
     if view.get("alibi"):
-        raise ValueError("Falcon with alibi: true (falcon-rw) uses ALiBi position biases, which the paged attention "
-                         "kernels do not add; supported: the rotary Falcon models (7B, 40B, 180B, Falcon2-11B)")
+        raise ValueError("Falcon with alibi: true (falcon-rw) is not supported: its ALiBi biases are scaled with the "
+                         "scores, unlike the ones the paged attention kernels add (Baichuan-13B's); supported: the "
+                         "rotary Falcon models (7B, 40B, 180B, Falcon2-11B)")
     if view.get("bias"):
         raise ValueError("Falcon with bias: true (biases on every linear) is not supported; supported: bias: false")
     if view.get("activation", "gelu") != "gelu":

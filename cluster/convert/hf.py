@@ -6,7 +6,8 @@ module reads files, slices for ranks and writes. Engine names per rank (qkv and 
   layers.{i}.input_layernorm.{weight,[bias]}, layers.{i}.self_attn.qkv_proj.{weight,[bias]},
   layers.{i}.self_attn.o_proj.{weight,[bias]}, [layers.{i}.self_attn.{q_norm,k_norm}.weight],
   [layers.{i}.post_attention_layernorm.{weight,[bias]}], [layers.{i}.post_{self_attn,mlp}_layernorm.weight],
-  layers.{i}.mlp.gate_up_proj.weight (a plain MLP: up_proj.weight), layers.{i}.mlp.down_proj.weight
+  layers.{i}.mlp.gate_up_proj.weight (a plain MLP: up_proj.weight), layers.{i}.mlp.down_proj.weight,
+  [layers.{i}.self_attn.attn.alibi_slopes] (fp32, the rank's heads)
 Expert layers (Mixtral, Qwen2/3-MoE, DeepSeek-MoE, Dbrx) have instead, every expert on every rank, sliced along
 its FFN width:
   layers.{i}.mlp.gate.weight, layers.{i}.mlp.w13, layers.{i}.mlp.w2,
@@ -192,6 +193,8 @@ def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int
     if "q_b" in t:
         out[p + "self_attn.qkv_proj.bias"] = torch.cat(
             [_rows(t["q_b"], rank, tp), _kv_rows(t["k_b"], cfg, rank, tp), _kv_rows(t["v_b"], cfg, rank, tp)])
+    if cfg.alibi:  # this rank's heads' slopes
+        out[p + "self_attn.attn.alibi_slopes"] = _rows(rope.alibi_slopes(cfg.num_heads), rank, tp)
     if "o_b" in t:  # added once, after the all-reduce
         out[p + "self_attn.o_proj.bias"] = t["o_b"]
     for key in ("q_norm", "k_norm"):  # per head: the same on every rank
@@ -298,8 +301,8 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         cfg.vision = vision
         llava.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
-        keep = {k for k, v in shard.items() if k.endswith("inv_freq") or not v.is_floating_point()  # + 4-bit q
-                or v.dtype == fp8.FP8 or k.endswith(".weight_scale")}
+        keep = {k for k, v in shard.items() if k.endswith(("inv_freq", "alibi_slopes", ".weight_scale"))
+                or not v.is_floating_point() or v.dtype == fp8.FP8}  # fp32 position tables and scales, 4-bit q
         save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
                   str(out_dir / f"rank{r}.safetensors"))
     tokenizer.save_pretrained(out_dir)

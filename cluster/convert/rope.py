@@ -3,6 +3,7 @@ weights; and the context a checkpoint's rope or attention pattern lets the engin
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from cluster.models.config import ModelConfig
@@ -59,6 +60,20 @@ def inv_freq(view: dict, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         raise ValueError(f"rope scaling {rope_type(view)!r} scales cos/sin, which would also scale the head dims "
                          "that do not rotate; it is not supported with a partial rotary")
     return head_layout.inv_freq(rot.inv_freq.float().clone(), cfg), scaling
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's fp32 head slopes (Press et al.; Baichuan-13B's _get_interleave): 2^(-8 i / n) for i = 1..n when n is
+    a power of two; otherwise the closest power of two's slopes, then every other one of twice that many heads."""
+    import torch
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    m = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_2(m) if m == num_heads else power_of_2(m) + alibi_slopes(2 * m).tolist()[0::2][: num_heads - m]
+    return torch.tensor(slopes, dtype=torch.float32)
 
 
 def local_inv_freq(view: dict, cfg: ModelConfig) -> tuple[torch.Tensor, float]:

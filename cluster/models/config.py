@@ -44,6 +44,7 @@ class ModelConfig:
     sliding_layers: list[int] = field(default_factory=list)  # the layers with that window (Gemma 2: every other)
     local_rope: bool = False  # the windowed layers rotate by their own table, rotary_local.inv_freq (Gemma 3)
     local_rope_attention_scaling: float = 1.0  # that table's rope_attention_scaling
+    alibi: bool = False  # ALiBi instead of a rotary: scores + slope_h * (key - query) (Baichuan-13B); slopes stored
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     dtype: str = "float32"

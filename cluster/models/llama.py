@@ -53,7 +53,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = ColumnLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, group, fp8)
         self.o_proj = RowLinear(s["heads"] * cfg.src_head_dim, cfg.hidden_size, group, fp8, cfg.o_bias)
         self.attn = PagedAttention(s["heads"], s["kv_heads"], cfg.head_dim, softmax_scale(cfg),
-                                   cfg.attn_logit_softcapping, cfg.window(layer))
+                                   cfg.attn_logit_softcapping, cfg.window(layer), cfg.alibi)
         if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's dims, before the rotary
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -71,7 +71,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        o = a(q, k, v, meta, positions, rotary)
+        o = a(q, k, v, meta, positions, None if a.alibi_slopes is not None else rotary)  # ALiBi: no rotary
         if self.src_head_dim != a.head_dim:
             o = o[..., : self.src_head_dim]
         return self.o_proj(o.reshape(-1, a.num_heads * self.src_head_dim))
