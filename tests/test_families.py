@@ -128,6 +128,7 @@ def test_conversion_decisions(tiny_models):
     hub3 = {**hub2, "model_type": "gemma3_text", "num_hidden_layers": 7, "sliding_window_pattern": 6,
             "rope_theta": 1e6, "rope_local_base_freq": 1e4}
     assert engine_config(hub3, "float32", 1, "x").sliding_layers == [0, 1, 2, 3, 4, 6]
+    _check_gemma3_rope_tables({**hub3, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
     moe = _cfg(tiny_models, "qwen3_moe")
     assert moe.qk_norm and moe.norm_topk_prob and moe.sparse_layers == [0] and moe.num_experts == 4
     glm = _cfg(tiny_models, "chatglm")
@@ -144,6 +145,24 @@ def test_conversion_decisions(tiny_models):
     assert engine_config({**hf, "sliding_window": 100}, "float32", 1, "x").max_position_embeddings == 100
     assert engine_config({**hf, "model_type": "qwen2", "sliding_window": 100, "use_sliding_window": False},
                          "float32", 1, "x").max_position_embeddings == 512
+
+
+def _check_gemma3_rope_tables(hub: dict) -> None:
+    """Gemma 3's two tables, from an old config (rope_theta + rope_scaling, rope_local_base_freq) and from
+    transformers 5's rope_parameters per layer type alike: 1e6 scaled linearly by 8 for the full layers, 1e4 for
+    the sliding ones."""
+    import transformers as tf
+
+    from cluster.convert import rope
+    from cluster.convert.families import family_for
+    from cluster.convert.family import config_view
+
+    base = lambda theta: 1.0 / theta ** (torch.arange(0, 32, 2).float() / 32)  # noqa: E731
+    new = tf.Gemma3TextConfig(**{k: v for k, v in hub.items() if k != "model_type"}).to_dict()
+    for hf in (hub, new):
+        cfg, view = engine_config(hf, "float32", 1, "x"), config_view(family_for("gemma3_text"), hf)
+        assert torch.allclose(rope.inv_freq(view, cfg)[0], base(1e6) / 8)
+        assert torch.allclose(rope.local_inv_freq(view, cfg)[0], base(1e4))
 
 
 def test_stop_tokens_and_chat_template_come_from_the_checkpoint(tiny_models, engine_cache):
