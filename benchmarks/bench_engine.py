@@ -6,6 +6,7 @@ and the matmul rate, then the cases of issue 3, steady decode steps and a concur
 writes JSON (+ PNG). A decode step's floor is (weight bytes + KV bytes read) / read bandwidth.
 
     python benchmarks/bench_engine.py [--shape llama3-8b] [--out DIR] [--quick]
+    python benchmarks/bench_engine.py --shape gemma2-9b     # Gemma 2 9B: soft-capped, windowed attention, tied head
 
 --shape deepseek-v2-lite: DeepSeek-V2-Lite's shape (15.7B parameters, 2.4B read a token besides the embedding
 table; MLA with a 512 + 64 latent row a token and layer, 64 routed experts top-6 + 2 shared, layer 0 dense). Its
@@ -31,6 +32,12 @@ SHAPES = {
                       intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
     "llama3-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                        intermediate_size=28672, vocab_size=128256, rope_theta=500000.0),
+    # Gemma-2-9B (google/gemma-2-9b's config.json): head_dim 256 apart from hidden / heads, every other layer
+    # windowed to 4096 keys (longer than this script's contexts: the floors below read every key), caps 50 and 30
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=256, intermediate_size=14336, vocab_size=256000,
+                      query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                      final_logit_softcapping=30.0, tie_word_embeddings=True),
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=512, vocab_size=1024),
     # deepseek-ai/DeepSeek-V2-Lite's config.json (its YaRN rope left out: random weights, short contexts)
@@ -98,14 +105,16 @@ def steady_step_ms(eng, prompts: list[list[int]], steps: int = 50) -> float:
 
 
 def random_hf_model(shape: str, dtype: torch.dtype, max_pos: int, device: str = "cuda"):
+    """Random weights of a shape: a Llama unless the shape names its model_type (Gemma 2: eager attention, the one
+    transformers path that soft-caps)."""
     import transformers as tf
 
-    kw = dict(SHAPES[shape])
-    config = tf.DeepseekV2Config if kw.pop("model_type", "llama") == "deepseek_v2" else tf.LlamaConfig
-    cfg = config(**kw, max_position_embeddings=max_pos, initializer_range=0.02, tie_word_embeddings=False)
+    kw = {"tie_word_embeddings": False, **SHAPES[shape]}
+    kind = kw.pop("model_type", "llama")
+    cfg = tf.AutoConfig.for_model(kind, **kw, max_position_embeddings=max_pos, initializer_range=0.02)
     with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
-    return model
+        model = tf.AutoModelForCausalLM.from_config(cfg, **({} if kind == "llama" else {"attn_implementation": "eager"}))
+    return model.to(dtype).eval()
 
 
 def expert_share(cfg, batch: int) -> float:
@@ -120,16 +129,21 @@ def weight_bytes_read(hf_model, batch: int = 1) -> float:
     """Weight bytes a decode step of `batch` tokens reads: every parameter but the embedding table, routed experts
     (transformers' mlp.experts.*) at expert_share."""
     share = expert_share(hf_model.config, batch)
-    return sum(p.numel() * p.element_size() * (share if ".mlp.experts." in n else 1.0)
-               for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
+    total = sum(p.numel() * p.element_size() * (share if ".mlp.experts." in n else 1.0)
+                for n, p in hf_model.named_parameters() if "embed_tokens" not in n)
+    if hf_model.config.tie_word_embeddings:  # a head tied to the embedding (Gemma) is read whole, as the head
+        emb = hf_model.get_input_embeddings().weight
+        total += emb.numel() * emb.element_size()
+    return total
 
 
 def attention_flops(cfg, tokens: int) -> float:
     """Causal attention's multiply-adds x 2 for one sequence of `tokens`, per layer summed: Llama's q.k and p.v at
     head_dim; MLA's absorbed form (what the engine runs) scores over the latent row (kv_lora_rank + rope) and sums
     the latent (kv_lora_rank)."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     per_pair = (2 * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) if getattr(cfg, "kv_lora_rank", 0)
-                else 2 * 2 * cfg.hidden_size // cfg.num_attention_heads)
+                else 2 * 2 * head_dim)
     return cfg.num_hidden_layers * cfg.num_attention_heads * per_pair * tokens ** 2 / 2
 
 
@@ -290,18 +304,21 @@ def main() -> None:
     ours["decode-1"] = new1 / t
     fl1 = 1 / step_floor(1, p1 + new1 / 2)
     rows.append(("decode-1", ours["decode-1"], hf_res.get("decode-1"), fl1))
-    print("ours decode-1", round(ours["decode-1"], 1), "floor", round(fl1, 1), flush=True)
+    print("ours decode-1", round(ours["decode-1"], 1), "floor", round(fl1, 1), "of floor",
+          round(ours["decode-1"] / fl1, 3), flush=True)
     t, _ = run(rand_prompts(n64, p64, vocab, rng), new64)
     ours["decode-64"] = n64 * new64 / t
     fl64 = n64 / step_floor(n64, p64 + new64 / 2)
     rows.append(("decode-64", ours["decode-64"], hf_res.get("decode-64"), fl64))
-    print("ours decode-64", round(ours["decode-64"], 1), "floor", round(fl64, 1), flush=True)
+    print("ours decode-64", round(ours["decode-64"], 1), "floor", round(fl64, 1), "of floor",
+          round(ours["decode-64"] / fl64, 3), flush=True)
     for batch, plen in ((1, p1), (n64, p64)):
         ms = steady_step_ms(eng, rand_prompts(batch, plen, vocab, rng))
         ours[f"decode-{batch} steady step ms"] = ms
         fl = step_floor(batch, plen + 31) * 1e3  # context over the 50 timed steps: prompt + 6 .. prompt + 56
         rows.append((f"decode-{batch} step", batch / ms * 1e3, None, batch / fl * 1e3))
-        print(f"steady decode step at batch {batch}: {ms:.2f} ms, floor {fl:.2f} ms", flush=True)
+        print(f"steady decode step at batch {batch}: {ms:.2f} ms, floor {fl:.2f} ms ({fl / ms:.3f} of floor)",
+              flush=True)
     eng.overlap = False  # the same two cases with every step serial: what overlapping steps is worth
     t, _ = run(rand_prompts(1, p1, vocab, rng), new1)
     ours["decode-1, overlap off"] = new1 / t

@@ -2,6 +2,7 @@
 """Check every Triton kernel against the reference at real sizes (Llama-3-8B: Hq=32, Hkv=8, D=128, bf16), then time it.
 
 Run on the GPU machine from the repository root:  python3 benchmarks/gpu_kernels.py [--sweep]
+    python3 benchmarks/gpu_kernels.py --features   # only the Gemma 2 / 3 and Baichuan-13B attention rows (a minute)
 Only `cluster.kernels` is imported (no pydantic, Ray, transformers needed). Each check draws fresh random inputs,
 poisons the kernel's outputs with NaN and compares by ||out - ref|| / ||ref|| against the fp32 reference. Timings are
 `triton.testing.do_bench` medians (L2 flushed before each call); decode is also timed as replays of a CUDA graph holding
@@ -211,9 +212,11 @@ def bench_rotary_and_store(T: int, page: int = 16, dtype=torch.bfloat16) -> None
 
 
 # -- attention -------------------------------------------------------------------------------------------------------
-def make_cache(ctx_lens: list[int], q_lens: list[int], page: int, dtype: torch.dtype, copies: int = 1):
+def make_cache(ctx_lens: list[int], q_lens: list[int], page: int, dtype: torch.dtype, copies: int = 1,
+               heads: tuple[int, int, int] = (HQ, HKV, D)):
     """Random caches with scattered pages (a fragmented pool) and this step's queries. Returns q, [(kc, vc)], tables,
-    context_lens, cu_seqlens_q."""
+    context_lens, cu_seqlens_q. heads: (Hq, Hkv, D), Llama-3-8B's unless given."""
+    hq, hkv, d = heads
     need = [-(-c // page) for c in ctx_lens]
     nblocks = sum(need) + 8
     width = max(need)
@@ -223,9 +226,9 @@ def make_cache(ctx_lens: list[int], q_lens: list[int], page: int, dtype: torch.d
     for b, n in enumerate(need):
         tables[b, :n] = perm[at:at + n]
         at += n
-    caches = [(torch.randn(nblocks, page, HKV, D, dtype=dtype, device=DEV),
-               torch.randn(nblocks, page, HKV, D, dtype=dtype, device=DEV)) for _ in range(copies)]
-    q = torch.randn(sum(q_lens), HQ, D, dtype=dtype, device=DEV)
+    caches = [(torch.randn(nblocks, page, hkv, d, dtype=dtype, device=DEV),
+               torch.randn(nblocks, page, hkv, d, dtype=dtype, device=DEV)) for _ in range(copies)]
+    q = torch.randn(sum(q_lens), hq, d, dtype=dtype, device=DEV)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     return q, caches, tables, torch.tensor(ctx_lens, dtype=torch.int32, device=DEV), cu
 
@@ -291,6 +294,59 @@ def bench_decode(B: int, ctx_len: int, page: int = 16, dtype=torch.bfloat16, gra
     ms = bench(g.replay) / len(caches)
     record("paged_decode", shape, err, dtype, ms, nbytes=nbytes,
            note=f"graph x{len(caches)} splits={attention.decode_num_splits(B, HKV, bound, DEV)}")
+
+
+@guarded
+def check_features(name: str, heads: tuple[int, int, int], q_lens: list[int], ctx_lens: list[int],
+                   softcap: float = 0.0, window: int = 0, alibi: bool = False, dtype=torch.bfloat16) -> None:
+    """Gemma 2 / 3's soft-cap and sliding window and Baichuan-13B's ALiBi at their head shapes: the prefill kernel
+    (untimed), then each sequence's next token as a decode CUDA graph, replayed at the captured lengths and at
+    new, shorter ones written in place, against the fp32 reference; the graph's time per call."""
+    from cluster.convert.rope import alibi_slopes
+
+    hq, hkv, d = heads
+    q, [(kc, vc)], tables, ctx, cu = make_cache(ctx_lens, q_lens, 16, dtype, heads=heads)
+    q = q * 3  # scores of several units, so a cap of a few bites
+    kw = dict(softcap=softcap, window=window, alibi=alibi_slopes(hq).to(DEV) if alibi else None)
+    scale = d ** -0.5
+
+    def want(qq, cu_q):
+        return reference.paged_attention(qq.float(), kc.float(), vc.float(), tables, ctx, cu_q, scale, **kw)
+
+    with poisoned():
+        out = attention.paged_attention(q, kc, vc, tables, ctx, cu, scale, **kw)
+    shape = f"{name} Hq={hq} Hkv={hkv} D={d}"
+    record("paged_attention", shape, rel_err(out, want(q, cu)), dtype, float("nan"),
+           note=f"softcap={softcap} window={window} alibi={alibi}")
+    dq = q[(cu[1:] - 1).long()].contiguous()
+    dcu = torch.arange(len(ctx_lens) + 1, dtype=torch.int32, device=DEV)
+    bound = tables.shape[1] * 16
+    g, outs = capture(lambda k_, v_: attention.paged_decode_attention(dq, k_, v_, tables, ctx, scale, bound, **kw),
+                      [(kc, vc)])
+    err = rel_err(outs[0], want(dq, dcu))
+    full = ctx.clone()
+    ctx.copy_(torch.randint(1, int(ctx.max()) + 1, ctx.shape, device=DEV, dtype=torch.int32))
+    outs[0].fill_(float("nan"))
+    g.replay()
+    err = max(err, rel_err(outs[0], want(dq, dcu)))
+    ctx.copy_(full)
+    seen = [min(c, window) if window else c for c in ctx_lens]
+    record("paged_decode", shape, err, dtype, bench(g.replay), nbytes=2.0 * sum(seen) * hkv * d * dq.element_size(),
+           note=f"graph softcap={softcap} window={window} alibi={alibi}")
+
+
+def feature_rows() -> None:
+    """Gemma-2-9B (16 / 8 heads of 256, cap 50, window 4096), Gemma-3-1B (4 / 1 of 256, window 512) and
+    Baichuan-13B (40 heads of 128, ALiBi): windows shorter and longer than the contexts, prefill chunks."""
+    mixed = ([2048, 300, 1, 1], [2048, 5000, 6000, 100])
+    for dtype in (torch.bfloat16, torch.float32):
+        check_features("gemma2-9b", (16, 8, 256), *mixed, softcap=50.0, window=4096, dtype=dtype)
+        check_features("gemma2-9b cap 5", (16, 8, 256), *mixed, softcap=5.0, dtype=dtype)
+        check_features("gemma3-1b", (4, 1, 256), *mixed, window=512, dtype=dtype)
+        check_features("window 9", (8, 2, 128), [40, 1, 1], [40, 70, 9], window=9, dtype=dtype)
+        check_features("baichuan-13b", (40, 40, 128), *mixed, alibi=True, dtype=dtype)
+        check_features("alibi + window", (6, 2, 64), *mixed, alibi=True, window=100, softcap=5.0, dtype=dtype)
+    check_features("gemma2-9b B=64 ctx 8192", (16, 8, 256), [1] * 64, [8192] * 64, softcap=50.0, window=4096)
 
 
 KV_POLICIES = (8, "fp8", 4)
@@ -600,6 +656,11 @@ def kv_quant_table() -> None:
 
 def main() -> None:
     sweep = "--sweep" in sys.argv
+    if "--features" in sys.argv:
+        torch.manual_seed(int(time.time()))
+        feature_rows()
+        print(f"all ok: {all(r['ok'] for r in ROWS)}  ({time.time() - T0:.0f} s)")
+        return
     if "--kv" in sys.argv:  # issue 18's rows only, then their config sweeps
         torch.manual_seed(int(time.time()))
         if "--sweep-only" not in sys.argv:
@@ -648,6 +709,7 @@ def main() -> None:
     bench_decode(64, 2048, page=256, graph=False)
     bench_decode(8, 1000, dtype=torch.float16, graph=False)
     bench_decode(3, 777, page=32, dtype=torch.float32, graph=False)
+    feature_rows()
     if sweep:
         print("\nsweeps", flush=True)
         host_overhead()
@@ -665,7 +727,7 @@ def main() -> None:
         gb = f"{r['gbps']:7.0f}" if r["gbps"] else f"{'':>7}"
         tf = f"{r['tflops']:6.1f}" if r["tflops"] else f"{'':>6}"
         print(f"{r['kernel']:<22} {r['shape'][:42]:<42} {r['rel_err']:8.1e} {'ok' if r['ok'] else 'FAIL':>4} "
-              f"{r['ms']:9.4f} {gb} {tf} {r['frac']:6.1%}  {r['note']}")
+              f"{r['ms']:9.4f} {gb} {tf} {'' if r['frac'] is None else format(r['frac'], '6.1%'):>6}  {r['note']}")
     print(f"all ok: {all(r['ok'] for r in ROWS)}  ({time.time() - T0:.0f} s)")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "kernels.json").write_text(json.dumps(dict(

@@ -10,6 +10,7 @@ against transformers (or, for a quantized KV cache, against the same engine on t
 | awq | 4-bit weights through the W4A16 Triton matmul | transformers on the dequantized weights |
 | kv8, kv4 | the quantized KV cache's store and attention kernels | our engine on the CPU (reference kernels) |
 | deepseek_v2, deepseek_v3 | MLA: the latent store, prefill and decode kernels (mla.py), DeepSeek routing into the Triton experts | transformers, same weights |
+| gemma2, gemma3_text | soft-capped, sliding-window (16 keys) prefill and decode attention, eager and in CUDA graphs; Gemma 3's second rope table | transformers (eager attention), same weights |
 
 Tiny fp32 models, random weights scaled up for peakier logits, prompts of token ids; no tokenizer, Ray or
 pydantic-free imports needed beyond what bench_engine.py needs. `--device cpu` runs the same comparisons on the
@@ -58,14 +59,30 @@ def peaky(model):
     return model
 
 
+GEMMA_WINDOW = 16
+GEMMA = {
+    "gemma2": lambda tf: tf.Gemma2Config(**TINY, head_dim=32, query_pre_attn_scalar=24, sliding_window=GEMMA_WINDOW,
+                                         attn_logit_softcapping=5.0, final_logit_softcapping=10.0),
+    "gemma3_text": lambda tf: tf.Gemma3TextConfig(
+        **TINY, head_dim=32, query_pre_attn_scalar=48, sliding_window=GEMMA_WINDOW,
+        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=10.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}}),
+}
+
+
 def build(kind: str, device: str):
     import transformers as tf
 
     torch.manual_seed({"mixtral": 1, "qwen2_moe": 2, "awq": 3, "kv8": 4, "kv4": 4, "deepseek_v2": 5,
-                       "deepseek_v3": 6}[kind])
+                       "deepseek_v3": 6, "gemma2": 5, "gemma3_text": 6}[kind])
     if kind in ("deepseek_v2", "deepseek_v3"):
         return deepseek(kind, device)
-    if kind == "mixtral":
+    kw = {}
+    if kind in GEMMA:  # the prompts (5 to 200 tokens) run far past the window; eager: transformers' soft-cap path
+        cfg = GEMMA[kind](tf)
+        kw["attn_implementation"] = "eager"
+    elif kind == "mixtral":
         cfg = tf.MixtralConfig(**TINY, num_local_experts=8, num_experts_per_tok=2, sliding_window=None)
     elif kind == "qwen2_moe":
         cfg = tf.Qwen2MoeConfig(**TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
@@ -73,7 +90,7 @@ def build(kind: str, device: str):
     else:
         cfg = tf.LlamaConfig(**TINY)
     with torch.device(device):
-        return peaky(tf.AutoModelForCausalLM.from_config(cfg).float().eval())
+        return peaky(tf.AutoModelForCausalLM.from_config(cfg, **kw).float().eval())
 
 
 def deepseek(kind: str, device: str):
@@ -141,7 +158,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--cases", nargs="*", default=["mixtral", "qwen2_moe", "awq", "kv8", "kv4", "deepseek_v2",
-                                                   "deepseek_v3"])
+                                                   "deepseek_v3", "gemma2", "gemma3_text"])
     args = ap.parse_args()
     rng = random.Random(0)
     prompts = rand_prompts(6, (5, 200), TINY["vocab_size"], rng)

@@ -154,7 +154,7 @@ def engine_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("converted"))
 
 
-def hf_greedy(model, ids: list[int], n: int, **inputs) -> list[int]:
+def hf_greedy(model, ids: list[int], n: int, repetition_penalty: float = 1.0, **inputs) -> list[int]:
     """transformers `generate`, greedy, not stopping at EOS (so EOS logits stay untouched, as with ignore_eos).
     inputs: more model inputs (pixel_values)."""
     import copy
@@ -164,5 +164,6 @@ def hf_greedy(model, ids: list[int], n: int, **inputs) -> list[int]:
     gc.do_sample = False
     gc.max_new_tokens = n
     gc.pad_token_id = 0
+    gc.repetition_penalty = repetition_penalty
     out = model.generate(torch.tensor([ids]), generation_config=gc, **inputs)
     return out[0, len(ids):].tolist()

@@ -76,9 +76,10 @@ def qwen_v1(sd: Tensors, cfg) -> tuple[Tensors, dict]:
     return out, config
 
 
-def baichuan(sd: Tensors, cfg, head_scales: torch.Tensor | None = None) -> tuple[Tensors, dict]:
+def baichuan(sd: Tensors, cfg, head_scales: torch.Tensor | None = None, alibi: bool = False) -> tuple[Tensors, dict]:
     """A Llama model (MHA) in Baichuan-7B's layout: self_attn.W_pack = [q; k; v]. head_scales: Baichuan2 (its
-    NormHead normalizes each LM-head row at run time), so the stored rows may have any length."""
+    NormHead normalizes each LM-head row at run time), so the stored rows may have any length. alibi: the 13B
+    models' config, which names model_max_length only."""
     out = {k: v for k, v in sd.items() if not any(n in k for n in QKV)}
     if head_scales is not None:
         out["lm_head.weight"] = sd["lm_head.weight"] * head_scales[:, None]
@@ -91,7 +92,49 @@ def baichuan(sd: Tensors, cfg, head_scales: torch.Tensor | None = None) -> tuple
               "num_hidden_layers": cfg.num_hidden_layers, "rms_norm_eps": cfg.rms_norm_eps,
               "vocab_size": cfg.vocab_size, "tie_word_embeddings": False, "hidden_act": "silu",
               "bos_token_id": 1, "eos_token_id": 2}
+    if alibi:
+        del config["max_position_embeddings"]
     return out, config
+
+
+def paper_alibi_slopes(n: int) -> list[float]:
+    """ALiBi's head slopes as Press et al. (2022) define them: for n heads a power of two, the geometric sequence
+    2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise the closest power of two's, then every other one of twice as many."""
+    if n & (n - 1) == 0:
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+    m = 1 << (n.bit_length() - 1)
+    return paper_alibi_slopes(m) + paper_alibi_slopes(2 * m)[0::2][: n - m]
+
+
+ALIBI_ATTENTION = "cluster_test_alibi"
+
+
+def alibi_llama(model) -> None:
+    """Make a transformers Llama (MHA or GQA) Baichuan-13B's function, in place: no rotary (zero frequencies: cos 1,
+    sin 0) and attention scores q k^T / sqrt(d) + slope_h * (key - query position) (ALiBi, the paper's slopes),
+    under the causal mask, as Baichuan-13B's modeling code computes them. One unpadded sequence at a time."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+        heads, q_len, k_len = query.shape[1], query.shape[2], key.shape[2]
+        kpos = torch.arange(k_len, device=query.device)
+        slopes = torch.tensor(paper_alibi_slopes(heads), dtype=torch.float32, device=query.device)
+        bias = slopes[:, None, None] * (kpos[None, None, :] - kpos[-q_len:][None, :, None])
+        s = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling + bias
+        s = s.masked_fill(kpos[None, None, :] > kpos[-q_len:][None, :, None], float("-inf"))
+        w = torch.softmax(s, dim=-1).to(query.dtype)
+        return torch.matmul(w, value).transpose(1, 2).contiguous(), w
+
+    AttentionInterface.register(ALIBI_ATTENTION, attention)
+    AttentionMaskInterface.register(ALIBI_ATTENTION, eager_mask)
+    model.config._attn_implementation = ALIBI_ATTENTION
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq.zero_()
+        if hasattr(model.model.rotary_emb, "original_inv_freq"):
+            model.model.rotary_emb.original_inv_freq.zero_()
 
 
 def chatglm(sd: Tensors, cfg, rope_ratio: float) -> tuple[Tensors, dict]:

@@ -11,8 +11,12 @@ import torch
 
 SEEDS = {"qwen3": 11, "qwen3_moe": 12, "phi3": 13, "phi3_longrope": 14, "gemma": 15, "glm": 16, "glm4": 17,
          "qwen_v1": 18, "baichuan": 19, "baichuan2": 20, "chatglm": 21, "deepseek_moe": 22, "falcon7b": 23,
-         "falcon40b": 24, "falcon_seq": 25, "dbrx": 26, "internlm": 27}
+         "falcon40b": 24, "falcon_seq": 25, "dbrx": 26, "internlm": 27, "gemma2": 28, "gemma3_text": 29,
+         "baichuan13b": 30}
 KINDS = tuple(SEEDS)
+# tiny enough that each changes the tokens (test_families checks); the final cap is monotonic, so it changes greedy
+# tokens only under a repetition penalty (test_families' GEMMA_GREEDY)
+GEMMA_WINDOW, GEMMA_ATTN_CAP, GEMMA_FINAL_CAP = 8, 1.0, 2.0
 BAICHUAN2_VOCAB = 125696  # what tells Baichuan2 (normalized LM head) from Baichuan
 
 
@@ -44,6 +48,15 @@ def _config(kind: str):
                              rope_scaling=rope, pad_token_id=0)
     if kind == "gemma":  # head_dim 32 apart from hidden / heads, one KV head, tied embeddings
         return tf.GemmaConfig(**{**TINY, "num_key_value_heads": 1}, head_dim=32)
+    if kind == "gemma2":  # window 8 on layer 0 (prompt + output is ~34 tokens), caps that change the tokens
+        return tf.Gemma2Config(**TINY, head_dim=32, query_pre_attn_scalar=24, sliding_window=GEMMA_WINDOW,
+                               attn_logit_softcapping=GEMMA_ATTN_CAP, final_logit_softcapping=GEMMA_FINAL_CAP)
+    if kind == "gemma3_text":  # layer 0 windowed with its own rope base, layer 1 global with linear scaling 8
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}}
+        return tf.Gemma3TextConfig(**{**TINY, "num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=48,
+                                   sliding_window=GEMMA_WINDOW, layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters=rope, final_logit_softcapping=GEMMA_FINAL_CAP)
     if kind in ("glm", "chatglm"):  # rotary on half of each head, interleaved pairs; a qkv bias
         return tf.GlmConfig(**TINY, head_dim=16, rope_theta=50000.0, attention_bias=True, pad_token_id=0)
     if kind == "glm4":  # + sandwich norms
@@ -52,6 +65,8 @@ def _config(kind: str):
         return tf.Qwen2Config(**{**TINY, "num_key_value_heads": 4}, tie_word_embeddings=False)
     if kind == "internlm":  # MHA Llama with q, k, v and o biases
         return tf.LlamaConfig(**{**TINY, "num_key_value_heads": 4}, attention_bias=True)
+    if kind == "baichuan13b":  # MHA Llama; 6 heads: ALiBi's slopes for a head count not a power of two
+        return tf.LlamaConfig(**{**TINY, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 6})
     if kind in ("baichuan", "baichuan2"):  # MHA Llama
         vocab = BAICHUAN2_VOCAB if kind == "baichuan2" else TINY["vocab_size"]
         return tf.LlamaConfig(**{**TINY, "num_key_value_heads": 4, "vocab_size": vocab})
@@ -82,9 +97,11 @@ def build_family(kind: str, tokenizer_dir: Path, out: Path):
     from conftest import _save
 
     torch.manual_seed(SEEDS[kind])
-    model = tf.AutoModelForCausalLM.from_config(_config(kind)).eval()
+    # Gemma 2 / 3: eager attention, transformers' one path with attention soft-capping (SDPA refuses it)
+    kw = {"attn_implementation": "eager"} if kind in ("gemma2", "gemma3_text") else {}
+    model = tf.AutoModelForCausalLM.from_config(_config(kind), **kw).eval()
     _randomize(model, ("norm.weight", "layernorm.weight", "ln_f.weight", "ln_attn.weight", "ln_mlp.weight",
-                       "norm_1.weight", "norm_2.weight", "norm_f.weight"), 0.3 if kind == "gemma" else 0.1)
+                       "norm_1.weight", "norm_2.weight", "norm_f.weight"), 0.3 if kind.startswith("gemma") else 0.1)
     _randomize(model, ("layernorm.bias", "ln_f.bias", "ln_attn.bias", "ln_mlp.bias"), 0.1)
     _randomize(model, ("proj.bias",), 0.5)
     if kind in REMOTE:
@@ -93,7 +110,7 @@ def build_family(kind: str, tokenizer_dir: Path, out: Path):
     return out, model
 
 
-REMOTE = ("internlm", "qwen_v1", "baichuan", "baichuan2", "chatglm", "deepseek_moe")
+REMOTE = ("internlm", "qwen_v1", "baichuan", "baichuan2", "baichuan13b", "chatglm", "deepseek_moe")
 QWEN_V1_GENERATION = {"eos_token_id": 2, "stop_words_ids": [[3]], "chat_format": "chatml"}
 
 
@@ -121,6 +138,9 @@ def _remote(kind: str, model, tokenizer_dir: Path, out: Path) -> Path:
         tensors, config = fl.baichuan(sd, cfg)
     elif kind == "baichuan2":
         tensors, config = fl.baichuan(sd, cfg, torch.rand(cfg.vocab_size) * 1.5 + 0.5)
+    elif kind == "baichuan13b":  # the reference: the native model with ALiBi for its rotary
+        tensors, config = fl.baichuan(sd, cfg, alibi=True)
+        fl.alibi_llama(model)
     elif kind == "chatglm":
         tensors, config = fl.chatglm(sd, cfg, rope_ratio=5.0)
     else:

@@ -464,6 +464,126 @@ def test_decode_agrees_with_prefill_kernel(monkeypatch):
     assert rel_err(a, b) < 1e-5
 
 
+# Gemma 2 / 3: soft-capped scores and sliding windows (cap 0.5 on scores of a few units changes the softmax a lot;
+# windows shorter than a key tile, spanning tiles, and longer than some contexts)
+SOFTCAP_WINDOW = [(0.5, 0), (0.0, 8), (0.5, 8), (2.0, 21), (0.0, 40)]
+
+
+@pytest.mark.parametrize("softcap, window", SOFTCAP_WINDOW)
+@pytest.mark.parametrize("tiles", ["small", "small-no-decode-rows", "default"])
+def test_paged_attention_softcap_and_window(softcap, window, tiles, monkeypatch):
+    if tiles != "default":
+        use_prefill_config(monkeypatch, {**SMALL_PREFILL, "DECODE_ROWS": tiles == "small"})
+    # fresh prefill past the window, decode, a chunk over a cached prefix, a short context, a one-token prefill
+    q_lens, ctx_lens = [40, 1, 13, 1, 1, 5], [40, 37, 50, 5, 1, 70]
+    q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, 4, 2, 32, 16, torch.float32)
+    q = q * 3  # scores of several units, so the cap bites
+    out = attn.paged_attention(q, kc, vc, tables, ctx, cu, 0.3, softcap=softcap, window=window)
+    want = ref.paged_attention(q, kc, vc, tables, ctx, cu, 0.3, softcap=softcap, window=window)
+    assert rel_err(out, want) < 1e-3
+    assert rel_err(want, ref_attention(q, kc, vc, tables, ctx, cu, 0.3)) > 1e-2  # the features change the result
+
+
+@pytest.mark.parametrize("softcap, window", SOFTCAP_WINDOW)
+@pytest.mark.parametrize("splits", [1, 3, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_softcap_and_window(softcap, window, splits, dtype, monkeypatch):
+    use_decode_config(monkeypatch, SMALL_DECODE)
+    ctx_lens = [1, 45, 16, 70, 8, 9]  # window edges inside a tile, on a tile edge, before any key
+    q, kc, vc, tables, ctx, cu = make_batch([1] * 6, ctx_lens, 4, 2, 64, 16, dtype)
+    q = q * 3
+    want = ref.paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, cu, 0.2, softcap=softcap, window=window)
+    out = attn.paged_decode_attention(q, kc, vc, tables, ctx, 0.2, tables.shape[1] * 16, num_splits=splits,
+                                      softcap=softcap, window=window)
+    assert out.dtype == dtype and rel_err(out, want) < TOL[dtype]
+    # the reference's padded decode agrees (it needs the engine's zero-filled cache)
+    padded = ref.paged_decode_attention(q.float(), kc.float().nan_to_num(0.0), vc.float().nan_to_num(0.0), tables,
+                                        ctx, 0.2, softcap=softcap, window=window)
+    assert rel_err(padded, want) < 1e-5
+
+
+def test_paged_attention_int8_cache_with_softcap_and_window(monkeypatch):
+    use_prefill_config(monkeypatch, SMALL_PREFILL)
+    use_decode_config(monkeypatch, SMALL_DECODE)
+    q, kc, vc, tables, ctx, cu = make_batch([21, 1, 13, 1], [21, 37, 50, 32], 4, 2, 32, 16, torch.float32)
+    (kq, ks), (vq, vs) = quantized(kc), quantized(vc)
+    want = ref.paged_attention(q, kq, vq, tables, ctx, cu, 0.3, ks, vs, softcap=1.0, window=10)
+    out = attn.paged_attention(q, kq, vq, tables, ctx, cu, 0.3, ks, vs, softcap=1.0, window=10)
+    assert rel_err(out, want) < 1e-3
+    dq = q[cu[1:] - 1]  # each sequence's last query, as a decode step
+    dwant = ref.paged_decode_attention(dq, kq, vq, tables, ctx, 0.3, k_scale=ks.nan_to_num(0.0),
+                                       v_scale=vs.nan_to_num(0.0), softcap=1.0, window=10)
+    dout = attn.paged_decode_attention(dq, kq, vq, tables, ctx, 0.3, num_splits=3, k_scale=ks, v_scale=vs,
+                                       softcap=1.0, window=10)
+    assert rel_err(dout, dwant) < 1e-3
+
+
+def dense_alibi_attention(q, k, v, scale: float, slopes: list[float]) -> torch.Tensor:
+    """One sequence, every query a prefix's last token: softmax(q k^T * scale - m_h * (i - j)) v over j <= i."""
+    t, hq, _ = q.shape
+    group = hq // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    pos = torch.arange(k.shape[0])
+    qpos = pos[-t:]
+    s = torch.einsum("thd,nhd->htn", q.double(), k.double()) * scale
+    s = s - torch.tensor(slopes, dtype=torch.double)[:, None, None] * (qpos[:, None] - pos[None, :])
+    s = s.masked_fill(pos[None, None, :] > qpos[None, :, None], float("-inf"))
+    return torch.einsum("htn,nhd->thd", s.softmax(-1), v.double())
+
+
+@pytest.mark.parametrize("hq, hkv", [(6, 6), (6, 2), (8, 8)])
+def test_alibi_reference_is_the_papers(hq, hkv):
+    """The reference's ALiBi (slopes from cluster.convert.rope) against the paper's, on a prefill and a chunk."""
+    from cluster.convert.rope import alibi_slopes
+    from family_layouts import paper_alibi_slopes
+
+    assert alibi_slopes(hq).tolist() == pytest.approx(paper_alibi_slopes(hq), rel=1e-6)
+    q_lens, ctx_lens = [30, 7], [30, 40]
+    q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, hq, hkv, 16, 16, torch.float32)
+    out = ref.paged_attention(q, kc, vc, tables, ctx, cu, 0.25, alibi=alibi_slopes(hq))
+    for b in range(2):
+        k = ref._gather(kc, tables[b], ctx_lens[b], None, torch.float32)
+        v = ref._gather(vc, tables[b], ctx_lens[b], None, torch.float32)
+        want = dense_alibi_attention(q[cu[b]:cu[b + 1]], k, v, 0.25, paper_alibi_slopes(hq))
+        assert rel_err(out[cu[b]:cu[b + 1]], want) < 1e-5
+
+
+@pytest.mark.parametrize("tiles", ["small", "small-no-decode-rows", "default"])
+@pytest.mark.parametrize("hq, hkv", [(6, 6), (6, 2)])
+def test_paged_attention_alibi(tiles, hq, hkv, monkeypatch):
+    from cluster.convert.rope import alibi_slopes
+
+    if tiles != "default":
+        use_prefill_config(monkeypatch, {**SMALL_PREFILL, "DECODE_ROWS": tiles == "small"})
+    q_lens, ctx_lens = [40, 1, 13, 1, 1], [40, 37, 50, 5, 1]
+    q, kc, vc, tables, ctx, cu = make_batch(q_lens, ctx_lens, hq, hkv, 32, 16, torch.float32)
+    slopes = alibi_slopes(hq)
+    want = ref.paged_attention(q, kc, vc, tables, ctx, cu, 0.3, alibi=slopes)
+    assert rel_err(attn.paged_attention(q, kc, vc, tables, ctx, cu, 0.3, alibi=slopes), want) < 1e-3
+    assert rel_err(want, ref_attention(q, kc, vc, tables, ctx, cu, 0.3)) > 1e-2  # the bias changes the result
+    rank1 = slopes[hq // 2:].contiguous()  # tp=2: the second rank's heads keep their own slopes
+    part = [slice(hkv // 2, hkv)] if hkv > 1 else [slice(0, 1)]
+    got = attn.paged_attention(q[:, hq // 2:].contiguous(), kc[:, :, part[0]].contiguous(),
+                               vc[:, :, part[0]].contiguous(), tables, ctx, cu, 0.3, alibi=rank1)
+    assert rel_err(got, want[:, hq // 2:]) < 1e-3
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_alibi(splits, dtype, monkeypatch):
+    from cluster.convert.rope import alibi_slopes
+
+    use_decode_config(monkeypatch, SMALL_DECODE)
+    q, kc, vc, tables, ctx, cu = make_batch([1] * 4, [1, 45, 16, 70], 6, 2, 64, 16, dtype)
+    slopes = alibi_slopes(6)
+    want = ref.paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, cu, 0.2, alibi=slopes)
+    out = attn.paged_decode_attention(q, kc, vc, tables, ctx, 0.2, num_splits=splits, alibi=slopes)
+    assert rel_err(out, want) < TOL[dtype]
+    padded = ref.paged_decode_attention(q.float(), kc.float().nan_to_num(0.0), vc.float().nan_to_num(0.0), tables,
+                                        ctx, 0.2, alibi=slopes)
+    assert rel_err(padded, want) < 1e-5
+
+
 def test_decode_num_splits_is_value_independent():
     cpu = torch.device("cpu")
     assert attn.decode_num_splits(1, 8, 8192, cpu) == attn.decode_num_splits(1, 8, 8192, cpu) > 1

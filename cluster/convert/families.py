@@ -19,6 +19,10 @@ MLA_LAYER = {"wq": "self_attn.q_proj", "wq_a": "self_attn.q_a_proj", "q_a_norm":
              "kv_a_norm": "self_attn.kv_a_layernorm", "wkv_b": "self_attn.kv_b_proj", "o": "self_attn.o_proj",
              **{k: v for k, v in LLAMA_LAYER.items() if k not in ("q", "k", "v", "o")}}
 MLA_Q = ("wq", "wq_a", "q_a_norm", "wq_b")  # q_proj (q_lora_rank null: V2-Lite) or q_a_proj, its norm, q_b_proj
+# Gemma 2 / 3's four norms: input, post_attention (on the attention's output), pre_feedforward, post_feedforward
+GEMMA2_LAYER = {**LLAMA_LAYER, "ln2": "pre_feedforward_layernorm", "post_ln1": "post_attention_layernorm",
+                "post_ln2": "post_feedforward_layernorm"}
+GEMMA3_LAYER = {**GEMMA2_LAYER, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 GLM_LAYER = {**{k: v for k, v in LLAMA_LAYER.items() if k not in ("gate", "up")}, "gate_up": "mlp.gate_up_proj"}
 BAICHUAN2_VOCAB = 125696
 
@@ -63,6 +67,51 @@ def _gemma(view: dict) -> dict:
             "tie_word_embeddings": bool(view.get("tie_word_embeddings", True))}
 
 
+def _gemma2(view: dict, pattern: int = 2) -> dict:
+    """Gemma 2 / 3: soft-capped attention logits and LM head, query_pre_attn_scalar as the softmax scale, and a
+    sliding window on the layers layer_types names (configs without it: all but every `pattern`-th layer)."""
+    if view.get("use_bidirectional_attention"):
+        raise ValueError("Gemma with use_bidirectional_attention (an embedding model) is not supported; supported: "
+                         "the causal language models")
+    n = view["num_hidden_layers"]
+    pattern = view.get("sliding_window_pattern") or pattern
+    types = view.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                        for i in range(n)]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"Gemma layer types {sorted(unknown)} are not supported; supported: sliding_attention, "
+                         "full_attention")
+    window = int(view.get("sliding_window") or 0)
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else []
+    return {**_gemma(view), "sandwich_norms": True,
+            "query_pre_attn_scalar": float(view.get("query_pre_attn_scalar") or 0.0),
+            "attn_logit_softcapping": float(view.get("attn_logit_softcapping") or 0.0),
+            "final_logit_softcapping": float(view.get("final_logit_softcapping") or 0.0),
+            "sliding_window": window if sliding else 0, "sliding_layers": sliding}
+
+
+def _gemma3_view(view: dict) -> None:
+    """Gemma 3's two rope tables: transformers 5 saves rope_parameters per layer type; older configs have rope_theta
+    (+ rope_scaling) for the full layers and rope_local_base_freq for the sliding ones. The view keeps the full
+    layers' as its rope (what rope.inv_freq reads) and the sliding layers' as local_rope_parameters."""
+    rp = view.get("rope_parameters") or {}
+    if "full_attention" in rp:
+        view["rope_parameters"] = dict(rp["full_attention"])
+        view["local_rope_parameters"] = dict(rp.get("sliding_attention") or {"rope_type": "default"})
+    else:
+        if not rp:
+            view.setdefault("rope_theta", 1_000_000.0)
+        view["local_rope_parameters"] = {"rope_type": "default"}
+    view["local_rope_parameters"].setdefault("rope_theta", float(view.get("rope_local_base_freq") or 10_000.0))
+
+
+def _gemma3(view: dict) -> dict:
+    """Gemma 2's features with 5 sliding layers to 1 full by default, and the sliding layers' own rope table.
+    transformers' Gemma 3 never applies attn_logit_softcapping (its configs leave it null), so neither does this."""
+    fields = _gemma2(view, pattern=6)
+    return {**fields, "attn_logit_softcapping": 0.0, "local_rope": bool(fields["sliding_layers"])}
+
+
 def _qwen_v1(view: dict) -> dict:
     """QWen (v1): c_attn always has a bias; w1 / w2 are each half of intermediate_size; past seq_length its dynamic
     NTK and log-n attention change the model, so the context stops there."""
@@ -76,9 +125,10 @@ def _qwen_v1(view: dict) -> dict:
 
 
 def _baichuan(view: dict) -> dict:
-    if not view.get("max_position_embeddings"):  # the 13B configs name only model_max_length: their ALiBi length
-        raise ValueError("Baichuan/Baichuan2-13B use ALiBi position biases, which the paged attention kernels do not "
-                         "add; supported: Baichuan-7B and Baichuan2-7B (rotary)")
+    """Baichuan / Baichuan2-13B name only model_max_length (the 7B ones max_position_embeddings too): they use
+    ALiBi position biases instead of a rotary, over model_max_length tokens."""
+    if not view.get("max_position_embeddings"):
+        return {"alibi": True, "max_position_embeddings": int(view.get("model_max_length") or 4096)}
     return {}
 
 
@@ -157,8 +207,9 @@ def _falcon(view: dict) -> dict:
     """Falcon: LayerNorms with biases, a plain gelu MLP, and (parallel_attn) attention and MLP side by side, from one
     norm (7B) or two (ln_attn / ln_mlp: 40B, 180B); multi-query, grouped KV (new_decoder_architecture) or MHA."""
     if view.get("alibi"):
-        raise ValueError("Falcon with alibi: true (falcon-rw) uses ALiBi position biases, which the paged attention "
-                         "kernels do not add; supported: the rotary Falcon models (7B, 40B, 180B, Falcon2-11B)")
+        raise ValueError("Falcon with alibi: true (falcon-rw) is not supported: its ALiBi biases are scaled with the "
+                         "scores, unlike the ones the paged attention kernels add (Baichuan-13B's); supported: the "
+                         "rotary Falcon models (7B, 40B, 180B, Falcon2-11B)")
     if view.get("bias"):
         raise ValueError("Falcon with bias: true (biases on every linear) is not supported; supported: bias: false")
     if view.get("activation", "gelu") != "gelu":
@@ -236,6 +287,13 @@ FAMILIES: tuple[Family, ...] = (
            config_hook=_phi3),
     Family("Gemma", ("gemma",), LLAMA_LAYER, config_hook=_gemma,
            layer_hook=lambda t, cfg, i: _plus_one(t, ("ln1", "ln2")), model_hook=lambda t, cfg: _plus_one(t, ("norm",))),
+    Family("Gemma 2", ("gemma2",), GEMMA2_LAYER, config_hook=_gemma2,
+           layer_hook=lambda t, cfg, i: _plus_one(t, ("ln1", "ln2", "post_ln1", "post_ln2")),
+           model_hook=lambda t, cfg: _plus_one(t, ("norm",))),
+    Family("Gemma 3", ("gemma3_text",), GEMMA3_LAYER, fields={"qk_norm": True}, view_hook=_gemma3_view,
+           config_hook=_gemma3,
+           layer_hook=lambda t, cfg, i: _plus_one(t, ("ln1", "ln2", "post_ln1", "post_ln2", "q_norm", "k_norm")),
+           model_hook=lambda t, cfg: _plus_one(t, ("norm",))),
     Family("GLM", ("glm",), GLM_LAYER, fields={"rope_interleaved": True},
            config_hook=lambda v: {"attention_bias": bool(v.get("attention_bias", True))}),
     Family("GLM-4-0414", ("glm4",),
@@ -298,13 +356,9 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 # Families whose attention the paged kernels (cluster/kernels/attention.py) cannot compute yet, and what they lack.
-_GEMMA3 = ("sliding-window attention (5 of every 6 layers attend only to the last sliding_window keys, with their own "
-           "rope base) in the paged attention kernels")
 REFUSED = {
-    "gemma2": ("attention-logit soft-capping (scores become tanh(s / cap) * cap before the softmax) and sliding-window "
-               "attention on every other layer in the paged attention kernels"),
-    "gemma3": _GEMMA3,
-    "gemma3_text": _GEMMA3,
+    "gemma3": ("its SigLIP vision tower and projector (Gemma3ForConditionalGeneration); only the text model "
+               "(model_type gemma3_text) is served"),
 }
 
 BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.model_types}

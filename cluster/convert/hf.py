@@ -2,11 +2,12 @@
 
 Which checkpoint tensors mean what is each family's entry (convert/families.py, read by convert/family.py); this
 module reads files, slices for ranks and writes. Engine names per rank (qkv and gate/up fused, already sliced):
-  embed_tokens.weight, [lm_head.weight], norm.{weight,[bias]}, rotary.inv_freq,
+  embed_tokens.weight, [lm_head.weight], norm.{weight,[bias]}, rotary.inv_freq, [rotary_local.inv_freq],
   layers.{i}.input_layernorm.{weight,[bias]}, layers.{i}.self_attn.qkv_proj.{weight,[bias]},
   layers.{i}.self_attn.o_proj.{weight,[bias]}, [layers.{i}.self_attn.{q_norm,k_norm}.weight],
   [layers.{i}.post_attention_layernorm.{weight,[bias]}], [layers.{i}.post_{self_attn,mlp}_layernorm.weight],
-  layers.{i}.mlp.gate_up_proj.weight (a plain MLP: up_proj.weight), layers.{i}.mlp.down_proj.weight
+  layers.{i}.mlp.gate_up_proj.weight (a plain MLP: up_proj.weight), layers.{i}.mlp.down_proj.weight,
+  [layers.{i}.self_attn.attn.alibi_slopes] (fp32, the rank's heads)
 Expert layers (Mixtral, Qwen2/3-MoE, DeepSeek-MoE, Dbrx) have instead, every expert on every rank, sliced along
 its FFN width:
   layers.{i}.mlp.gate.weight, layers.{i}.mlp.w13, layers.{i}.mlp.w2,
@@ -111,7 +112,7 @@ def engine_config(hf: dict, dtype: str, tp: int, source: str, quant: str | None 
     )
     fields.update(extra)
     fields.update(_head_fields(view, fields, fam.name))
-    limit = rope.context_limit(view, fam.name)
+    limit = rope.context_limit(view, fam.name, windowed="sliding_layers" in fields)
     if limit:
         fields["max_position_embeddings"] = limit
     cfg = ModelConfig(**fields)
@@ -218,6 +219,8 @@ def shard_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int
     if "q_b" in t:
         out[p + "self_attn.qkv_proj.bias"] = torch.cat(
             [_rows(t["q_b"], rank, tp), _kv_rows(t["k_b"], cfg, rank, tp), _kv_rows(t["v_b"], cfg, rank, tp)])
+    if cfg.alibi:  # this rank's heads' slopes
+        out[p + "self_attn.attn.alibi_slopes"] = _rows(rope.alibi_slopes(cfg.num_heads), rank, tp)
     if "o_b" in t:  # added once, after the all-reduce
         out[p + "self_attn.o_proj.bias"] = t["o_b"]
     for key in ("q_norm", "k_norm"):  # per head: the same on every rank
@@ -251,6 +254,8 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
     top = read_model(fam, get, cfg)
     embed, head = top["embed"], top.get("head")
     inv_freq, cfg.rope_attention_scaling = rope.inv_freq(hf, cfg)
+    if cfg.local_rope:  # Gemma 3: the sliding layers' table
+        local_freq, cfg.local_rope_attention_scaling = rope.local_inv_freq(hf, cfg)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for r in range(tp):
         shards[r]["embed_tokens.weight"] = _vocab_rows(embed, cfg, r, tp)
@@ -260,6 +265,8 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
         if "norm_b" in top:
             shards[r]["norm.bias"] = top["norm_b"]
         shards[r]["rotary.inv_freq"] = inv_freq.to(embed.device)
+        if cfg.local_rope:
+            shards[r]["rotary_local.inv_freq"] = local_freq.to(embed.device)
     method, stored = cfg.quant.get("method"), bool(hf.get("quantization_config"))  # stored: in the checkpoint
     awq = AWQReader(get) if method == "awq" and stored else None
     f8 = fp8_ckpt.FP8Reader(get, hf, tp) if method == "fp8" and stored else None
@@ -320,8 +327,9 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         cfg.vision = vision
         vlm.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
-        keep = {k for k, v in shard.items() if k == "rotary.inv_freq" or not v.is_floating_point()  # + 4-bit q
-                or v.dtype == fp8.FP8 or k.endswith((".weight_scale", ".e_score_correction_bias"))}
+        keep = {k for k, v in shard.items() if k.endswith(("inv_freq", "alibi_slopes", ".weight_scale",
+                                                            ".e_score_correction_bias"))
+                or not v.is_floating_point() or v.dtype == fp8.FP8}  # fp32 position tables, scales, biases; 4-bit q
         save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
                   str(out_dir / f"rank{r}.safetensors"))
     tokenizer.save_pretrained(out_dir)

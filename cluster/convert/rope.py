@@ -3,6 +3,7 @@ weights; and the context a checkpoint's rope or attention pattern lets the engin
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from cluster.models.config import ModelConfig
@@ -61,12 +62,32 @@ def inv_freq(view: dict, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return head_layout.inv_freq(rot.inv_freq.float().clone(), cfg), scaling
 
 
-def context_limit(view: dict, name: str) -> int | None:
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's fp32 head slopes (Press et al.; Baichuan-13B's _get_interleave): 2^(-8 i / n) for i = 1..n when n is
+    a power of two; otherwise the closest power of two's slopes, then every other one of twice that many heads."""
+    import torch
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    m = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_2(m) if m == num_heads else power_of_2(m) + alibi_slopes(2 * m).tolist()[0::2][: num_heads - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def local_inv_freq(view: dict, cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """inv_freq of the windowed layers' own table (Gemma 3: local_rope_parameters, the family's view hook)."""
+    return inv_freq({**view, "rope_parameters": view["local_rope_parameters"]}, cfg)
+
+
+def context_limit(view: dict, name: str, windowed: bool = False) -> int | None:
     """The longest context served exactly, when shorter than max_position_embeddings: sliding-window attention is
-    full attention up to the window (the paged kernels have no window), and LongRoPE keeps its short factors up to
-    original_max_position_embeddings (past it transformers switches frequencies mid-sequence)."""
+    full attention up to the window (for families whose windows the engine does not apply, `windowed` False), and
+    LongRoPE keeps its short factors up to original_max_position_embeddings (past it transformers switches
+    frequencies mid-sequence)."""
     limits = {}
-    window = view.get("sliding_window") if view.get("use_sliding_window", True) else None
+    window = view.get("sliding_window") if view.get("use_sliding_window", True) and not windowed else None
     if window:
         limits["sliding-window attention"] = int(window)
     if rope_type(view) == "longrope":

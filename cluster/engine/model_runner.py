@@ -112,7 +112,8 @@ class ModelRunner:
         if device.type == "cpu":
             pack_cpu_weights(self.model)
         self.dtype = self.model.embed_tokens.weight.dtype
-        self.model.rotary.build_cache(max(session_len, 1) + 1)
+        for rotary in self.model.rotaries():
+            rotary.build_cache(max(session_len, 1) + 1)
         self.num_blocks = 0  # no KV cache until init_cache()
         # sequences a step may hold: EngineConfig.max_batch_size, else from the cache's size (set by init_cache)
         self.max_batch_size = engine_cfg.max_batch_size or MAX_DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]

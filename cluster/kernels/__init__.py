@@ -99,18 +99,24 @@ def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached context (prefill, chunk, decode alike)."""
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached context (prefill, chunk, decode alike);
+    softcap > 0: scores soft-capped (Gemma 2); window > 0: each query sees its last `window` keys only; alibi:
+    fp32 [Hq] ALiBi slopes added as slope * (key - query position) (Baichuan-13B)."""
     return (_triton("attention", q) or reference).paged_attention(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, k_scale, v_scale)
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, k_scale, v_scale, softcap, window, alibi)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One query per sequence over its cache; the Triton path is CUDA-graph capturable."""
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence over its cache (softcap, window, alibi: as paged_attention); the Triton path is
+    CUDA-graph capturable, with softcap and window as per-layer launch arguments and the slopes a layer tensor."""
     return (_triton("attention", q) or reference).paged_decode_attention(
-        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, k_scale=k_scale, v_scale=v_scale)
+        q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, k_scale=k_scale, v_scale=v_scale,
+        softcap=softcap, window=window, alibi=alibi)
 
 
 def moe_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

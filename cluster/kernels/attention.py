@@ -75,14 +75,27 @@ def _load_rows(ptr, ptrs, n_ok, MASK: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, m_i, l_i):
+def _softmax_step(s, m_i, l_i, SAFE: tl.constexpr):
     """The online softmax's update for scores s: (p, the old rows' rescale, l_i, m_i)."""
     # Each row sees at least one key of its first tile (key 0, or the first key of a split), so m_new is finite from
-    # then on and a row fully masked in a later tile gets p = 0 rather than NaN.
+    # then on and a row fully masked in a later tile gets p = 0 rather than NaN. Under a sliding window (SAFE) a row
+    # may see no key of a tile before any other: its maximum stays -inf, and is taken as 0 so p and alpha are 0.
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if SAFE:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _softcap(s, cap):
+    """cap * tanh(s / cap) (s and cap both in the scores' log2 units), tanh as 1 - 2 / (e^2x + 1) from exp2, which
+    saturates to +-cap at either end and which Triton's interpreter runs as well."""
+    return cap - 2.0 * cap / (tl.exp2(s * (2.8853900817779268 / cap)) + 1.0)  # 2.885... = 2 log2(e)
 
 
 @triton.jit
@@ -160,11 +173,15 @@ def _row_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE: tl.constexpr, MASK
 
 @triton.jit
 def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos, kv_head, qk_scale,
-                 stride_cb, stride_cs, stride_ch,
-                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
+                 softcap, window, slopes, stride_cb, stride_cs, stride_ch,
+                 D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with keys [start, start + BLOCK_N).
 
-    MASK: 0 = every key valid and visible (interior tiles), 1 = keys must be < ctx, 2 = also causal (key <= pos).
+    MASK: 0 = every key valid and visible (interior tiles), 1 = keys must be < ctx, 2 = also causal (key <= pos),
+    3 = also in the sliding window (pos - key < window). SOFTCAP: the scores (log2 units) become
+    softcap * tanh(s / softcap) before the mask (softcap in the same units). ALIBI: then each row's slope (log2
+    units, [rows]) times (key - pos) is added.
     A quantized cache (kvcache.py's QUANT; layouts in reference.py) goes into the dots as its integer (or e4m3)
     values, exact in q's dtype (fp16 for a 16-bit model: paged_attention's callers convert q); the scales act on
     the [rows, keys] scores and probabilities instead of on the [keys, D] tiles: s = (q . k_q) * k_scale
@@ -200,11 +217,18 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
         s = s * (qk_scale * tl.load(ks_ptr + kv_head))
     else:
         s = s * qk_scale
+    if SOFTCAP:
+        s = _softcap(s, softcap)
+    if ALIBI:
+        s += slopes[:, None] * (n[None, :] - pos[:, None]).to(tl.float32)
     if MASK == 1:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     if MASK == 2:
         s = tl.where(n_ok[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i)
+    if MASK == 3:
+        seen = n_ok[None, :] & (n[None, :] <= pos[:, None]) & (n[None, :] > pos[:, None] - window)
+        s = tl.where(seen, s, float("-inf"))
+    p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, MASK == 3)
     if QUANT == 8 or QUANT == 4:
         w, v_top = _v_weights(p, v_sc, q.dtype)
         pv = _dot(w, v) * v_top
@@ -219,18 +243,46 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
 
 
 @triton.jit
-def _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head, qk_scale,
-                  stride_cb, stride_cs, stride_ch,
-                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
-    """Every row attends to all keys [lo, hi) (lo BLOCK_N-aligned): whole tiles unmasked, then the ragged last one."""
-    full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    for start in range(lo, full, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi,
-                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
+def _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, ctx, kv_head, qk_scale,
+                  softcap, window, slopes, stride_cb, stride_cs, stride_ch,
+                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
+    """Every row (one query, at position ctx - 1) attends to all keys [lo, hi) (lo BLOCK_N-aligned): whole tiles
+    unmasked, then the ragged last one. WINDOW: it sees keys >= ctx - window only; lo is at or above the window's
+    first tile, and that one tile is masked."""
+    pos = tl.zeros([q.shape[0]], tl.int32) + (ctx - 1)  # the query's position (read by the window and ALiBi)
+    first = lo
+    if WINDOW:
+        if lo < ctx - window:  # the window's first key lies inside this tile: the keys before it masked
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, pos,
+                                         kv_head, qk_scale, softcap, window, slopes, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                         BLOCK_N, 3, QUANT, SOFTCAP, ALIBI)
+            first = tl.minimum(lo + BLOCK_N, hi)
+    full = first + (hi - first) // BLOCK_N * BLOCK_N
+    for start in range(first, full, BLOCK_N):
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, pos,
+                                     kv_head, qk_scale, softcap, window, slopes, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 0, QUANT, SOFTCAP, ALIBI)
     for start in range(full, hi, BLOCK_N):  # at most one
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, hi,
-                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 1, QUANT)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, hi, pos,
+                                     kv_head, qk_scale, softcap, window, slopes, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 1, QUANT, SOFTCAP, ALIBI)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _alibi_slopes(al_ptr, head, ok, ALIBI: tl.constexpr):
+    """The rows' ALiBi slopes in the scores' log2 units (ALIBI), else a placeholder nothing reads."""
+    if ALIBI:
+        return tl.load(al_ptr + head, mask=ok, other=0.0) * 1.4426950408889634  # log2(e)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _window_start(ctx, window, BLOCK_N: tl.constexpr):
+    """The first key tile (BLOCK_N-aligned) that a query at position ctx - 1 sees through its window."""
+    return tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N
 
 
 @triton.jit
@@ -248,11 +300,14 @@ def _find_seq(cu_ptr, pid, B, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
-                stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head,
+                qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
                 GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
-    """BLOCK_Q query tokens x GROUP heads: unmasked tiles below the tile's first position, then causal ones."""
+                BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+                SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
+    """BLOCK_Q query tokens x GROUP heads: unmasked tiles below the tile's first position, then causal ones. With a
+    sliding window: tiles below every row's window skipped, those only some rows see masked (MASK 3), the causal
+    ones masked by the window too."""
     rows = tl.arange(0, BLOCK_M)
     tok = tile * BLOCK_Q + rows // GROUP  # token index within this step's queries of the sequence
     head = kv_head * GROUP + rows % GROUP
@@ -262,6 +317,7 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     q_off = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
     q = _dot_operand(tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0), QUANT)
     qsum = tl.sum(q.to(tl.float32), 1)  # the 4-bit cache's min term (_attend_tile)
+    slopes = _alibi_slopes(al_ptr, head, row_ok, ALIBI)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -269,22 +325,34 @@ def _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q
     first_pos = ctx - q_len + tile * BLOCK_Q
     end = ctx - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)  # one past the last key any row sees
     interior = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below this are visible to every row: no mask
-    for start in range(0, interior, BLOCK_N):
+    lo = 0  # the unmasked tiles' first
+    if WINDOW:
+        first = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N  # the first tile any row sees
+        # from here every row's window holds the whole tile (the last row's window starts at end - window)
+        lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(end - window, 0), BLOCK_N) * BLOCK_N, first), interior)
+        for start in range(first, lo, BLOCK_N):
+            acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx,
+                                         pos, kv_head, qk_scale, softcap, window, slopes, stride_cb, stride_cs, stride_ch, D,
+                                         PAGE, BLOCK_N, 3, QUANT, SOFTCAP, ALIBI)
+    for start in range(lo, interior, BLOCK_N):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
-                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 0, QUANT)
-    for start in range(interior, end, BLOCK_N):
+                                     kv_head, qk_scale, softcap, window, slopes, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 0, QUANT, SOFTCAP, ALIBI)
+    for start in range(interior, end, BLOCK_N):  # causal (MASK 2), and in the window (MASK 3)
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, start, ctx, pos,
-                                     kv_head, qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, 2, QUANT)
+                                     kv_head, qk_scale, softcap, window, slopes, stride_cb, stride_cs, stride_ch, D, PAGE,
+                                     BLOCK_N, 2 + WINDOW, QUANT, SOFTCAP, ALIBI)
     out = acc / l_i[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, t, ctx, kv_head, qk_scale,
-                  stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+def _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, o_ptr, bt_row, t, ctx, kv_head, qk_scale, softcap,
+                  window, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
                   GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, QUANT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, QUANT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                  ALIBI: tl.constexpr):
     """A decode token in a mixed batch: its GQA group (padded to 16) as the rows, all ctx keys visible. A full
     BLOCK_M query tile here would do BLOCK_M / GROUP times the tensor-core work for the same K/V bytes."""
     g = tl.arange(0, GROUP_P)
@@ -297,19 +365,26 @@ def _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, t, ctx, 
     m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, 0, ctx, kv_head, qk_scale,
-                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
+    lo = 0
+    if WINDOW:
+        lo = _window_start(ctx, window, BLOCK_N)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, ctx, ctx,
+                                  kv_head, qk_scale, softcap, window, _alibi_slopes(al_ptr, head, g_ok, ALIBI),
+                                  stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT, SOFTCAP, WINDOW, ALIBI)
     out = acc / l_i[:, None]
     o_off = t.to(tl.int64) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_off[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["B", "stride_bt"])  # batch and table width vary every step: no recompiles
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, qk_scale, B,
+# batch and table width vary every step: no recompiles; softcap and window are a layer's, not specialized on either
+@triton.jit(do_not_specialize=["B", "stride_bt", "softcap", "window"])
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, o_ptr, bt_ptr, ctx_ptr, cu_ptr, qk_scale, softcap,
+                    window, B,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DECODE_ROWS: tl.constexpr, QUANT: tl.constexpr):
+                    DECODE_ROWS: tl.constexpr, QUANT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                    ALIBI: tl.constexpr):
     # Reversed: each sequence's last (longest) tiles are scheduled first, so the light ones fill the tail.
     pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -322,13 +397,13 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_ptr, ctx_pt
     ctx = tl.load(ctx_ptr + b)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     if DECODE_ROWS and q_len == 1:
-        _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, ctx, kv_head, qk_scale,
-                      stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
-                      GROUP, GROUP_P, D, PAGE, BLOCK_N, QUANT)
+        _single_query(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, o_ptr, bt_row, q_start, ctx, kv_head, qk_scale,
+                      softcap, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
+                      GROUP, GROUP_P, D, PAGE, BLOCK_N, QUANT, SOFTCAP, WINDOW, ALIBI)
     else:
-        _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head, qk_scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch,
-                    GROUP, D, PAGE, BLOCK_M, BLOCK_Q, BLOCK_N, QUANT)
+        _query_tile(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, o_ptr, bt_row, q_start, q_len, tile, ctx, kv_head,
+                    qk_scale, softcap, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs,
+                    stride_ch, GROUP, D, PAGE, BLOCK_M, BLOCK_Q, BLOCK_N, QUANT, SOFTCAP, WINDOW, ALIBI)
 
 
 def _words(k_cache: torch.Tensor, v_cache: torch.Tensor, quant: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,6 +411,19 @@ def _words(k_cache: torch.Tensor, v_cache: torch.Tensor, quant: int) -> tuple[to
     if quant == 4:
         return k_cache.view(torch.int32), v_cache.view(torch.int32)
     return k_cache, v_cache
+
+
+def _slopes_arg(alibi: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """ALiBi's fp32 slopes, one per q head of this rank (a placeholder pointer without them)."""
+    if alibi is None:
+        return q
+    assert alibi.dtype == torch.float32 and alibi.is_contiguous() and alibi.numel() == q.shape[1]
+    return alibi
+
+
+def _log2_cap(softcap: float) -> float:
+    """The soft-cap in the kernels' log2 units of the scores (they run the softmax in base 2); 1.0 when off (unused)."""
+    return softcap * LOG2E if softcap > 0 else 1.0
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -350,9 +438,10 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Causal varlen attention of q [T, Hq, D] (any token/head strides) over the paged cache -> [T, Hq, D].
-    With k_scale/v_scale the cache is int8 or 4-bit (see reference)."""
+    With k_scale/v_scale the cache is int8 or 4-bit (see reference); softcap, window, alibi: as the reference's."""
     group, hkv, d = _check(q, k_cache, v_cache)
     quant = quant_bits(k_cache, k_scale, v_scale, d)
     T, B = q.shape[0], context_lens.shape[0]
@@ -370,29 +459,37 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     page = k_cache.shape[1]
     k_cache, v_cache = _words(k_cache, v_cache, quant)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, out, block_tables,
-        context_lens, cu_seqlens_q, scale * LOG2E, B,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, _slopes_arg(alibi, q), out,
+        block_tables,
+        context_lens, cu_seqlens_q, scale * LOG2E, _log2_cap(softcap), int(window), B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=page, BLOCK_M=block_m,
         BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], DECODE_ROWS=cfg["DECODE_ROWS"], QUANT=quant,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SOFTCAP=softcap > 0, WINDOW=window > 0, ALIBI=alibi is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return out
 
 
-@triton.jit(do_not_specialize=["stride_bt", "NUM_SPLITS"])
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr, qk_scale,
+@triton.jit(do_not_specialize=["stride_bt", "NUM_SPLITS", "softcap", "window"])
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr,
+                         qk_scale, softcap, window,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                          NUM_SPLITS, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
                          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, QUANT: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         USE_PDL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
     wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    if WINDOW:  # the splits share out the window's tiles only
+        base = _window_start(ctx, window, BLOCK_N)
+        split_len = tl.cdiv(tl.cdiv(ctx - base, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = base + split * split_len
+    else:
+        split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * split_len
     hi = tl.minimum(lo + split_len, ctx)
 
     g = tl.arange(0, GROUP_P)  # the q heads of this kv head, padded to a tl.dot-able 16 rows
@@ -406,8 +503,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
     q = _dot_operand(tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0), QUANT)
     qsum = tl.sum(q.to(tl.float32), 1)  # the 4-bit cache's min term
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, kv_head,
-                                  qk_scale, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT)
+    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, ctx, kv_head,
+                                  qk_scale, softcap, window, _alibi_slopes(al_ptr, head, g_ok, ALIBI), stride_cb,
+                                  stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT, SOFTCAP, WINDOW, ALIBI)
     _write_decode(acc, l_i, m_i, d, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
                   NUM_SPLITS, GROUP, D, SPLIT)
 
@@ -470,12 +568,14 @@ def decode_num_splits(batch: int, kv_heads: int, max_context_len: int, device: t
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
                            *, num_splits: int | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, softcap: float = 0.0, window: int = 0,
+                           alibi: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D] -> [B, Hq, D]. CUDA-graph safe: no sync, value-independent grids.
 
     max_context_len only sizes the split count (default: the block table's capacity, an upper bound that needs no
     sync); each sequence's real length is read on the device, so a graph captured at the bound stays correct.
-    num_splits overrides the split count (tests, benchmarks).
+    num_splits overrides the split count (tests, benchmarks). softcap, window, alibi: as the reference's; a window
+    shares out only its own tiles among the splits (and sizes their count by itself, not the bound).
     """
     group, hkv, d = _check(q, k_cache, v_cache)
     quant = quant_bits(k_cache, k_scale, v_scale, d)
@@ -485,6 +585,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     cfg = {**DECODE_CONFIG, **DECODE_CONFIG_BY_QUANT.get(quant, {})} if quant else DECODE_CONFIG
     bound = max_context_len if max_context_len is not None else block_tables.shape[1] * k_cache.shape[1]
+    if window > 0:
+        bound = min(int(bound), int(window) + cfg["BLOCK_N"])  # python ints: the split count stays value-independent
     splits = num_splits or decode_num_splits(B, hkv, int(bound), q.device, cfg)
     if splits > 1:
         mid_o = torch.empty((B, hq, splits, d), dtype=torch.float32, device=q.device)
@@ -494,13 +596,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     page = k_cache.shape[1]
     k_cache, v_cache = _words(k_cache, v_cache, quant)
     _decode_split_kernel[(B, hkv, splits)](
-        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, block_tables, context_lens,
-        out, mid_o, mid_lse, scale * LOG2E,
+        q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, _slopes_arg(alibi, q),
+        block_tables, context_lens, out, mid_o, mid_lse, scale * LOG2E, _log2_cap(softcap), int(window),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=page,
         BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, QUANT=quant, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=cfg["num_stages"], SOFTCAP=softcap > 0, WINDOW=window > 0, ALIBI=alibi is not None,
         **pdl.launch_args(q))
     if splits > 1:
         _decode_reduce_kernel[(B, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, D=d,

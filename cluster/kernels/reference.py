@@ -171,13 +171,33 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int, scale: torch
     return dequantize(rows, scale, dtype)
 
 
+def softcap_scores(s: torch.Tensor, cap: float) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2): cap * tanh(s / cap), in place on fp32 scores; cap 0 leaves them."""
+    return s.div_(cap).tanh_().mul_(cap) if cap else s
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                        softcap: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention as transformers' eager path computes it (SDPA takes no soft-cap): fp32 scores times scale,
+    soft-capped, plus `bias` (ALiBi's), masked, fp32 softmax. q [..., M, D], k and v [..., N, D], visible and bias
+    [..., M, N]."""
+    s = softcap_scores(torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale), softcap)
+    if bias is not None:
+        s += bias
+    s.masked_fill_(~visible, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1).to(q.dtype), v)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
-                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context (prefix, chunk or decode).
 
     Query i of a sequence with q_len new tokens and ctx cached tokens sits at position ctx - q_len + i and sees
-    keys 0..that position. Handles prefill, chunked prefill, prefix-cache hits and decode alike.
+    keys 0..that position (with a sliding `window`, only the last `window` of them: pos - key < window). Handles
+    prefill, chunked prefill, prefix-cache hits and decode alike. softcap: scores soft-capped before the mask.
+    alibi: fp32 [Hq] slopes (ALiBi, Baichuan-13B): head h's scores get slope_h * (key - query position).
     """
     T, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -194,8 +214,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = _gather(v_cache, block_tables[b], ctx, v_scale, q.dtype)
         qb = q[s:e].view(ql, hkv, group, d).permute(1, 2, 0, 3).reshape(hkv, group * ql, d)
         qpos = torch.arange(ctx - ql, ctx, device=q.device).repeat(group)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
-        o = F.scaled_dot_product_attention(qb, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        mask = kpos <= qpos[:, None]
+        if window:
+            mask &= kpos > qpos[:, None] - window
+        if softcap or alibi is not None:
+            bias = None if alibi is None else (alibi.float().view(hkv, group, 1).expand(hkv, group, ql).reshape(
+                hkv, group * ql, 1) * (kpos - qpos[:, None]).float())
+            o = _explicit_attention(qb, k.transpose(0, 1), v.transpose(0, 1), mask, scale, softcap, bias)
+        else:
+            o = F.scaled_dot_product_attention(qb, k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
         out[s:e] = o.view(hkv, group, ql, d).permute(2, 0, 1, 3).reshape(ql, hq, d)
     return out
 
@@ -205,8 +233,10 @@ CPU_BMM_DECODE_BATCH = 16  # from this batch on, half-precision CPU decode atten
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence ([B, Hq, D]) over its cache, batched with padding: one SDPA call for the batch.
+    softcap, window and alibi as in paged_attention.
 
     Slots past a sequence's context are masked; they must hold finite values (the engine zero-fills the cache),
     since a mask is added as -inf and NaN + -inf is still NaN."""
@@ -222,9 +252,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     vs = None if v_scale is None else v_scale if fp8 else scale_rows(v_scale, bt)
     k = dequantize(_select(k_cache, bt).flatten(0, 1), ks, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)
     v = dequantize(_select(v_cache, bt).flatten(0, 1), vs, q.dtype).view(B, nblocks * bs, hkv, d).transpose(1, 2)
-    mask = torch.arange(nblocks * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
+    kpos = torch.arange(nblocks * bs, device=q.device)[None, :]
+    mask = kpos < context_lens[:, None]  # [B, L]
+    if window:
+        mask &= kpos >= context_lens[:, None] - window
     qb = q.view(B, hkv, group, d)
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and B >= CPU_BMM_DECODE_BATCH:
+    if softcap or alibi is not None:
+        bias = None if alibi is None else (alibi.float().view(1, hkv, group, 1)
+                                           * (kpos - (context_lens[:, None] - 1)).float()[:, None, None, :])
+        o = _explicit_attention(qb, k, v, mask[:, None, None, :], scale, softcap, bias)
+    elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and B >= CPU_BMM_DECODE_BATCH:
         # one query a sequence, many sequences: oneDNN's half-precision batched matmuls beat SDPA's CPU flash kernel
         # (2.4x in bf16 at batch 64 on AVX512-BF16; at batch 1 SDPA is 3x faster); the softmax stays in fp32
         s = torch.matmul(qb, k.transpose(-1, -2)).float().mul_(scale)

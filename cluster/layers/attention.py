@@ -23,11 +23,16 @@ class AttnMetadata:
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None):
-        """scale: the softmax scale, when not head_dim ** -0.5 (a head padded to a power of two keeps its own)."""
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None,
+                 softcap: float = 0.0, window: int = 0, alibi: bool = False):
+        """scale: the softmax scale, when not head_dim ** -0.5 (a head padded to a power of two keeps its own).
+        softcap: attention-logit soft-capping (0: off); window: this layer's sliding window (0: none); alibi: ALiBi
+        position biases, this rank's heads' fp32 slopes loaded with the weights (`alibi_slopes`)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale or head_dim ** -0.5
+        self.softcap, self.window = softcap, window
+        self.alibi_slopes = nn.Parameter(torch.empty(num_heads), requires_grad=False) if alibi else None
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         self.k_scale: torch.Tensor | None = None  # quantized cache (quant_policy 8 or 4): each row's scale(s)
@@ -44,6 +49,8 @@ class PagedAttention(nn.Module):
         if meta.decode_only:
             return kernels.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
                                                   meta.context_lens, self.scale, meta.max_context_len,
-                                                  self.k_scale, self.v_scale)
+                                                  self.k_scale, self.v_scale, self.softcap, self.window,
+                                                  self.alibi_slopes)
         return kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                       meta.cu_seqlens_q, self.scale, self.k_scale, self.v_scale)
+                                       meta.cu_seqlens_q, self.scale, self.k_scale, self.v_scale, self.softcap,
+                                       self.window, self.alibi_slopes)

@@ -36,7 +36,15 @@ class ModelConfig:
     mlp_norm: bool = True  # with parallel_attn: the MLP has its own norm (Falcon-40B's ln_mlp), else it shares ln1's
     clip_qkv: float = 0.0  # q, k, v clamped to +-clip_qkv (Dbrx); 0: not clamped
     embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
-    sandwich_norms: bool = False  # RMSNorm on the attention's and the MLP's outputs too (GLM-4-0414)
+    sandwich_norms: bool = False  # RMSNorm on the attention's and the MLP's outputs too (GLM-4-0414, Gemma 2 / 3)
+    query_pre_attn_scalar: float = 0.0  # softmax scale query_pre_attn_scalar ** -0.5 (Gemma 2 / 3); 0: src_head_dim's
+    attn_logit_softcapping: float = 0.0  # scores become cap * tanh(scores / cap) before the mask (Gemma 2); 0: off
+    final_logit_softcapping: float = 0.0  # the LM head's logits likewise (Gemma 2); 0: off
+    sliding_window: int = 0  # keys a query of a windowed layer sees, itself included (q - k < window); 0: none
+    sliding_layers: list[int] = field(default_factory=list)  # the layers with that window (Gemma 2: every other)
+    local_rope: bool = False  # the windowed layers rotate by their own table, rotary_local.inv_freq (Gemma 3)
+    local_rope_attention_scaling: float = 1.0  # that table's rope_attention_scaling
+    alibi: bool = False  # ALiBi instead of a rotary: scores + slope_h * (key - query) (Baichuan-13B); slopes stored
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     dtype: str = "float32"
@@ -75,6 +83,10 @@ class ModelConfig:
     def src_head_dim(self) -> int:
         """The checkpoint's head_dim (what o_proj reads per head, and what sets the softmax scale)."""
         return self.real_head_dim or self.head_dim
+
+    def window(self, layer: int) -> int:
+        """The layer's sliding window (0: it attends to the whole context)."""
+        return self.sliding_window if layer in self.sliding_layers else 0
 
     def is_sparse(self, layer: int) -> bool:
         return self.num_experts > 0 and layer in self.sparse_layers

@@ -39,8 +39,13 @@ def embed_scale(scale: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(scale, dtype=dtype))
 
 
+def softmax_scale(cfg: ModelConfig) -> float:
+    """query_pre_attn_scalar ** -0.5 where the family sets it (Gemma 2 / 3), else the checkpoint head's own."""
+    return (cfg.query_pre_attn_scalar or cfg.src_head_dim) ** -0.5
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int):
+    def __init__(self, cfg: ModelConfig, tp: int, layer: int = 0):
         super().__init__()
         s = shard_sizes(cfg, tp)
         self.q_size = s["heads"] * cfg.head_dim
@@ -49,8 +54,9 @@ class LlamaAttention(nn.Module):
         group, fp8 = cfg.quant.get("group_size", 0), cfg.quant.get("method") == "fp8"
         self.qkv_proj = ColumnLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, group, fp8)
         self.o_proj = RowLinear(s["heads"] * cfg.src_head_dim, cfg.hidden_size, group, fp8, cfg.o_bias)
-        self.attn = PagedAttention(s["heads"], s["kv_heads"], cfg.head_dim, cfg.src_head_dim ** -0.5)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dims, before the rotary
+        self.attn = PagedAttention(s["heads"], s["kv_heads"], cfg.head_dim, softmax_scale(cfg),
+                                   cfg.attn_logit_softcapping, cfg.window(layer), cfg.alibi)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's dims, before the rotary
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.clip = cfg.clip_qkv
@@ -67,7 +73,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        o = a(q, k, v, meta, positions, rotary)
+        o = a(q, k, v, meta, positions, None if a.alibi_slopes is not None else rotary)  # ALiBi: no rotary
         if self.src_head_dim != a.head_dim:
             o = o[..., : self.src_head_dim]
         return self.o_proj(o.reshape(-1, a.num_heads * self.src_head_dim))
@@ -111,13 +117,13 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         norm = functools.partial(make_norm, cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_bias)
         self.input_layernorm = norm()
-        self.self_attn = MLAAttention(cfg, tp) if cfg.kv_lora_rank else LlamaAttention(cfg, tp)
+        self.self_attn = MLAAttention(cfg, tp) if cfg.kv_lora_rank else LlamaAttention(cfg, tp, layer)
         self.parallel = cfg.parallel_attn
         if not self.parallel or cfg.mlp_norm:  # in parallel: the MLP's own norm, of the same input as ln1's
             self.post_attention_layernorm = norm()
         self.mlp = make_mlp(cfg, tp, layer)
         self.sandwich = cfg.sandwich_norms
-        if self.sandwich:  # GLM-4-0414: each block's output normed before it joins the residual
+        if self.sandwich:  # GLM-4-0414, Gemma 2 / 3: each block's output normed before it joins the residual
             self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -148,6 +154,9 @@ class LlamaForCausalLM(nn.Module):
         s = shard_sizes(cfg, tp)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_attention_scaling)
         self.rotary.mrope_section = list(cfg.vision.get("mrope_section") or [])
+        if cfg.local_rope:  # Gemma 3: the windowed layers' own frequencies (another rope base)
+            self.rotary_local = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.local_rope_attention_scaling)
+        self.final_softcap = cfg.final_logit_softcapping
         self.embed_tokens = VocabEmbedding(s["vocab"], cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, tp, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_bias)
@@ -156,6 +165,13 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]
+
+    def rotaries(self) -> list[Rotary]:
+        """Every rotary table (the model runner builds their cos/sin caches)."""
+        return [self.rotary] + ([self.rotary_local] if hasattr(self, "rotary_local") else [])
+
+    def _rotary_of(self, layer: LlamaDecoderLayer) -> Rotary:
+        return self.rotary_local if hasattr(self, "rotary_local") and layer.self_attn.attn.window else self.rotary
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                 embeds: torch.Tensor | None = None, embed_rows: torch.Tensor | None = None,
@@ -174,9 +190,12 @@ class LlamaForCausalLM(nn.Module):
             x[embed_rows] = embeds.to(x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta, rotary)
+            x, residual = layer(positions, x, residual, meta, rotary if mrope is not None else self._rotary_of(layer))
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.final_softcap:  # Gemma 2: cap * tanh(logits / cap), in the logits' dtype as transformers does
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
