@@ -88,7 +88,7 @@ def _mla_decode_kernel(q_ptr, c_ptr, bt_ptr, ctx_ptr, seq_ptr, o_ptr, mo_ptr, ml
         k_rope = tl.load(c_ptr + row[:, None] + L + dr[None, :], mask=n_ok[:, None], other=0.0)
         s = (_dot(q_lat, tl.trans(c)) + _dot(q_rope, tl.trans(k_rope))) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i)
+        p, alpha, l_i, m_i = _softmax_step(s, m_i, l_i, False)
         acc = acc * alpha[:, None] + _dot(p.to(c.dtype), c)
     if not SPLIT:
         o_off = b.to(tl.int64) * stride_ob + head * stride_oh
