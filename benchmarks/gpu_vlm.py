@@ -117,8 +117,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - report the case and go on to the next
             import traceback
 
-            traceback.print_exc()
-            results[kind] = {"error": f"{type(e).__name__}: {e}"}
+            results[kind] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc()[-3000:]}
+            print(results[kind]["where"], flush=True)
         print(kind, results[kind], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_vlm.json").write_text(json.dumps(results, indent=1))

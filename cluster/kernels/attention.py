@@ -436,6 +436,36 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
     return hq // hkv, hkv, d
 
 
+_SMEM: dict[int, int] = {}
+
+
+def _shared_memory(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMEM:
+        props = torch.cuda.get_device_properties(idx)
+        _SMEM[idx] = getattr(props, "shared_memory_per_block_optin", 0) or 160 * 1024
+    return _SMEM[idx]
+
+
+def fit_shared_memory(cfg: dict, d: int, elem: int, device: torch.device, q_rows: int) -> dict:
+    """Fewer pipeline stages (then narrower key tiles) until the query tile and the staged K/V tiles fit the GPU's
+    shared memory: head_dim 256 (Gemma) in fp32 asks for 262 KB at the prefill tiles, the H200 has 227 KB."""
+    if not device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return cfg
+    limit = _shared_memory(device)
+    stages, block_n = cfg["num_stages"], cfg["BLOCK_N"]
+    while (q_rows * d + stages * 2 * block_n * d) * elem > limit:
+        if stages > 1:
+            stages -= 1
+        elif block_n > 16:
+            block_n //= 2
+        else:
+            break
+    if (stages, block_n) == (cfg["num_stages"], cfg["BLOCK_N"]):
+        return cfg
+    return {**cfg, "num_stages": stages, "BLOCK_N": block_n}
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
@@ -453,6 +483,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         cfg = {**cfg, **PREFILL_CONFIG_BY_QUANT.get(quant, {})}
     if q.element_size() == 4:  # fp32 tiles are twice the bytes: the bf16 tile size would spill registers
         cfg = {**cfg, "BLOCK_M": min(cfg["BLOCK_M"], 64)}
+    cfg = fit_shared_memory(cfg, d, q.element_size(), q.device, q_rows=cfg["BLOCK_M"])
     block_m = max(cfg["BLOCK_M"], triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (T // block_q + B, hkv)
@@ -584,6 +615,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if B == 0:
         return out
     cfg = {**DECODE_CONFIG, **DECODE_CONFIG_BY_QUANT.get(quant, {})} if quant else DECODE_CONFIG
+    cfg = fit_shared_memory(cfg, d, q.element_size(), q.device, q_rows=max(16, triton.next_power_of_2(group)))
     bound = max_context_len if max_context_len is not None else block_tables.shape[1] * k_cache.shape[1]
     if window > 0:
         bound = min(int(bound), int(window) + cfg["BLOCK_N"])  # python ints: the split count stays value-independent
