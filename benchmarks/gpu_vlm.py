@@ -84,9 +84,12 @@ def run(kind: str, folder: Path, prompts: list[dict], device: str) -> dict:
     from cluster.engine.tokenizer import PreparedPrompt
 
     cls = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration}[kind]
-    model = cls.from_pretrained(str(folder / kind), torch_dtype=torch.float32).to(device).eval()
+    model = cls.from_pretrained(str(folder / kind), dtype=torch.float32).to(device).eval()
+    print(kind, "default dtype after transformers' load:", torch.get_default_dtype(),
+          "model dtype:", next(model.parameters()).dtype, flush=True)
     with torch.inference_mode():
         want = [hf_greedy(model, p, device) for p in prompts]
+    default_dtype = torch.get_default_dtype()  # transformers may leave another one set after loading
     eng = LLMEngine(str(folder / kind), EngineConfig(cache_dir=str(folder / f"{device}-cache"), device=device,
                                                      dtype="float32", max_prefill_token_num=32, max_batch_size=8))
     gen = GenerationConfig(max_new_tokens=NEW, temperature=0.0, ignore_eos=True)
@@ -95,7 +98,8 @@ def run(kind: str, folder: Path, prompts: list[dict], device: str) -> dict:
     first = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), NEW) for g, w in zip(got, want)]
     return {"identical": sum(g == w for g, w in zip(got, want)), "of": len(prompts), "first_difference": first,
             "prefix_cache_rerun_identical": again == got[:2], "graphs": sorted(getattr(eng.runner, "graphs", {})),
-            "image_tokens": [p["token_ids"].count(model.config.image_token_id) for p in prompts]}
+            "image_tokens": [p["token_ids"].count(model.config.image_token_id) for p in prompts],
+            "default_dtype_after_hf": str(default_dtype)}
 
 
 def main() -> None:
