@@ -102,6 +102,19 @@ def run(kind: str, folder: Path, prompts: list[dict], device: str) -> dict:
             "default_dtype_after_hf": str(default_dtype)}
 
 
+def _converted_dtypes(cache: Path) -> dict:
+    """Of each converted shard under `cache`: how many tensors of each dtype (what a dtype error points at)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(cache.glob("**/*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out[str(f.relative_to(cache))] = dict(Counter(str(st.get_slice(k).get_dtype()) for k in st.keys()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prepare", default=None, help="write tiny checkpoints and prompts to this folder (CPU)")
@@ -121,7 +134,8 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - report the case and go on to the next
             import traceback
 
-            results[kind] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc()[-3000:]}
+            results[kind] = {"error": f"{type(e).__name__}: {e}", "where": traceback.format_exc()[-3000:],
+                             "converted_dtypes": _converted_dtypes(folder / f"{args.device}-cache")}
             print(results[kind]["where"], flush=True)
         print(kind, results[kind], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
