@@ -48,9 +48,9 @@ def test_every_engine_field_has_a_flag(command, monkeypatch):
 
 
 def test_changed_default_shows_in_help(monkeypatch):
-    monkeypatch.setattr(EngineConfig.model_fields["max_batch_size"], "default", 77)
+    monkeypatch.setattr(EngineConfig.model_fields["max_prefill_token_num"], "default", 777)
     help_text = " ".join(_subparser("serve").format_help().split())
-    assert "max concurrent sequences in a step (default: 77)" in help_text
+    assert "token budget of one step (prefill chunks + decodes) (default: 777)" in help_text
 
 
 def test_old_flags_still_work():

@@ -263,8 +263,8 @@ def test_commands_refuse_an_unsupported_model_before_starting(tmp_path):
 
     from cluster.cli_args import check_model
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
-    with pytest.raises(ValueError, match=r"^model type 'deepseek_v3' is not supported: it needs multi-head latent"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    with pytest.raises(ValueError, match=r"^model type 'gemma3' is not supported: it needs its SigLIP vision tower"):
         check_model(str(tmp_path))
     code = "import sys, cluster.convert.families; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
