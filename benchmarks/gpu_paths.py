@@ -10,6 +10,7 @@ against transformers (or, for a quantized KV cache, against the same engine on t
 | awq | 4-bit weights through the W4A16 Triton matmul | transformers on the dequantized weights |
 | kv8, kv4 | the quantized KV cache's store and attention kernels | our engine on the CPU (reference kernels) |
 | deepseek_v2, deepseek_v3 | MLA: the latent store, prefill and decode kernels (mla.py), DeepSeek routing into the Triton experts | transformers, same weights |
+| qwen3, qwen3_moe, phi3, gemma, glm, glm4, falcon7b, falcon40b, dbrx | tests/family_models.py's tiny models (q/k norms, padded head_dim, GeGLU, partial rotary, sandwich norms, LayerNorm and parallel attention, clip_qkv + experts) through the Triton kernels and CUDA graphs | transformers, same weights |
 | gemma2, gemma3_text | soft-capped, sliding-window (16 keys) prefill and decode attention, eager and in CUDA graphs; Gemma 3's second rope table | transformers (eager attention), same weights |
 
 Tiny fp32 models, random weights scaled up for peakier logits, prompts of token ids; no tokenizer, Ray or
@@ -71,8 +72,25 @@ GEMMA = {
 }
 
 
+# tests/family_models.py's kinds that transformers implements natively (the remote-code layouts need a tokenizer
+# folder to be written): their tiny test models, weights made peaky as the other cases'
+FAMILIES = ("qwen3", "qwen3_moe", "phi3", "gemma", "glm", "glm4", "falcon7b", "falcon40b", "dbrx")
+
+
+def family(kind: str, device: str):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from family_models import native_model
+
+    return peaky(native_model(kind).float().to(device).eval())
+
+
 def build(kind: str, device: str):
     import transformers as tf
+
+    if kind in FAMILIES:
+        return family(kind, device)
 
     torch.manual_seed({"mixtral": 1, "qwen2_moe": 2, "awq": 3, "kv8": 4, "kv4": 4, "deepseek_v2": 5,
                        "deepseek_v3": 6, "gemma2": 5, "gemma3_text": 6}[kind])
@@ -158,7 +176,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--cases", nargs="*", default=["mixtral", "qwen2_moe", "awq", "kv8", "kv4", "deepseek_v2",
-                                                   "deepseek_v3", "gemma2", "gemma3_text"])
+                                                   "deepseek_v3", "gemma2", "gemma3_text", *FAMILIES])
     args = ap.parse_args()
     rng = random.Random(0)
     prompts = rand_prompts(6, (5, 200), TINY["vocab_size"], rng)

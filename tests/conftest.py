@@ -12,8 +12,7 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.08)
+from family_models import TINY  # noqa: E402 (the tiny shape; mla_models and the kinds below read it from here)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,9 @@ SEEDS = {"qwen3": 11, "qwen3_moe": 12, "phi3": 13, "phi3_longrope": 14, "gemma":
          "falcon40b": 24, "falcon_seq": 25, "dbrx": 26, "internlm": 27, "gemma2": 28, "gemma3_text": 29,
          "baichuan13b": 30}
 KINDS = tuple(SEEDS)
+# the tiny shape every family test starts from (conftest's Llama-family kinds too)
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.08)
 # tiny enough that each changes the tokens (test_families checks); the final cap is monotonic, so it changes greedy
 # tokens only under a repetition penalty (test_families' GEMMA_GREEDY)
 GEMMA_WINDOW, GEMMA_ATTN_CAP, GEMMA_FINAL_CAP = 8, 1.0, 2.0
@@ -30,8 +33,6 @@ def _randomize(model, names: tuple[str, ...], std: float) -> None:
 
 def _config(kind: str):
     import transformers as tf
-
-    from conftest import TINY
 
     if kind == "qwen3":  # head_dim 32 apart from hidden / heads; q, k, v and o biases
         return tf.Qwen3Config(**TINY, head_dim=32, attention_bias=True)
@@ -90,11 +91,10 @@ def _config(kind: str):
     raise ValueError(kind)
 
 
-def build_family(kind: str, tokenizer_dir: Path, out: Path):
-    """(checkpoint dir, the transformers model to compare with) for a kind in KINDS."""
+def native_model(kind: str):
+    """The transformers model of a kind in KINDS, seeded, norms and biases randomized (not saved: also what
+    benchmarks/gpu_paths.py runs through the GPU path)."""
     import transformers as tf
-
-    from conftest import _save
 
     torch.manual_seed(SEEDS[kind])
     # Gemma 2 / 3: eager attention, transformers' one path with attention soft-capping (SDPA refuses it)
@@ -104,6 +104,14 @@ def build_family(kind: str, tokenizer_dir: Path, out: Path):
                        "norm_1.weight", "norm_2.weight", "norm_f.weight"), 0.3 if kind.startswith("gemma") else 0.1)
     _randomize(model, ("layernorm.bias", "ln_f.bias", "ln_attn.bias", "ln_mlp.bias"), 0.1)
     _randomize(model, ("proj.bias",), 0.5)
+    return model
+
+
+def build_family(kind: str, tokenizer_dir: Path, out: Path):
+    """(checkpoint dir, the transformers model to compare with) for a kind in KINDS."""
+    from conftest import _save
+
+    model = native_model(kind)
     if kind in REMOTE:
         return _remote(kind, model, tokenizer_dir, out), model
     _save(model, tokenizer_dir, out)
