@@ -1,7 +1,7 @@
 """Serving benchmark against a running OpenAI-compatible server: a concurrency sweep, or multi-turn chats.
 
     python benchmarks/bench_serving.py http://127.0.0.1:8000 [--concurrency 1,8,32,128] [--max-tokens 128]
-        [--num-prompts N] [--prompt-tokens 256] [--api-key KEY] [--model ID] [--out results.json]
+        [--num-prompts N] [--prompt-tokens 256 | --lengths sharegpt] [--api-key KEY] [--model ID] [--out results.json]
     python benchmarks/bench_serving.py --workload multiturn --serve "--replicas 1" \
         --serve "--replicas 2 --routing pending_work" --serve "--replicas 2" [--conversations 8] [--turns 4] ...
 
@@ -128,7 +128,9 @@ async def run_level(url: str, model: str, conc: int, prompts: list[str], args) -
         async def worker():
             while queue:
                 i = queue.pop()
-                results.append(await one_request(client, url, model, prompts[i], args.max_tokens, args.chat))
+                prompt, want = prompts[i] if isinstance(prompts[i], tuple) else (prompts[i], args.max_tokens)
+                r = await one_request(client, url, model, prompt, want, args.chat)
+                results.append({**r, "want": want})
                 if fault is not None and len(results) == num // 2:
                     fault.kill()
 
@@ -203,7 +205,7 @@ class Fault:
 
     def report(self, results: list[dict], max_tokens: int, window: float) -> dict:
         assert self.at is not None, "the run ended before half its requests were done"
-        lost = [r for r in results if not r["ok"] or r["out"] != max_tokens]
+        lost = [r for r in results if not r["ok"] or r["out"] != r.get("want", max_tokens)]
         ok = [r for r in results if r["ok"]]
         phases = {"before": [r for r in ok if r["start"] < self.at],
                   "around": [r for r in ok if self.at <= r["start"] < self.at + window],
@@ -368,7 +370,12 @@ async def main_async(args) -> dict:
     levels = []
     for conc in args.concurrency:
         num = args.num_prompts or max(2 * conc, 16)
-        prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(num)]
+        if args.lengths == "sharegpt":  # sharegpt_like.py's lengths: the same workload offline and through HTTP
+            from sharegpt_like import workload
+
+            prompts = [(make_prompt(rng, p), o) for p, o in workload(num, seed=args.seed + conc)]
+        else:
+            prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(num)]
         res = await run_level(url, model, conc, prompts, args)
         res["prompts"] = prompts
         levels.append(res)
@@ -407,8 +414,10 @@ def offline_baseline(result: dict, args) -> None:
     engine.generate(["Hello"], GenerationConfig(max_new_tokens=4))
     for lv in result["levels"]:
         engine.scheduler.max_batch_size = lv["concurrency"]
+        pairs = [p if isinstance(p, (tuple, list)) else (p, args.max_tokens) for p in lv["prompts"]]
+        gens = [gen.model_copy(update={"max_new_tokens": n}) for _, n in pairs]
         t0 = time.perf_counter()
-        outs = engine.generate(lv["prompts"], gen)
+        outs = engine.generate([p for p, _ in pairs], gens)
         wall = time.perf_counter() - t0
         lv["offline_output_token_throughput"] = sum(len(o.token_ids) for o in outs) / wall
         lv["serving_over_offline"] = lv["output_token_throughput"] / lv["offline_output_token_throughput"]
@@ -426,6 +435,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: max(2C, 16))")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=256, help="approximate prompt length")
+    p.add_argument("--lengths", choices=["fixed", "sharegpt"], default="fixed",
+                   help="sharegpt: each request's prompt and output lengths drawn as benchmarks/sharegpt_like.py "
+                        "draws them (--prompt-tokens and --max-tokens then unused)")
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions (default: /v1/completions)")
     p.add_argument("--conversations", type=int, default=8, help="multiturn: chats at once")
     p.add_argument("--turns", type=int, default=4, help="multiturn: turns per chat")
