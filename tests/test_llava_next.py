@@ -2,7 +2,7 @@
 LlavaNextForConditionalGeneration on the same weights and pixels; each image's token count as LlavaNextProcessor
 makes it (and equal to the packed features); two images of different aspect ratios in one prompt beside a text-only
 row; an image straddling prefill chunks; the prefix cache telling images apart; bad images refused with LLaVA's
-messages."""
+messages; tensor parallelism."""
 from __future__ import annotations
 
 import pytest
@@ -148,3 +148,19 @@ def test_hub_config_converts_as_llama():
     assert vlm_for(hub) is llava_next and text_model_type(hub) == "mistral"
     vision = llava_next.vision_fields(hub)
     assert vision["kind"] == "llava_next" and vision["image_grid_pinpoints"][0] == [336, 672]
+
+
+def test_llava_next_at_tp2_matches_tp1(llava_next, engine_cache):
+    """Rank 0 encodes the images; each step's embeddings go to the other rank beside the step's plan."""
+    from cluster import pipeline
+
+    path, hf_model, engine = llava_next
+    prompt = _two_images()
+    want = engine.generate([prompt], GREEDY)[0].token_ids
+    ec = EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", tp=2, session_len=512,
+                      max_batch_size=8, max_prefill_token_num=16)  # the images straddle prefill chunks too
+    with pipeline(str(path), engine_config=ec) as pipe:
+        try:
+            assert pipe(prompt, GREEDY).token_ids == want
+        finally:
+            pipe.engine.engine.runner.close()
