@@ -48,6 +48,10 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
         from qwen_vl_models import build_qwen_vl
 
         return build_qwen_vl(kind, tokenizer_dir, out)
+    if kind == "llava_next":
+        from llava_next_models import build_llava_next
+
+        return build_llava_next(tokenizer_dir, out, TINY)
     torch.manual_seed({"llama": 0, "llama3": 1, "mistral": 2, "qwen2": 3, "internlm2": 0, "gqa1": 4, "mixtral": 6,
                        "qwen2_moe": 7, "llava": 8}[kind])
     if kind == "llava":

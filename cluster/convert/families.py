@@ -362,8 +362,9 @@ REFUSED = {
 }
 
 BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.model_types}
-# vision-language models (cluster/convert/vlm.py): llava (a Llama-family language model), qwen2_vl and qwen2_5_vl (Qwen2)
-SUPPORTED = sorted(BY_MODEL_TYPE) + ["llava", "qwen2_5_vl", "qwen2_vl"]
+# vision-language models (cluster/convert/vlm.py): llava and llava_next (a Llama-family language model), qwen2_vl and
+# qwen2_5_vl (Qwen2)
+SUPPORTED = sorted(BY_MODEL_TYPE) + ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
 
 
 def check_supported(hf: dict) -> None:

@@ -1,4 +1,5 @@
-"""Which vision-language converter (cluster/convert/llava.py, cluster/convert/qwen2_vl.py) reads a checkpoint:
+"""Which vision-language converter (cluster/convert/llava.py, cluster/convert/llava_next.py,
+cluster/convert/qwen2_vl.py) reads a checkpoint:
 each has accepts(hf), text_config, vision_fields, text_reader and save_vision."""
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ Getter = Callable[[str], "torch.Tensor"]
 
 
 def vlm_for(hf: dict) -> ModuleType | None:
-    from cluster.convert import llava, qwen2_vl
+    from cluster.convert import llava, llava_next, qwen2_vl
 
-    return next((m for m in (llava, qwen2_vl) if m.accepts(hf)), None)
+    return next((m for m in (llava, llava_next, qwen2_vl) if m.accepts(hf)), None)
 
 
 def text_model_type(hf: dict) -> str:

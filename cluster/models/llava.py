@@ -54,13 +54,18 @@ class VisionEncoder(nn.Module):
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, grid: None = None) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images * tokens_per_image, hidden]: as LlavaForConditionalGeneration does."""
+        x = self.features(pixel_values)
+        return x.reshape(-1, x.shape[-1])
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> the projected features of each [n, tokens, hidden] (the tower's chosen layers, CLS
+        dropped by the default strategy)."""
         out = self.tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
         layers = self.feature_layer if isinstance(self.feature_layer, list) else [self.feature_layer]
         feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
         if self.select == "default":
             feats = feats[:, 1:]  # drop CLS
-        x = self.projector["linear_2"](self.act(self.projector["linear_1"](feats)))
-        return x.reshape(-1, x.shape[-1])
+        return self.projector["linear_2"](self.act(self.projector["linear_1"](feats)))
 
 
 def image_digest(pixel_values: torch.Tensor) -> int:

@@ -15,6 +15,10 @@ def vision_encoder(model_dir: Path, vision: dict, device: torch.device, dtype: t
         from cluster.models.llava import VisionEncoder
 
         return VisionEncoder(model_dir, vision, device, dtype)
+    if kind == "llava_next":
+        from cluster.models.llava_next import LlavaNextEncoder
+
+        return LlavaNextEncoder(model_dir, vision, device, dtype)
     from cluster.models.qwen2_vl import QwenVisionEncoder
 
     return QwenVisionEncoder(model_dir, vision, device, dtype)
