@@ -63,7 +63,7 @@ def child(model_dir: str, batches: list[int], new_tokens: int) -> dict:
     first_ttft = ttft_ms(200)
     note("first request")
     warm_ttft = [ttft_ms(200) for _ in range(5)]
-    other_ttft = {n: ttft_ms(n) for n in (37, 517, 1500)}  # other lengths: odd, longer, several chunks? no: one
+    other_ttft = {n: ttft_ms(n) for n in (37, 517, 1500)}  # other lengths: odd, longer, longest (one chunk)
     note("other lengths")
     batch = {}
     gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)

@@ -101,14 +101,11 @@ class LLMEngine:
             runner.can_overlap and runner.device.type == "cuda")
         self.runner, self.tokenizer = runner, tokenizer
         self.model_config, self.session_len = runner.cfg, runner.session_len
-        self.bm = BlockManager(runner.num_blocks, ec.block_size, ec.enable_prefix_caching)
         self.max_batch_size = getattr(runner, "max_batch_size", None) or ec.max_batch_size or 128
         log.info("KV cache: %d blocks of %d = %d tokens (quant_policy %s: 8 and fp8 hold about 2x, 4 about 3.6x "
                  "the tokens of 0 in the same memory); up to %d sequences a step", runner.num_blocks, ec.block_size,
                  runner.num_blocks * ec.block_size, ec.quant_policy, self.max_batch_size)
-        self.scheduler = Scheduler(self.bm, self.max_batch_size, ec.max_prefill_token_num, self.session_len)
-        self.seqs: dict[str, Sequence] = {}
-        self.stats = EngineStats()
+        self._fresh_state()
         self.eos_ids = set(runner.cfg.eos_token_ids)
         self._in_flight: Launched | None = None
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -126,15 +123,18 @@ class LLMEngine:
         and logprobs, pinned copies, detokenizer), then a fresh cache, scheduler and counters: on a GPU the first
         request after start-up otherwise pays for the sampler's first kernels and the allocators' first blocks
         (35 ms against 14 ms for the next ones, Llama-3-8B shape on the H200)."""
-        n = max(1, min(8, self.bm.block_size - 1))  # shorter than a block: nothing enters the prefix cache
         gens = [GenerationConfig(max_new_tokens=3, temperature=0.0, ignore_eos=True),
                 GenerationConfig(max_new_tokens=3, temperature=0.7, top_k=20, top_p=0.9, logprobs=2,
                                  ignore_eos=True, seed=0)]
-        self.generate([[1] * n, [2] * n], gens)
+        self.generate([[1] * 8, [2] * 8], gens)
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """An empty block manager (prefix cache included), scheduler, request table and counters."""
         ec = self.engine_config
         self.bm = BlockManager(self.runner.num_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, self.max_batch_size, ec.max_prefill_token_num, self.session_len)
-        self.seqs.clear()
+        self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
 
     # -- requests ------------------------------------------------------------------------------------------------
