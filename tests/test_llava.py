@@ -150,18 +150,22 @@ def test_text_model_refuses_images(tiny_models, engine_cache):
         engine.add_request(_ask("hi", _image(0)), GREEDY)
 
 
-def test_llava_at_tp2_matches_tp1(llava, engine_cache):
-    """Rank 0 encodes the images; each step's embeddings go to the other rank beside the step's plan."""
-    path, hf_model, engine = llava
-    prompt = _ask("What is in this picture?", _image(8))
+def assert_tp2_matches_tp1(path, engine: LLMEngine, prompt, engine_cache: str, session_len: int = 256) -> None:
+    """The prompt's greedy tokens at tp=2 (rank 0 encodes the images; each step's embeddings go to the other rank
+    beside its plan) are the tp=1 engine's, with prefill chunks of 16 so the images straddle them."""
     want = engine.generate([prompt], GREEDY)[0].token_ids
-    ec = EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", tp=2, session_len=256,
-                      max_batch_size=8, max_prefill_token_num=16)  # the image straddles prefill chunks too
+    ec = EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", tp=2, session_len=session_len,
+                      max_batch_size=8, max_prefill_token_num=16)
     with pipeline(str(path), engine_config=ec) as pipe:
         try:
             assert pipe(prompt, GREEDY).token_ids == want
         finally:
             pipe.engine.engine.runner.close()
+
+
+def test_llava_at_tp2_matches_tp1(llava, engine_cache):
+    path, _, engine = llava
+    assert_tp2_matches_tp1(path, engine, _ask("What is in this picture?", _image(8)), engine_cache)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.tokenizer import PreparedPrompt
 from conftest import IMAGE_TOKEN, hf_greedy
-from test_llava import _ask, _image
+from test_llava import _ask, _image, assert_tp2_matches_tp1
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -151,16 +151,5 @@ def test_hub_config_converts_as_llama():
 
 
 def test_llava_next_at_tp2_matches_tp1(llava_next, engine_cache):
-    """Rank 0 encodes the images; each step's embeddings go to the other rank beside the step's plan."""
-    from cluster import pipeline
-
-    path, hf_model, engine = llava_next
-    prompt = _two_images()
-    want = engine.generate([prompt], GREEDY)[0].token_ids
-    ec = EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", tp=2, session_len=512,
-                      max_batch_size=8, max_prefill_token_num=16)  # the images straddle prefill chunks too
-    with pipeline(str(path), engine_config=ec) as pipe:
-        try:
-            assert pipe(prompt, GREEDY).token_ids == want
-        finally:
-            pipe.engine.engine.runner.close()
+    path, _, engine = llava_next
+    assert_tp2_matches_tp1(path, engine, _two_images(), engine_cache, session_len=512)

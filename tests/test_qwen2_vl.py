@@ -17,7 +17,7 @@ from cluster.engine.tokenizer import PreparedPrompt
 from cluster.layers.mrope import mrope_positions
 from conftest import hf_greedy
 from qwen_vl_models import CHAT_TEMPLATE
-from test_llava import _ask, _image
+from test_llava import _ask, _image, assert_tp2_matches_tp1
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -188,17 +188,9 @@ def test_empty_thin_and_oversized_images(tiny_models, engine_cache, kind):
 
 
 def test_qwen2_vl_at_tp2_matches_tp1(qwen, engine_cache):
-    """Rank 0 encodes the images; each step's embeddings and M-RoPE ids go to the other rank with its plan."""
-    path, hf_model, engine = qwen
-    prompt = _two_images()
-    want = engine.generate([prompt], GREEDY)[0].token_ids
-    ec = EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32", tp=2, session_len=256,
-                      max_batch_size=8, max_prefill_token_num=16)  # the images straddle prefill chunks too
-    with pipeline(str(path), engine_config=ec) as pipe:
-        try:
-            assert pipe(prompt, GREEDY).token_ids == want
-        finally:
-            pipe.engine.engine.runner.close()
+    """The M-RoPE ids travel to the other rank with each step's plan, beside the embeddings."""
+    path, _, engine = qwen
+    assert_tp2_matches_tp1(path, engine, _two_images(), engine_cache)
 
 
 HUB_QWEN2_VL_7B = {  # the hub's config.json of Qwen2-VL-7B-Instruct: flat, rope_scaling of type mrope
