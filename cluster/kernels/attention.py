@@ -596,6 +596,16 @@ def decode_num_splits(batch: int, kv_heads: int, max_context_len: int, device: t
     return max(1, min(want, triton.cdiv(max_context_len, cfg["MIN_SPLIT_TOKENS"]), cfg["MAX_SPLITS"]))
 
 
+def split_buffers(out: torch.Tensor, splits: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's partial output [B, H, splits, width] and log-sum-exp [B, H, splits] for _decode_reduce_kernel
+    (out itself, unused, with one split)."""
+    if splits == 1:
+        return out, out
+    B, H = out.shape[:2]
+    return (torch.empty((B, H, splits, width), dtype=torch.float32, device=out.device),
+            torch.empty((B, H, splits), dtype=torch.float32, device=out.device))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
                            *, num_splits: int | None = None, k_scale: torch.Tensor | None = None,
@@ -620,11 +630,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if window > 0:
         bound = min(int(bound), int(window) + cfg["BLOCK_N"])  # python ints: the split count stays value-independent
     splits = num_splits or decode_num_splits(B, hkv, int(bound), q.device, cfg)
-    if splits > 1:
-        mid_o = torch.empty((B, hq, splits, d), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((B, hq, splits), dtype=torch.float32, device=q.device)
-    else:
-        mid_o = mid_lse = out  # unused
+    mid_o, mid_lse = split_buffers(out, splits, d)
     page = k_cache.shape[1]
     k_cache, v_cache = _words(k_cache, v_cache, quant)
     _decode_split_kernel[(B, hkv, splits)](

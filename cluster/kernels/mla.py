@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from cluster.kernels import pdl
-from cluster.kernels.attention import LOG2E, _decode_reduce_kernel, _dot, _softmax_step, decode_num_splits
+from cluster.kernels.attention import (LOG2E, _decode_reduce_kernel, _dot, _softmax_step, decode_num_splits,
+                                      split_buffers)
 from cluster.kernels.pdl import wait_for_previous
 
 # BLOCK_H heads a program (tl.dot needs 16 rows); 32-key tiles keep a [32, 576] bf16 tile and the [16, 512] fp32
@@ -134,11 +135,7 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: tor
     head_blocks = triton.cdiv(H, cfg["BLOCK_H"])
     bound = max_context_len if max_context_len is not None else block_tables.shape[1] * cache.shape[1]
     splits = num_splits or decode_num_splits(B, head_blocks, int(bound), q.device, cfg)
-    if splits > 1:
-        mid_o = torch.empty((B, H, splits, L), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((B, H, splits), dtype=torch.float32, device=q.device)
-    else:
-        mid_o = mid_lse = out  # unused
+    mid_o, mid_lse = split_buffers(out, splits, L)
     _mla_decode_kernel[(B, head_blocks, splits)](
         q, cache, block_tables, context_lens, context_lens if rows is None else rows, out, mid_o, mid_lse,
         scale * LOG2E,
