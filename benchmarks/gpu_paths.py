@@ -11,6 +11,7 @@ against transformers (or, for a quantized KV cache, against the same engine on t
 | kv8, kv4 | the quantized KV cache's store and attention kernels | our engine on the CPU (reference kernels) |
 | deepseek_v2, deepseek_v3 | MLA: the latent store, prefill and decode kernels (mla.py), DeepSeek routing into the Triton experts | transformers, same weights |
 | qwen3, qwen3_moe, phi3, gemma, glm, glm4, falcon7b, falcon40b, dbrx | tests/family_models.py's tiny models (q/k norms, padded head_dim, GeGLU, partial rotary, sandwich norms, LayerNorm and parallel attention, clip_qkv + experts) through the Triton kernels and CUDA graphs | transformers, same weights |
+| qwen_v1, internlm, baichuan, baichuan2, baichuan13b, chatglm, deepseek_moe | the remote-code layouts (tests/family_layouts.py) converted from a folder: fused W_pack / c_attn / query_key_value, ALiBi, half-head rotary, DeepSeek-MoE v1's experts | their native twin in transformers, same weights |
 | gemma2, gemma3_text | soft-capped, sliding-window (16 keys) prefill and decode attention, eager and in CUDA graphs; Gemma 3's second rope table | transformers (eager attention), same weights |
 
 Tiny fp32 models, random weights scaled up for peakier logits, prompts of token ids; no tokenizer, Ray or
@@ -75,6 +76,10 @@ GEMMA = {
 # tests/family_models.py's kinds that transformers implements natively (the remote-code layouts need a tokenizer
 # folder to be written): their tiny test models, weights made peaky as the other cases'
 FAMILIES = ("qwen3", "qwen3_moe", "phi3", "gemma", "glm", "glm4", "falcon7b", "falcon40b", "dbrx")
+# the remote-code layouts (QWen v1, InternLM v1, Baichuan/Baichuan2/Baichuan-13B's ALiBi, ChatGLM2/3, DeepSeek-MoE
+# v1): the native twin's weights rewritten into the family's published names (tests/family_layouts.py), converted
+# from that folder as a user's checkpoint is; a word tokenizer stands in for SmolLM2's (no gguf on the GPU machine)
+REMOTE = ("qwen_v1", "internlm", "baichuan", "baichuan2", "baichuan13b", "chatglm", "deepseek_moe")
 
 
 def family(kind: str, device: str):
@@ -84,6 +89,21 @@ def family(kind: str, device: str):
     from family_models import native_model
 
     return peaky(native_model(kind).float().to(device).eval())
+
+
+def remote(kind: str, device: str, scratch: Path):
+    """(the remote-code layout's checkpoint folder, its native twin on `device`)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from family_models import _remote, native_model
+    from random_checkpoint import save_word_tokenizer
+
+    model = peaky(native_model(kind).float().eval())
+    tokenizer = scratch / f"{kind}-tokenizer"
+    save_word_tokenizer(tokenizer, model.config.vocab_size)
+    path = _remote(kind, model, tokenizer, scratch / kind)  # may change the twin in place (ALiBi, unit LM rows)
+    return path, model.to(device)
 
 
 def build(kind: str, device: str):
@@ -156,6 +176,18 @@ def awq_state(model, prompts: list[list[int]]) -> tuple[dict, dict]:
 
 
 def run_case(kind: str, device: str, prompts: list[list[int]]) -> dict:
+    if kind in REMOTE:
+        import tempfile
+
+        from cluster.config import EngineConfig
+        from cluster.engine.engine import LLMEngine
+
+        scratch = Path(tempfile.mkdtemp(prefix="gpu_paths-"))
+        path, model = remote(kind, device, scratch)
+        eng = LLMEngine(str(path), EngineConfig(cache_dir=str(scratch / "cache"), device=device, dtype="float32",
+                                                **{**ENGINE, "session_len": 256}))  # the tiny configs' context
+        want = hf_tokens(model, prompts, device)
+        return _compare(eng, prompts, want)
     model = build(kind, device)
     if kind in ("kv8", "kv4"):
         bits = int(kind[2:])
@@ -165,6 +197,10 @@ def run_case(kind: str, device: str, prompts: list[list[int]]) -> dict:
         state, hf = awq_state(model, prompts) if kind == "awq" else (None, None)
         eng = engine_from_hf(model, "float32", device, state=state, hf=hf, **ENGINE)
         want = hf_tokens(model, prompts, device)
+    return _compare(eng, prompts, want)
+
+
+def _compare(eng, prompts: list[list[int]], want: list[list[int]]) -> dict:
     got = ours(eng, prompts)
     first = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), NEW) for g, w in zip(got, want)]
     return {"identical": sum(g == w for g, w in zip(got, want)), "of": len(prompts), "first_difference": first,
@@ -176,7 +212,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--cases", nargs="*", default=["mixtral", "qwen2_moe", "awq", "kv8", "kv4", "deepseek_v2",
-                                                   "deepseek_v3", "gemma2", "gemma3_text", *FAMILIES])
+                                                   "deepseek_v3", "gemma2", "gemma3_text", *FAMILIES, *REMOTE])
     args = ap.parse_args()
     rng = random.Random(0)
     prompts = rand_prompts(6, (5, 200), TINY["vocab_size"], rng)
