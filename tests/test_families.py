@@ -225,7 +225,8 @@ def _rounded_linears(hf_model, round_weight) -> dict:
             if isinstance(m, torch.nn.Linear) and name != "lm_head"}
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "phi3", "gemma", "falcon7b"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "gemma", "falcon7b", "gemma2", "gemma3_text", "glm4", "internlm",
+                                  "qwen_v1", "baichuan13b", "chatglm"])
 def test_quant_fp8_matches_transformers_on_the_rounded_weights(kind, tiny_models, engine_cache):
     """--quant fp8 (e4m3, a scale per output channel) through each family's splits (Phi-3's fused qkv / gate-up,
     Falcon's grouped qkv and plain MLP), padded heads (Phi-3), GeGLU (Gemma), q/k norms (Qwen3)."""
@@ -237,10 +238,10 @@ def test_quant_fp8_matches_transformers_on_the_rounded_weights(kind, tiny_models
     assert engine.model_config.quant["method"] == "fp8"
     ref = _with_weights(hf_model, _rounded_linears(hf_model, lambda w: fp8.dequantize(*fp8.quantize_weight(w))))
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
-    assert [r.token_ids for r in engine.generate(ids, GREEDY)] == _want(ref, ids), kind
+    assert [r.token_ids for r in engine.generate(ids, _gen(kind))] == _want(ref, ids, _gen(kind)), kind
 
 
-@pytest.mark.parametrize("kind", ["phi3", "gemma"])
+@pytest.mark.parametrize("kind", ["phi3", "gemma", "gemma2", "glm4", "qwen_v1", "chatglm"])
 def test_quant_awq_matches_transformers_on_the_rounded_weights(kind, tiny_models, engine_cache, monkeypatch):
     """--quant awq (4-bit round-to-nearest, groups of 32 here: the tiny widths) on fused and GeGLU MLPs."""
     import cluster.convert.quant as cq
@@ -253,7 +254,7 @@ def test_quant_awq_matches_transformers_on_the_rounded_weights(kind, tiny_models
     assert engine.model_config.quant == {"method": "awq", "bits": 4, "group_size": 32}
     ref = _with_weights(hf_model, _rounded_linears(hf_model, lambda w: int4.dequantize(*int4.quantize(w, 32))))
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
-    assert [r.token_ids for r in engine.generate(ids, GREEDY)] == _want(ref, ids), kind
+    assert [r.token_ids for r in engine.generate(ids, _gen(kind))] == _want(ref, ids, _gen(kind)), kind
 
 
 def test_commands_refuse_an_unsupported_model_before_starting(tmp_path):
