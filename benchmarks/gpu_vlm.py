@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Qwen2-VL and Qwen2.5-VL through the GPU path (Triton kernels, the rotary kernel reading per-token M-RoPE rows,
-CUDA graphs, the vision tower on the device), token for token against transformers on the same device.
+"""The vision-language families through the GPU path (Triton kernels, CUDA graphs, the vision tower on the device;
+for Qwen2-VL / Qwen2.5-VL the rotary kernel reading per-token M-RoPE rows), token for token against transformers on
+the same device: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL (and any kind in KINDS the tests can build).
 
 The GPU machine has no PIL-free image pipeline to count on and no SmolLM2 tokenizer (its GGUF needs gguf), so the
 checkpoints and prompts are made here first:
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("qwen2_vl", "qwen2_5_vl")
+KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+# the transformers keyword that carries PreparedPrompt.image_grid, per kind (None: pixels alone)
+GRID_ARG = {"llava": None, "llava_next": "image_sizes", "qwen2_vl": "image_grid_thw", "qwen2_5_vl": "image_grid_thw"}
 NEW = 24
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +35,7 @@ def prepare(out: Path) -> None:
     from PIL import Image
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from qwen_vl_models import build_qwen_vl
+    from conftest import build_tiny
 
     from cluster.config import EngineConfig
     from cluster.convert.cache import ensure_converted
@@ -47,25 +50,65 @@ def prepare(out: Path) -> None:
                  + [{"type": "text", "text": text}]}]
 
     tokenizer_dir = ensure_converted(None, 1, "float32", progress=False)
-    prompts = {}
+    prompts, classes = {}, {}
     for kind in KINDS:
-        path, _ = build_qwen_vl(kind, tokenizer_dir, out / kind)
+        path, model = build_tiny(kind, tokenizer_dir, out / kind)
+        classes[kind] = type(model).__name__
         eng = LLMEngine(str(path), EngineConfig(cache_dir=str(out / "cpu-cache"), device="cpu", dtype="float32"))
         chats = [ask("Describe the picture.", image(1, (40, 52))),
                  ask("Compare the two pictures.", image(2, (64, 30)), image(3, (24, 60))),
                  [{"role": "user", "content": "No picture this time."}]]
         prompts[kind] = [vars(eng.prepare_prompt(c)) for c in chats]
-    torch.save(prompts, out / "prompts.pt")
+        slim(out / kind)
+    torch.save({"prompts": prompts, "classes": classes}, out / "prompts.pt")
     print("wrote", out)
 
 
-def hf_greedy(model, p: dict, device: str) -> list[int]:
+BIG = 1_000_000  # elements: the embedding table and LM head of SmolLM2's 49k vocabulary, 12 MB each in fp32
+REGENERATE = "regenerate.json"
+
+
+def slim(folder: Path) -> None:
+    """Drop the checkpoint's big tensors (embedding and head), to be drawn again from a seed on the GPU machine
+    (restore): the prompts do not depend on the weights, and both engines read the same regenerated ones, so the
+    comparison holds while the carried folders stay under the device's 64 MiB."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    big = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items() if v.numel() > BIG}
+    save_file({k: v.contiguous() for k, v in tensors.items() if k not in big}, str(f))
+    (folder / REGENERATE).write_text(json.dumps(big))
+
+
+def restore(folder: Path) -> None:
+    """The tensors slim() dropped, drawn N(0, 0.08) from a seed per name, written back (once)."""
+    import zlib
+
+    from safetensors.torch import load_file, save_file
+
+    spec_file = folder / REGENERATE
+    if not spec_file.exists():
+        return
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    for name, (shape, dtype) in json.loads(spec_file.read_text()).items():
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        tensors[name] = (torch.randn(shape, generator=g) * 0.08).to(getattr(torch, dtype))
+    save_file(tensors, str(f))
+    spec_file.unlink()
+
+
+def hf_greedy(model, kind: str, p: dict, device: str) -> list[int]:
     gc = copy.deepcopy(model.generation_config)
     gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.pad_token_id = [], False, NEW, 0
     ids = torch.tensor([p["token_ids"]], device=device)
     extra = {}
     if p["pixel_values"] is not None:
-        extra = dict(pixel_values=p["pixel_values"].to(device), image_grid_thw=p["image_grid"].to(device))
+        extra = dict(pixel_values=p["pixel_values"].to(device))
+        if GRID_ARG.get(kind):
+            extra[GRID_ARG[kind]] = p["image_grid"].to(device)
+    if p["pixel_values"] is not None and kind.startswith("qwen"):
         kinds = (ids == model.config.image_token_id).int()
         try:
             out = model.generate(ids, generation_config=gc, mm_token_type_ids=kinds, **extra)
@@ -76,19 +119,18 @@ def hf_greedy(model, p: dict, device: str) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def run(kind: str, folder: Path, prompts: list[dict], device: str) -> dict:
+def run(kind: str, cls_name: str, folder: Path, prompts: list[dict], device: str) -> dict:
     import transformers as tf
 
     from cluster.config import EngineConfig, GenerationConfig
     from cluster.engine.engine import LLMEngine
     from cluster.engine.tokenizer import PreparedPrompt
 
-    cls = {"qwen2_vl": tf.Qwen2VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration}[kind]
-    model = cls.from_pretrained(str(folder / kind), dtype=torch.float32).to(device).eval()
+    model = getattr(tf, cls_name).from_pretrained(str(folder / kind), dtype=torch.float32).to(device).eval()
     print(kind, "default dtype after transformers' load:", torch.get_default_dtype(),
           "model dtype:", next(model.parameters()).dtype, flush=True)
     with torch.inference_mode():
-        want = [hf_greedy(model, p, device) for p in prompts]
+        want = [hf_greedy(model, kind, p, device) for p in prompts]
     default_dtype = torch.get_default_dtype()  # transformers may leave another one set after loading
     eng = LLMEngine(str(folder / kind), EngineConfig(cache_dir=str(folder / f"{device}-cache"), device=device,
                                                      dtype="float32", max_prefill_token_num=32, max_batch_size=8))
@@ -98,7 +140,7 @@ def run(kind: str, folder: Path, prompts: list[dict], device: str) -> dict:
     first = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), NEW) for g, w in zip(got, want)]
     return {"identical": sum(g == w for g, w in zip(got, want)), "of": len(prompts), "first_difference": first,
             "prefix_cache_rerun_identical": again == got[:2], "graphs": sorted(getattr(eng.runner, "graphs", {})),
-            "image_tokens": [p["token_ids"].count(model.config.image_token_id) for p in prompts],
+            "image_tokens": [p["token_ids"].count(eng.model_config.vision["image_token_id"]) for p in prompts],
             "default_dtype_after_hf": str(default_dtype)}
 
 
@@ -120,17 +162,19 @@ def main() -> None:
     ap.add_argument("--prepare", default=None, help="write tiny checkpoints and prompts to this folder (CPU)")
     ap.add_argument("--dir", default=".vlm")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kinds", nargs="*", default=None, help="of the prepared kinds (default: all)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     if args.prepare:
         prepare(Path(args.prepare))
         return
     folder = Path(args.dir)
-    prompts = torch.load(folder / "prompts.pt", weights_only=False)
+    saved = torch.load(folder / "prompts.pt", weights_only=False)
     results = {}
-    for kind in KINDS:
+    for kind in args.kinds or saved["prompts"]:
         try:
-            results[kind] = run(kind, folder, prompts[kind], args.device)
+            restore(folder / kind)
+            results[kind] = run(kind, saved["classes"][kind], folder, saved["prompts"][kind], args.device)
         except Exception as e:  # noqa: BLE001 - report the case and go on to the next
             import traceback
 
