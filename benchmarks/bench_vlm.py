@@ -169,12 +169,11 @@ def weight_bytes(folder: Path) -> int:
             if k == "embed_tokens.weight" or k.endswith("inv_freq"):
                 continue
             sl = f.get_slice(k)
-            total += math.prod(sl.get_shape()) * torch.tensor([], dtype=_DTYPES[sl.get_dtype()]).element_size()
+            total += math.prod(sl.get_shape()) * _BYTES.get(sl.get_dtype(), 2)
     return total
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn,
-           "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8}
+_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "F8_E4M3": 1, "U8": 1, "I8": 1}
 
 
 # -- prompts -------------------------------------------------------------------------------------------------------
@@ -322,7 +321,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default: the shape's)")
     args = ap.parse_args()
     shape, device = SHAPES[args.shape], args.device
-    sizes, many, steps = args.sizes or list(shape["sizes"]), args.many or shape["many"], args.new_tokens or shape["new_tokens"]
+    sizes, many = args.sizes or list(shape["sizes"]), args.many or shape["many"]
+    steps = args.new_tokens or shape["new_tokens"]
     folder = Path(args.dir or f"/tmp/bench-vlm-{args.shape}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +334,8 @@ def main() -> None:
     t, _ = timed(lambda: write_checkpoint(args.shape, folder, device), device)
     res["checkpoint_s"] = t
     eng, res["engine_start_s"], res["image_processor"] = _engine(folder, device)
-    print(f"engine ready in {res['engine_start_s']:.0f} s ({eng.phases.summary()})", flush=True)
+    res["phases"] = eng.phases.summary()
+    print(f"engine ready in {res['engine_start_s']:.0f} s ({res['phases']})", flush=True)
     res["encoder_attention"] = getattr(eng.vision.tower.config, "_attn_implementation", None)
     res["weight_bytes"] = wb = weight_bytes(folder)
     runner = eng.runner
