@@ -170,6 +170,8 @@ class EngineStats:
     tokens_out: Optional[int] = None
     steps: Optional[int] = None
     steps_ahead: Optional[int] = None
+    vision_seconds: Optional[float] = None  # a vision-language model's image encoder (None for a text model)
+    images_encoded: Optional[int] = None
 
     @classmethod
     def of(cls, d: dict) -> "EngineStats":

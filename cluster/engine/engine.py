@@ -27,6 +27,10 @@ from cluster.messages import Delta
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
+# image tokens one call of the vision encoder produces at most (one request's images are never split): the requests
+# added between two steps are encoded together up to this (at Qwen2.5-VL-7B's width, about 2 GB of the tower's
+# activations for 16,384 tokens = 65,536 patches)
+VISION_BATCH_TOKENS = 16384
 
 
 @dataclass
@@ -68,6 +72,11 @@ class EngineStats:
     aborted: int = 0
     failed: int = 0  # requests failed alone (finish_reason "error") while the engine went on
     started: float = field(default_factory=time.time)
+    # the image encoder, apart from the steps: its seconds (device-synced), the images it encoded and its calls (one
+    # call encodes the images of every request added since the previous step, up to VISION_BATCH_TOKENS)
+    vision_seconds: float = 0.0
+    images_encoded: int = 0
+    vision_calls: int = 0
 
 
 class LLMEngine:
@@ -136,6 +145,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.bm, self.max_batch_size, ec.max_prefill_token_num, self.session_len)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self._unencoded: list[tuple[Sequence, PreparedPrompt, int]] = []  # image requests to encode (their tokens)
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt: PreparedPrompt, gen: GenerationConfig) -> None:
@@ -179,8 +189,7 @@ class LLMEngine:
             raise ValueError(f"request id {rid!r} is already in use")
         ids = list(prompt.token_ids)
         seq = Sequence(rid, ids, gen, num_resumed=prompt.resumed)
-        if prompt.pixel_values is not None:
-            self._attach_images(seq, prompt)
+        image_tokens = self._attach_images(seq, prompt) if prompt.pixel_values is not None else 0
         seq.stop_ids = frozenset(gen.stop_token_ids) | (frozenset() if gen.ignore_eos else frozenset(self.eos_ids))
         if gen.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(gen.seed)
@@ -194,6 +203,8 @@ class LLMEngine:
         if prompt.resumed:  # failover: the output already sent goes through the detokenizer, parser and grammar
             replay(seq, ids[len(ids) - prompt.resumed:])
         self.seqs[rid] = seq
+        if image_tokens:  # encoded at the next step, with the images of every request added before it
+            self._unencoded.append((seq, prompt, image_tokens))
         self.scheduler.add(seq)
         self.stats.tokens_in += len(ids)
         return rid
@@ -216,9 +227,10 @@ class LLMEngine:
         ids = self._prompt_ids(prompt, self.vision.token_counts(pixels, grid))
         return PreparedPrompt(ids, pixels, chat=True, image_grid=grid)
 
-    def _attach_images(self, seq: Sequence, prompt: PreparedPrompt) -> None:
-        """The images' embeddings, their tokens' positions and prefix-cache keys onto the sequence; with M-RoPE,
-        its position ids (cluster/layers/mrope.py)."""
+    def _attach_images(self, seq: Sequence, prompt: PreparedPrompt) -> int:
+        """The images' tokens' positions and prefix-cache keys onto the sequence; with M-RoPE, its position ids
+        (cluster/layers/mrope.py). Returns the image tokens; their embeddings come at the next step
+        (_encode_images)."""
         pixels, grid = prompt.pixel_values, prompt.image_grid
         counts = self.vision.token_counts(pixels, grid)
         vision = self.model_config.vision
@@ -226,7 +238,6 @@ class LLMEngine:
         positions = [i for i, t in enumerate(seq.token_ids) if t == token]
         if len(positions) != sum(counts):
             raise ValueError(f"{len(positions)} image tokens for {len(counts)} image(s) of {counts} tokens")
-        seq.image_embeds = self.vision.encode(pixels, grid)
         seq.image_positions = positions
         first = 0
         for digest, n in zip(self.vision.digests(pixels, grid), counts):
@@ -236,6 +247,60 @@ class LLMEngine:
         if vision.get("mrope_section"):
             seq.mrope_positions, seq.rope_delta = mrope_positions(seq.token_ids, token, grid.tolist(),
                                                                   vision["spatial_merge_size"])
+        return len(positions)
+
+    def _encode_images(self) -> list[RequestOutput]:
+        """The images of every request added since the previous step (and not aborted since), in as few calls of
+        the encoder as VISION_BATCH_TOKENS allows: an encoder with encode_many (Qwen2-VL's tower, whose cu_seqlens
+        keep images apart) takes several requests' images at once, each request's embeddings as if alone. A call
+        that fails is retried one request at a time; a request whose own images fail is failed alone (its output
+        is returned). The time, device-synced, goes to stats.vision_seconds."""
+        pending = [p for p in self._unencoded if not p[0].is_finished]
+        self._unencoded = []
+        groups: list[list[tuple[Sequence, PreparedPrompt, int]]] = []
+        for item in pending:
+            if groups and sum(n for *_, n in groups[-1]) + item[2] <= VISION_BATCH_TOKENS:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        failed = []
+        for group in groups:
+            try:
+                embeds = self._encode([(p.pixel_values, p.image_grid) for _, p, _ in group])
+            except Exception as e:  # noqa: BLE001 - retried alone below; the lone request fails with it
+                if len(group) == 1:
+                    failed.append(self._fail(group[0][0], e, "while its images were encoded"))
+                    continue
+                log.warning("encoding %d requests' images together failed (%r); encoding them one at a time",
+                            len(group), e)
+                embeds = []
+                for seq, p, _ in group:
+                    try:
+                        embeds += self._encode([(p.pixel_values, p.image_grid)])
+                    except Exception as e1:  # noqa: BLE001 - this request's images: it alone fails
+                        failed.append(self._fail(seq, e1, "while its images were encoded"))
+                        embeds.append(None)
+            for (seq, _, _), e in zip(group, embeds):
+                if e is not None:
+                    seq.image_embeds = e
+        return failed
+
+    def _encode(self, items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """One encoder call for several requests' images (one at a time for an encoder without encode_many):
+        each request's [its image tokens, hidden]."""
+        cuda = self.runner.device.type == "cuda"
+        if cuda:  # a step in flight is not the encoder's time
+            torch.cuda.synchronize(self.runner.device)
+        t = time.perf_counter()
+        many = getattr(self.vision, "encode_many", None)
+        out = many(items) if many is not None else [self.vision.encode(p, g) for p, g in items]
+        if cuda:
+            torch.cuda.synchronize(self.runner.device)
+        s = self.stats
+        s.vision_seconds += time.perf_counter() - t
+        s.vision_calls += 1
+        s.images_encoded += sum(len(self.vision.token_counts(p, g)) for p, g in items)
+        return out
 
     def _prompt_ids(self, prompt: Prompt, image_lens: list[int] | None = None) -> list[int]:
         if self.tokenizer is not None:
@@ -282,13 +347,18 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step and return what it produced.
+        """Run one step and return what it produced (first, the images of the requests added since the previous
+        step are encoded, together: _encode_images).
 
         With overlap on, a decode step is launched before the previous step's tokens are read: its input ids are
         those tokens, still on the device. The host then appends them and runs the stop checks while the GPU works,
         and the call returns the previous step's outputs; penalties and min_new_tokens count the token in flight.
         Anything the step ahead cannot know (a request to admit, a prefill chunk) ends the overlap: the step in flight
         is read out, and the next call schedules afresh."""
+        failed = self._encode_images() if self._unencoded else []
+        return failed + self._step()
+
+    def _step(self) -> list[RequestOutput]:
         prev, self._in_flight = self._in_flight, None
         if prev is not None and all(seq.is_finished for seq in prev.sampled):
             prev = None  # all aborted while in flight: nothing to read
@@ -348,14 +418,17 @@ class LLMEngine:
                 outputs.append(self._fail(seq, e))
         return outputs
 
-    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
-        """Finish a request whose host-side post-processing (detokenizer, stop checks) raised; the others go on."""
-        log.error("request %s failed after %d output tokens", seq.request_id, seq.num_output_tokens, exc_info=error)
+    def _fail(self, seq: Sequence, error: Exception, where: str = "while its output was processed") -> RequestOutput:
+        """Finish a request whose host-side post-processing (detokenizer, stop checks) or image encoding raised;
+        the others go on."""
+        log.error("request %s failed %s, after %d output tokens", seq.request_id, where, seq.num_output_tokens,
+                  exc_info=error)
         self.scheduler.finish(seq, "error")
         self.seqs.pop(seq.request_id, None)
         self.stats.failed += 1
         return RequestOutput("", [], None, "error", seq.num_prompt_tokens, seq.num_output_tokens,
-                             seq.num_cached_prompt_tokens, request_id=seq.request_id, error=RequestFailedError(error))
+                             seq.num_cached_prompt_tokens, request_id=seq.request_id,
+                             error=RequestFailedError(error, where))
 
     def _append_token(self, seq: Sequence, token: int, lp: dict | None) -> RequestOutput:
         seq.token_ids.append(token)
@@ -430,6 +503,8 @@ class LLMEngine:
             "tokens_out": self.stats.tokens_out,
             "steps": self.stats.steps,
             "steps_ahead": self.stats.steps_ahead,
+            **({"vision_seconds": self.stats.vision_seconds, "images_encoded": self.stats.images_encoded,
+                "vision_calls": self.stats.vision_calls} if self.vision is not None else {}),
         }
 
 

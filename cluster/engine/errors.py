@@ -29,11 +29,11 @@ class RankLostError(EngineDeadError):
 
 
 class RequestFailedError(EngineError):
-    """One request failed inside the engine (its output's post-processing); the others go on. The message names the
-    exception's class only: the details are in the server log."""
+    """One request failed inside the engine (its output's post-processing, or its images' encoding); the others go
+    on. The message names the exception's class only: the details are in the server log."""
 
-    def __init__(self, error: BaseException):
-        super().__init__(f"the request failed while its output was processed ({type(error).__name__}) and was "
+    def __init__(self, error: BaseException, where: str = "while its output was processed"):
+        super().__init__(f"the request failed {where} ({type(error).__name__}) and was "
                          "stopped; retry it, and report it if it fails again")
 
 

@@ -66,3 +66,11 @@ class QwenVisionEncoder(nn.Module):
         out = self.tower(pixel_values.to(self.device, self.dtype), grid_thw=grid.to(self.device))
         return out.pooler_output
 
+    def encode_many(self, items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Several requests' images in one call of the tower: their patches concatenated, their grids stacked (the
+        tower's cu_seqlens, window index and rotary ids are per image, so each image's rows come out as alone) ->
+        each request's [its token count, hidden], in order."""
+        if len(items) == 1:
+            return [self.encode(*items[0])]
+        out = self.encode(torch.cat([p for p, _ in items]), torch.cat([g for _, g in items]))
+        return list(out.split([sum(self.token_counts(p, g)) for p, g in items]))

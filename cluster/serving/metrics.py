@@ -29,6 +29,8 @@ ENGINE_METRICS = [  # (metric, EngineStats field, help, counter?)
      True),
     ("cluster_engine_prompt_tokens_total", "tokens_in", "prompt tokens the engine took in", True),
     ("cluster_engine_generation_tokens_total", "tokens_out", "tokens the engine generated", True),
+    ("cluster_vision_encoder_seconds_total", "vision_seconds", "seconds in the image encoder (vision models)", True),
+    ("cluster_vision_images_total", "images_encoded", "images the image encoder encoded (vision models)", True),
 ]
 
 
