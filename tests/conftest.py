@@ -48,6 +48,10 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
         from qwen_vl_models import build_qwen_vl
 
         return build_qwen_vl(kind, tokenizer_dir, out)
+    if kind in ("deepseek_vl", "deepseek_vl_hybrid"):
+        from deepseek_vl_models import build_deepseek_vl
+
+        return build_deepseek_vl(tokenizer_dir, out, hybrid=kind == "deepseek_vl_hybrid")
     if kind == "llava_next":
         from llava_next_models import build_llava_next
 

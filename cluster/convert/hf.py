@@ -320,6 +320,8 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         log_at_conversion(cfg.quant["method"])
     _add_generation_eos(src, cfg)
     tokenizer = _load_tokenizer(src, family_for(cfg.hf_model_type).tokenizer_hint)
+    if vlm and hasattr(vlm, "chat_template"):  # DeepSeek-VL: the template its processor applies, not the tokenizer's
+        tokenizer.chat_template = vlm.chat_template(src.path) or tokenizer.chat_template
     torch_dtype = getattr(torch, dtype)
     shards = build_shards(get, hf, cfg, tp, progress)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from cluster.engine.multimodal import has_images, split_content
+from cluster.engine.multimodal import has_images, is_image_part, split_content
 from cluster.tool_parsers import OutputParser, ToolFormat, detect_format, tools_prompt
 
 if TYPE_CHECKING:
@@ -75,6 +75,9 @@ class Tokenizer:
         if "vision_start_token_id" in vision:
             self.image_text = "".join(self.hf.convert_ids_to_tokens(
                 [vision["vision_start_token_id"], self.image_token_id, vision["vision_end_token_id"]]))
+        # DeepSeek-VL: its processor's chat template iterates each message's content parts (an image part renders
+        # as its image token), and the processor adds BOS unless the template wrote one
+        self.content_parts: bool = bool(vision.get("content_parts"))
 
     @property
     def eos_token_id(self) -> int | None:
@@ -152,6 +155,8 @@ class Tokenizer:
         if not self.hf.chat_template:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         kw = {"tools": tools} if tools else {}
+        if self.content_parts:
+            messages = [{**m, "content": template_parts(m.get("content") or "")} for m in messages]
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
 
     def _tools_as_text(self, messages: list[dict], tools: list[dict]) -> list[dict]:
@@ -189,12 +194,14 @@ class Tokenizer:
             if has_images(prompt) and self.image_token is None:
                 raise ValueError("this model takes no images (it is not a vision-language model)")
             messages, n_images = [], 0
+            parts = self.content_parts and bool(self.hf.chat_template)  # the template renders the image parts
             for m in prompt:
                 text, images = split_content(m["content"], self.image_text)
-                messages.append({**m, "content": text})
+                messages.append({**m, "content": m["content"] if parts else text})
                 n_images += len(images)
             text = self.apply_chat_template(messages, getattr(prompt, "tools", None))
-            return self.expand_images(self.encode(text, add_special_tokens=False), n_images, image_lens)
+            bos = self.content_parts and not (self.hf.bos_token and text.startswith(self.hf.bos_token))
+            return self.expand_images(self.encode(text, add_special_tokens=bos), n_images, image_lens)
         raise ValueError("prompt must be a string, a list of token ids, or a list of {'role', 'content'} messages")
 
     def expand_images(self, ids: list[int], n_images: int, image_lens: list[int] | None = None) -> list[int]:
@@ -213,6 +220,15 @@ class Tokenizer:
         for t in ids:
             out.extend([t] * next(lens) if t == self.image_token_id else [t])
         return out
+
+
+def template_parts(content: str | list) -> list[dict]:
+    """A message's content as the parts a processor's chat template iterates: text parts, and {"type": "image"}
+    where an image was (a plain string is one text part; transformers' processors leave strings as they are, which
+    such a template renders as nothing)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [{"type": "image"} if is_image_part(p) else {"type": "text", "text": p["text"]} for p in content]
 
 
 class IncrementalDetokenizer:
