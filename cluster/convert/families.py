@@ -365,6 +365,7 @@ BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.mode
 # vision-language models (cluster/convert/vlm.py): llava and llava_next (a Llama-family language model), qwen2_vl and
 # qwen2_5_vl (Qwen2)
 SUPPORTED = sorted(BY_MODEL_TYPE) + ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
+SUPPORTED += ["internvl"]  # InternVL (cluster/convert/internvl.py): a Qwen2 or Llama language model
 
 
 def check_supported(hf: dict) -> None:
