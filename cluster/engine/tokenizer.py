@@ -75,6 +75,8 @@ class Tokenizer:
         if "vision_start_token_id" in vision:
             self.image_text = "".join(self.hf.convert_ids_to_tokens(
                 [vision["vision_start_token_id"], self.image_token_id, vision["vision_end_token_id"]]))
+        if "image_start" in vision:  # InternVL: <img><IMG_CONTEXT></img>, as its processor expands "<IMG_CONTEXT>\n"
+            self.image_text = vision["image_start"] + (self.image_token or "") + vision["image_end"] + "\n"
 
     @property
     def eos_token_id(self) -> int | None:
