@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The vision-language families through the GPU path (Triton kernels, CUDA graphs, the vision tower on the device;
 for Qwen2-VL / Qwen2.5-VL the rotary kernel reading per-token M-RoPE rows), token for token against transformers on
-the same device: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL (and any kind in KINDS the tests can build).
+the same device: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, DeepSeek-VL (and its hybrid), InternVL (Qwen2 and Llama language
+models) (and any kind in KINDS the tests can build).
 
 The GPU machine has no PIL-free image pipeline to count on and no SmolLM2 tokenizer (its GGUF needs gguf), so the
 checkpoints and prompts are made here first:
@@ -23,9 +24,12 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+KINDS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "deepseek_vl", "deepseek_vl_hybrid", "internvl",
+         "internvl_llama")
 # the transformers keyword that carries PreparedPrompt.image_grid, per kind (None: pixels alone)
-GRID_ARG = {"llava": None, "llava_next": "image_sizes", "qwen2_vl": "image_grid_thw", "qwen2_5_vl": "image_grid_thw"}
+GRID_ARG = {"llava": None, "llava_next": "image_sizes", "qwen2_vl": "image_grid_thw", "qwen2_5_vl": "image_grid_thw",
+            "deepseek_vl": None, "deepseek_vl_hybrid": "high_res_pixel_values", "internvl": None,
+            "internvl_llama": None}
 NEW = 24
 ROOT = Path(__file__).resolve().parent.parent
 

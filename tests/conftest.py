@@ -56,6 +56,10 @@ def build_tiny(kind: str, tokenizer_dir: Path, out: Path):
         from llava_next_models import build_llava_next
 
         return build_llava_next(tokenizer_dir, out, TINY)
+    if kind in ("internvl", "internvl_llama"):  # a Qwen2 language model (InternVL3), a Llama one (InternVL2.5)
+        from internvl_models import build_internvl
+
+        return build_internvl(tokenizer_dir, out, "llama" if kind == "internvl_llama" else "qwen2")
     torch.manual_seed({"llama": 0, "llama3": 1, "mistral": 2, "qwen2": 3, "internlm2": 0, "gqa1": 4, "mixtral": 6,
                        "qwen2_moe": 7, "llava": 8}[kind])
     if kind == "llava":

@@ -366,6 +366,7 @@ BY_MODEL_TYPE: dict[str, Family] = {t: fam for fam in FAMILIES for t in fam.mode
 # qwen2_5_vl (Qwen2)
 SUPPORTED = sorted(BY_MODEL_TYPE) + ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
 SUPPORTED += ["deepseek_vl", "deepseek_vl_hybrid"]  # DeepSeek-VL (a Llama language model)
+SUPPORTED += ["internvl"]  # InternVL (cluster/convert/internvl.py): a Qwen2 or Llama language model
 
 
 def check_supported(hf: dict) -> None:

@@ -13,9 +13,9 @@ Getter = Callable[[str], "torch.Tensor"]
 
 
 def vlm_for(hf: dict) -> ModuleType | None:
-    from cluster.convert import deepseek_vl, llava, llava_next, qwen2_vl
+    from cluster.convert import deepseek_vl, internvl, llava, llava_next, qwen2_vl
 
-    return next((m for m in (llava, llava_next, qwen2_vl, deepseek_vl) if m.accepts(hf)), None)
+    return next((m for m in (llava, llava_next, qwen2_vl, deepseek_vl, internvl) if m.accepts(hf)), None)
 
 
 def text_model_type(hf: dict) -> str:

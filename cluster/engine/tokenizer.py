@@ -78,6 +78,8 @@ class Tokenizer:
         # DeepSeek-VL: its processor's chat template iterates each message's content parts (an image part renders
         # as its image token), and the processor adds BOS unless the template wrote one
         self.content_parts: bool = bool(vision.get("content_parts"))
+        if "image_start" in vision:  # InternVL: <img><IMG_CONTEXT></img>, as its processor expands "<IMG_CONTEXT>\n"
+            self.image_text = vision["image_start"] + (self.image_token or "") + vision["image_end"] + "\n"
 
     @property
     def eos_token_id(self) -> int | None:

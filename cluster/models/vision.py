@@ -23,6 +23,10 @@ def vision_encoder(model_dir: Path, vision: dict, device: torch.device, dtype: t
         from cluster.models.deepseek_vl import DeepseekVLEncoder
 
         return DeepseekVLEncoder(model_dir, vision, device, dtype)
+    if kind == "internvl":
+        from cluster.models.internvl import InternVLEncoder
+
+        return InternVLEncoder(model_dir, vision, device, dtype)
     from cluster.models.qwen2_vl import QwenVisionEncoder
 
     return QwenVisionEncoder(model_dir, vision, device, dtype)
