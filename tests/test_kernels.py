@@ -724,3 +724,40 @@ def test_paged_decode_attention_fp8_cache(splits, monkeypatch):
     kf, vf = (c.view(torch.uint8).masked_fill(c.view(torch.uint8) == 0x7F, 0).view(c.dtype) for c in (kq, vq))
     assert rel_err(ref.paged_decode_attention(q.float(), kf, vf, tables.clamp_max(kq.shape[0] - 1), ctx, 0.125,
                                               k_scale=ks, v_scale=vs), want) < 1e-5
+
+
+def test_launch_fitting_shrinks_the_tiles_until_the_gpu_takes_them_and_remembers():
+    """Triton refuses a launch whose shared memory its own count puts over the GPU's (fp32 head_dim 256 prefill:
+    262 KB on the H200's 227 KB, past fit_shared_memory's estimate): fewer stages, then narrower key tiles, kept
+    for the next launch of the same key; at the smallest tiling the refusal is raised."""
+    from triton.runtime.errors import OutOfResources
+
+    from cluster.kernels import attention
+
+    calls = []
+
+    class Kernel:
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, num_stages, **kw):
+                calls.append((BLOCK_N, num_stages, args, kw))
+                if not self.fits(BLOCK_N, num_stages):
+                    raise OutOfResources(262144, 232448, "shared memory")
+            return launch
+
+    key = ("test", 256, 4)
+    try:
+        attention.launch_fitting(Kernel(lambda n, s: n * s <= 32), (1,), {"BLOCK_N": 64, "num_stages": 2}, key, 7,
+                                 D=256)
+        assert [c[:2] for c in calls] == [(64, 2), (64, 1), (32, 1)] and calls[-1][2:] == ((7,), {"D": 256})
+        calls.clear()
+        attention.launch_fitting(Kernel(lambda n, s: n * s <= 32), (1,), {"BLOCK_N": 64, "num_stages": 2}, key, 7)
+        assert [c[:2] for c in calls] == [(32, 1)]
+        with pytest.raises(OutOfResources):
+            attention.launch_fitting(Kernel(lambda n, s: False), (1,), {"BLOCK_N": 32, "num_stages": 1},
+                                     ("test", "never"), 7)
+    finally:
+        attention._FITTED.pop(key, None)
+        attention._FITTED.pop(("test", "never"), None)

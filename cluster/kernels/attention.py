@@ -447,23 +447,49 @@ def _shared_memory(device: torch.device) -> int:
     return _SMEM[idx]
 
 
+def _shrink(cfg: dict) -> dict | None:
+    """The next smaller tiling: one pipeline stage fewer, else key tiles half as wide; None at the smallest."""
+    if cfg["num_stages"] > 1:
+        return {**cfg, "num_stages": cfg["num_stages"] - 1}
+    if cfg["BLOCK_N"] > 16:
+        return {**cfg, "BLOCK_N": cfg["BLOCK_N"] // 2}
+    return None
+
+
 def fit_shared_memory(cfg: dict, d: int, elem: int, device: torch.device, q_rows: int) -> dict:
     """Fewer pipeline stages (then narrower key tiles) until the query tile and the staged K/V tiles fit the GPU's
-    shared memory: head_dim 256 (Gemma) in fp32 asks for 262 KB at the prefill tiles, the H200 has 227 KB."""
+    shared memory: head_dim 256 (Gemma) in fp32 asks for 262 KB at the prefill tiles, the H200 has 227 KB. An
+    estimate: Triton's own count can be higher (launch_fitting shrinks further on its refusal)."""
     if not device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return cfg
     limit = _shared_memory(device)
-    stages, block_n = cfg["num_stages"], cfg["BLOCK_N"]
-    while (q_rows * d + stages * 2 * block_n * d) * elem > limit:
-        if stages > 1:
-            stages -= 1
-        elif block_n > 16:
-            block_n //= 2
-        else:
+    while (q_rows * d + cfg["num_stages"] * 2 * cfg["BLOCK_N"] * d) * elem > limit:
+        smaller = _shrink(cfg)
+        if smaller is None:
             break
-    if (stages, block_n) == (cfg["num_stages"], cfg["BLOCK_N"]):
-        return cfg
-    return {**cfg, "num_stages": stages, "BLOCK_N": block_n}
+        cfg = smaller
+    return cfg
+
+
+_FITTED: dict[tuple, dict] = {}  # a launch's first config -> the one the GPU took (launch_fitting)
+
+
+def launch_fitting(kernel, grid, cfg: dict, key: tuple, *args, **kwargs) -> None:
+    """kernel[grid](*args, BLOCK_N=, num_stages=, **kwargs) at cfg, or at the first smaller tiling (_shrink) the
+    GPU's shared memory holds, by Triton's own count (it refuses before launching, so a retry is safe); the
+    tiling that fit is kept for the key, so each shape pays for the refusals once."""
+    from triton.runtime.errors import OutOfResources
+
+    cfg = _FITTED.get(key, cfg)
+    while True:
+        try:
+            kernel[grid](*args, BLOCK_N=cfg["BLOCK_N"], num_stages=cfg["num_stages"], **kwargs)
+            return
+        except OutOfResources:
+            smaller = _shrink(cfg)
+            if smaller is None:
+                raise
+            cfg = _FITTED[key] = smaller
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -489,16 +515,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grid = (T // block_q + B, hkv)
     page = k_cache.shape[1]
     k_cache, v_cache = _words(k_cache, v_cache, quant)
-    _prefill_kernel[grid](
+    key = ("prefill", d, q.element_size(), quant, block_m, cfg["BLOCK_N"], cfg["num_stages"], q.device)
+    launch_fitting(
+        _prefill_kernel, grid, cfg, key,
         q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, _slopes_arg(alibi, q), out,
         block_tables,
         context_lens, cu_seqlens_q, scale * LOG2E, _log2_cap(softcap), int(window), B,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=page, BLOCK_M=block_m,
-        BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], DECODE_ROWS=cfg["DECODE_ROWS"], QUANT=quant,
-        SOFTCAP=softcap > 0, WINDOW=window > 0, ALIBI=alibi is not None, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BLOCK_Q=block_q, DECODE_ROWS=cfg["DECODE_ROWS"], QUANT=quant,
+        SOFTCAP=softcap > 0, WINDOW=window > 0, ALIBI=alibi is not None, num_warps=cfg["num_warps"])
     return out
 
 
