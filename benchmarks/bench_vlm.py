@@ -290,7 +290,7 @@ def steady_decode(eng, prompts: list, steps: int, device: str) -> dict:
             "encoder_calls": int(enc[1]), "images_encoded": int(enc[2])}
 
 
-def _engine(folder: Path, device: str):
+def _engine(folder: Path, device: str, cache_max_entry_count: float = 0.7):
     """LLMEngine(folder, EngineConfig(...)) as a user starts one. Where transformers cannot load the image processor
     (no PIL / torchvision on the machine), it is left out: these prompts come preprocessed."""
     import transformers as tf
@@ -305,7 +305,7 @@ def _engine(folder: Path, device: str):
         note = f"not loadable here ({type(e).__name__}: {str(e)[:120]}); left out, prompts come preprocessed"
         tf.AutoImageProcessor.from_pretrained = staticmethod(lambda *a, **k: None)
     ec = EngineConfig(device=device, dtype="bfloat16" if device == "cuda" else "float32", session_len=4096,
-                      max_batch_size=32, max_prefill_token_num=8192, cache_max_entry_count=0.7)
+                      max_batch_size=32, max_prefill_token_num=8192, cache_max_entry_count=cache_max_entry_count)
     t0 = time.perf_counter()
     eng = LLMEngine(str(folder), ec)
     return eng, time.perf_counter() - t0, note
@@ -321,6 +321,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="square image sides (default: the shape's)")
     ap.add_argument("--many", type=int, default=None, help="batch of the last case (default: the shape's)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default: the shape's)")
+    ap.add_argument("--cache-max-entry-count", type=float, default=0.7)
+    ap.add_argument("--wait-for", default=None, help="start up, then measure only once this file exists")
     args = ap.parse_args()
     shape, device = SHAPES[args.shape], args.device
     sizes, many = args.sizes or list(shape["sizes"]), args.many or shape["many"]
@@ -335,7 +337,7 @@ def main() -> None:
     res["transformers"] = transformers.__version__
     t, _ = timed(lambda: write_checkpoint(args.shape, folder, device), device)
     res["checkpoint_s"] = t
-    eng, res["engine_start_s"], res["image_processor"] = _engine(folder, device)
+    eng, res["engine_start_s"], res["image_processor"] = _engine(folder, device, args.cache_max_entry_count)
     res["phases"] = eng.phases.summary()
     print(f"engine ready in {res['engine_start_s']:.0f} s ({res['phases']})", flush=True)
     res["encoder_attention"] = getattr(eng.vision.tower.config, "_attn_implementation", None)
@@ -343,6 +345,9 @@ def main() -> None:
     runner = eng.runner
     kv_per_token = runner.block_bytes / runner.block_size
     prompts = Prompts(args.shape, seed=1)
+    from bench_engine import wait_for_file
+
+    res["waited_s"] = wait_for_file(args.wait_for)
 
     res["encoder"] = []  # (a)
     for size in sizes:
