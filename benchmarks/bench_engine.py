@@ -152,7 +152,7 @@ def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | Non
     """Our engine on the same weights: the converter's mapping applied to the in-memory state dict (or to `state`,
     a checkpoint's tensors, with `hf` its config)."""
     from cluster.config import EngineConfig
-    from cluster.convert.hf import build_shards, engine_config
+    from cluster.convert.hf import build_shards, engine_config, in_model_dtype
     from cluster.engine.engine import LLMEngine
     from cluster.executor import single_rank
 
@@ -164,7 +164,7 @@ def engine_from_hf(hf_model, dtype: str, device: str = "cuda", state: dict | Non
 
     get.names = set(state)  # the converter looks some layouts up by name
     cfg = engine_config(hf, dtype, 1, "random")
-    weights = build_shards(get, hf, cfg, 1)[0]
+    weights = in_model_dtype(build_shards(get, hf, cfg, 1)[0], getattr(torch, dtype))  # as convert_checkpoint saves
     weights = {k: (v if k == "rotary.inv_freq" else v.contiguous()).to(device) for k, v in weights.items()}
     ec = EngineConfig(**engine_kw, device=device)
     session_len = ec.session_len or cfg.max_position_embeddings

@@ -120,7 +120,7 @@ def write_checkpoint(shape: str, out: Path, device: str, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     from cluster.convert import qwen2_vl
-    from cluster.convert.hf import build_shards, engine_config
+    from cluster.convert.hf import build_shards, engine_config, in_model_dtype
     from cluster.convert.llava import VISION_FILE
     from cluster.convert.source import is_converted
     from cluster.models.qwen2_vl import _tower
@@ -142,9 +142,7 @@ def write_checkpoint(shape: str, out: Path, device: str, seed: int = 0) -> Path:
         tower_shapes = {k: v.shape for k, v in _tower(vision["kind"], vision["vision_config"]).state_dict().items()}
     shard = build_shards(_random(lm_shapes, device, torch_dtype, seed), text, cfg, 1)[0]
     out.mkdir(parents=True, exist_ok=True)
-    keep = {k for k, v in shard.items() if k.endswith("inv_freq") or not v.is_floating_point()}  # as convert does
-    save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
-              str(out / "rank0.safetensors"))
+    save_file({k: v.contiguous() for k, v in in_model_dtype(shard, torch_dtype).items()}, str(out / "rank0.safetensors"))
     del shard
     tower = _random(tower_shapes, device, torch_dtype, seed + 1)
     save_file({"tower." + k: tower(k).contiguous() for k in sorted(tower_shapes)}, str(out / VISION_FILE))
@@ -324,6 +322,9 @@ def main() -> None:
     ap.add_argument("--cache-max-entry-count", type=float, default=0.7)
     ap.add_argument("--wait-for", default=None, help="start up, then measure only once this file exists")
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)  # a request the engine fails says why in the log
     shape, device = SHAPES[args.shape], args.device
     sizes, many = args.sizes or list(shape["sizes"]), args.many or shape["many"]
     steps = args.new_tokens or shape["new_tokens"]

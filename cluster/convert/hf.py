@@ -300,6 +300,16 @@ def build_shards(get: Callable[[str], torch.Tensor], hf: dict, cfg: ModelConfig,
     return shards
 
 
+def in_model_dtype(shard: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A rank's tensors as the engine loads them: in the model dtype, but for what stays as built (fp32 position
+    tables, slopes, scales and the correction bias; integer and FP8 weights). Gemma's (1 + w) norms are built in
+    fp32 and cast here: a norm weight wider than the activations would widen the norm's output."""
+    keep = {k for k, v in shard.items() if k.endswith(("inv_freq", "alibi_slopes", ".weight_scale",
+                                                        ".e_score_correction_bias"))
+            or not v.is_floating_point() or v.dtype == fp8.FP8}
+    return {k: (v if k in keep else v.to(dtype)) for k, v in shard.items()}
+
+
 def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress: bool = True,
                        quant: str | None = None) -> ModelConfig:
     """Write config.json, rank{r}.safetensors for every rank, and the tokenizer into `out_dir`. quant: 'awq' or
@@ -329,10 +339,7 @@ def convert_checkpoint(src: Source, out_dir: Path, tp: int, dtype: str, progress
         cfg.vision = vision
         vlm.save_vision(vision_get, src.path, out_dir, torch_dtype)
     for r, shard in enumerate(shards):
-        keep = {k for k, v in shard.items() if k.endswith(("inv_freq", "alibi_slopes", ".weight_scale",
-                                                            ".e_score_correction_bias"))
-                or not v.is_floating_point() or v.dtype == fp8.FP8}  # fp32 position tables, scales, biases; 4-bit q
-        save_file({k: (v if k in keep else v.to(torch_dtype)).contiguous() for k, v in shard.items()},
+        save_file({k: v.contiguous() for k, v in in_model_dtype(shard, torch_dtype).items()},
                   str(out_dir / f"rank{r}.safetensors"))
     tokenizer.save_pretrained(out_dir)
     cfg.save(out_dir / "config.json")
