@@ -197,6 +197,14 @@ async def test_openai_api_takes_image_url_parts(tiny_models, engine_cache):
         bad = {**body, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}
         assert_error(await c.post("/v1/chat/completions", json=bad), 400, contains="could not be decoded")
+        from PIL import Image
+
+        huge = Image.new("1", (20_000, 20_000))  # 50 MB of bits, a 50 KB PNG: refused from its header, not decoded
+        r = await c.post("/v1/chat/completions", json={**body, "messages": _ask("What is this?", huge)})
+        assert_error(r, 400, contains="40,000,000 pixels are accepted")
+        many = _ask("What are these?", *[img] * 40)  # 40 x 16 image tokens past the 512-token context
+        assert_error(await c.post("/v1/chat/completions", json={**body, "messages": many}), 400,
+                     contains="maximum context length")
         assert engine.bm.num_free == engine.bm.num_blocks
     finally:
         await c.aclose()

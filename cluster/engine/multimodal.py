@@ -64,7 +64,10 @@ def load_image(obj: Any):
         if img.width == 0 or img.height == 0:
             raise ValueError("image has no pixels")
         img.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL's own refusal, from the header, of sizes far past ours
+        raise ValueError(f"image is over {MAX_IMAGE_PIXELS:,} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are "
+                         "accepted: scale it down") from None
+    except (UnidentifiedImageError, OSError):
         raise ValueError("image could not be decoded (PNG, JPEG, GIF, BMP and WebP are read)") from None
     return img.convert("RGB")
 
