@@ -153,3 +153,13 @@ def test_hub_config_converts_as_llama():
 def test_llava_next_at_tp2_matches_tp1(llava_next, engine_cache):
     path, _, engine = llava_next
     assert_tp2_matches_tp1(path, engine, _two_images(), engine_cache, session_len=512)
+
+
+def test_images_in_two_turns_match_transformers(llava_next):
+    """An image in each of two user turns (different aspect ratios, so different counts), a reply between."""
+    from test_qwen2_vl import _two_turns
+
+    path, hf_model, engine = llava_next
+    prepared = engine.prepare_prompt(_two_turns())
+    assert len(prepared.image_grid) == 2
+    assert engine.generate([prepared], GREEDY)[0].token_ids == _hf(hf_model, prepared)

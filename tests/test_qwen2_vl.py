@@ -262,3 +262,18 @@ async def test_openai_api_takes_image_url_parts(qwen, engine_cache):
     finally:
         await c.aclose()
         c.engine.shutdown()
+
+
+def _two_turns():
+    """An image in each of two user turns, an assistant reply between them."""
+    first = _ask("What is in this picture?", _image(4))
+    return first + [{"role": "assistant", "content": "A pattern of colours."}] + _ask("And this one?",
+                                                                                      _image(5, (24, 60)))
+
+
+def test_images_in_two_turns_match_transformers(qwen):
+    """Both turns' images keep their own M-RoPE grids and counts across the assistant turn between them."""
+    path, hf_model, engine = qwen
+    prepared = engine.prepare_prompt(_two_turns())
+    assert prepared.image_grid.shape[0] == 2
+    assert engine.generate([prepared], GREEDY)[0].token_ids == _hf(hf_model, engine, prepared)
