@@ -73,18 +73,24 @@ def test_chunked_prefill_splits_an_image(tiny_models, engine_cache):
     assert engine.generate([prepared], GREEDY)[0].token_ids == _hf(hf_model, prepared)
 
 
-def test_prefix_cache_tells_images_apart(llava):
-    path, hf_model, engine = llava
-    first_image = engine.prepare_prompt(_ask("What colour dominates?", _image(4))).token_ids.index(
-        engine.model_config.vision["image_token_id"])
-    a = engine.generate([_ask("What colour dominates?", _image(4))], GREEDY)[0]
-    b_prompt = engine.prepare_prompt(_ask("What colour dominates?", _image(5)))
+def assert_prefix_cache_tells_images_apart(engine, hf_tokens, seeds=(4, 5)) -> None:
+    """Two prompts that differ only in their image share the text before it, never the image's blocks; the same
+    image again reuses them. hf_tokens(prepared): transformers' greedy tokens of a prepared prompt."""
+    prompt = lambda seed: _ask("What colour dominates?", _image(seed))  # noqa: E731
+    first_image = engine.prepare_prompt(prompt(seeds[0])).token_ids.index(engine.model_config.vision["image_token_id"])
+    a = engine.generate([prompt(seeds[0])], GREEDY)[0]
+    b_prompt = engine.prepare_prompt(prompt(seeds[1]))
     b = engine.generate([b_prompt], GREEDY)[0]
-    again = engine.generate([_ask("What colour dominates?", _image(4))], GREEDY)[0]
+    again = engine.generate([prompt(seeds[0])], GREEDY)[0]
     assert b.cached_token_len <= first_image  # the text before the image only
-    assert b.token_ids == _hf(hf_model, b_prompt)
+    assert b.token_ids == hf_tokens(b_prompt)
     assert again.cached_token_len > first_image + 16  # the same image: its blocks are reused
     assert again.token_ids == a.token_ids
+
+
+def test_prefix_cache_tells_images_apart(llava):
+    path, hf_model, engine = llava
+    assert_prefix_cache_tells_images_apart(engine, lambda p: _hf(hf_model, p))
 
 
 def test_pipeline_takes_text_and_image_tuples(llava, engine_cache):

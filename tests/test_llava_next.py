@@ -12,7 +12,7 @@ from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.tokenizer import PreparedPrompt
 from conftest import IMAGE_TOKEN, hf_greedy
-from test_llava import _ask, _image, assert_tp2_matches_tp1
+from test_llava import _ask, _image, assert_tp2_matches_tp1, assert_prefix_cache_tells_images_apart
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -90,16 +90,7 @@ def test_chunked_prefill_splits_an_image(tiny_models, engine_cache):
 
 def test_prefix_cache_tells_images_apart(llava_next):
     path, hf_model, engine = llava_next
-    prompt = lambda seed: _ask("What colour dominates?", _image(seed))  # noqa: E731
-    first_image = engine.prepare_prompt(prompt(4)).token_ids.index(engine.model_config.vision["image_token_id"])
-    a = engine.generate([prompt(4)], GREEDY)[0]
-    b_prompt = engine.prepare_prompt(prompt(5))
-    b = engine.generate([b_prompt], GREEDY)[0]
-    again = engine.generate([prompt(4)], GREEDY)[0]
-    assert b.cached_token_len <= first_image  # the text before the image only
-    assert b.token_ids == _hf(hf_model, b_prompt)
-    assert again.cached_token_len > first_image + 16  # the same image: its blocks are reused
-    assert again.token_ids == a.token_ids
+    assert_prefix_cache_tells_images_apart(engine, lambda p: _hf(hf_model, p))
 
 
 @pytest.mark.parametrize("prompt, message", [

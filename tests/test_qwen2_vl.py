@@ -17,7 +17,7 @@ from cluster.engine.tokenizer import PreparedPrompt
 from cluster.layers.mrope import mrope_positions
 from conftest import hf_greedy
 from qwen_vl_models import CHAT_TEMPLATE
-from test_llava import _ask, _image, assert_tp2_matches_tp1
+from test_llava import _ask, _image, assert_tp2_matches_tp1, assert_prefix_cache_tells_images_apart
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -124,16 +124,7 @@ def test_chunked_prefill_splits_an_image(tiny_models, engine_cache, kind):
 
 def test_prefix_cache_tells_images_apart(qwen):
     path, hf_model, engine = qwen
-    prompt = lambda seed: _ask("What colour dominates?", _image(seed))  # noqa: E731
-    first_image = engine.prepare_prompt(prompt(4)).token_ids.index(engine.model_config.vision["image_token_id"])
-    a = engine.generate([prompt(4)], GREEDY)[0]
-    b_prompt = engine.prepare_prompt(prompt(5))
-    b = engine.generate([b_prompt], GREEDY)[0]
-    again = engine.generate([prompt(4)], GREEDY)[0]
-    assert b.cached_token_len <= first_image  # the text before the image only
-    assert b.token_ids == _hf(hf_model, engine, b_prompt)
-    assert again.cached_token_len > first_image + 16  # the same image: its blocks are reused
-    assert again.token_ids == a.token_ids
+    assert_prefix_cache_tells_images_apart(engine, lambda p: _hf(hf_model, engine, p))
 
 
 @pytest.mark.parametrize("overlap", [False, True])
