@@ -142,7 +142,8 @@ def write_checkpoint(shape: str, out: Path, device: str, seed: int = 0) -> Path:
         tower_shapes = {k: v.shape for k, v in _tower(vision["kind"], vision["vision_config"]).state_dict().items()}
     shard = build_shards(_random(lm_shapes, device, torch_dtype, seed), text, cfg, 1)[0]
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in in_model_dtype(shard, torch_dtype).items()}, str(out / "rank0.safetensors"))
+    save_file({k: v.contiguous() for k, v in in_model_dtype(shard, torch_dtype).items()},
+              str(out / "rank0.safetensors"))
     del shard
     tower = _random(tower_shapes, device, torch_dtype, seed + 1)
     save_file({"tower." + k: tower(k).contiguous() for k in sorted(tower_shapes)}, str(out / VISION_FILE))

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The vision-language families through the GPU path (Triton kernels, CUDA graphs, the vision tower on the device;
 for Qwen2-VL / Qwen2.5-VL the rotary kernel reading per-token M-RoPE rows), token for token against transformers on
-the same device: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, DeepSeek-VL (and its hybrid), InternVL (Qwen2 and Llama language
-models) (and any kind in KINDS the tests can build).
+the same device: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, DeepSeek-VL (and its hybrid), InternVL (Qwen2 and
+Llama language models), and any kind in KINDS the tests can build.
 
 The GPU machine has no PIL-free image pipeline to count on and no SmolLM2 tokenizer (its GGUF needs gguf), so the
 checkpoints and prompts are made here first:
