@@ -206,6 +206,7 @@ def test_hub_config_converts_as_llama():
         "vision_model.embeddings.patch_embedding.weight"]
 
 
-def test_deepseek_vl_at_tp2_matches_tp1(dsvl, engine_cache):
-    path, _, engine = dsvl
+def test_deepseek_vl_at_tp2_matches_tp1(any_kind, engine_cache):
+    """Both kinds: the hybrid's second (1024 px) image tensor travels on the wire as the grid does."""
+    path, _, engine = any_kind
     assert_tp2_matches_tp1(path, engine, _two_images(), engine_cache, session_len=512)
