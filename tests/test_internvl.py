@@ -16,6 +16,7 @@ from cluster.engine.tokenizer import PreparedPrompt
 from conftest import hf_greedy
 from internvl_models import IMAGE_TOKEN, MAX_TILES, TOKENS_PER_TILE
 from test_llava import _ask, _image, assert_tp2_matches_tp1, assert_prefix_cache_tells_images_apart
+from test_llava import assert_batch_matches_transformers
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -79,15 +80,7 @@ def test_prompt_ids_and_pixels_match_the_processor(internvl, monkeypatch):
 
 def test_image_prompts_match_transformers(internvl):
     path, hf_model, engine = internvl
-    one = engine.prepare_prompt(_ask("What is in this picture?", _image(0)))
-    two = engine.prepare_prompt(_two_images())
-    text_only = engine.prepare_prompt([{"role": "user", "content": "No picture here."}])
-    got = engine.generate([one, two, text_only], GREEDY)  # in one batch: image and text rows side by side
-    assert got[0].token_ids == _hf(hf_model, one)
-    assert got[1].token_ids == _hf(hf_model, two)
-    assert got[2].token_ids == _hf(hf_model, text_only)
-    assert got[0].token_ids != got[1].token_ids
-    assert engine.bm.num_free == engine.bm.num_blocks
+    assert_batch_matches_transformers(engine, lambda p: _hf(hf_model, p), _two_images())
 
 
 def test_llama_language_model_with_a_tied_head(tiny_models, engine_cache):

@@ -73,6 +73,18 @@ def test_chunked_prefill_splits_an_image(tiny_models, engine_cache):
     assert engine.generate([prepared], GREEDY)[0].token_ids == _hf(hf_model, prepared)
 
 
+def assert_batch_matches_transformers(engine, hf_tokens, two_images) -> None:
+    """One image, two images and a text-only row in one batch, each as transformers' greedy tokens
+    (hf_tokens(prepared)); every block freed after."""
+    one = engine.prepare_prompt(_ask("What is in this picture?", _image(0)))
+    two = engine.prepare_prompt(two_images)
+    text_only = engine.prepare_prompt([{"role": "user", "content": "No picture here."}])
+    got = engine.generate([one, two, text_only], GREEDY)  # in one batch: image and text rows side by side
+    assert [g.token_ids for g in got] == [hf_tokens(one), hf_tokens(two), hf_tokens(text_only)]
+    assert got[0].token_ids != got[1].token_ids
+    assert engine.bm.num_free == engine.bm.num_blocks
+
+
 def assert_prefix_cache_tells_images_apart(engine, hf_tokens, seeds=(4, 5)) -> None:
     """Two prompts that differ only in their image share the text before it, never the image's blocks; the same
     image again reuses them. hf_tokens(prepared): transformers' greedy tokens of a prepared prompt."""

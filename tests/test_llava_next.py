@@ -13,6 +13,7 @@ from cluster.engine.engine import LLMEngine
 from cluster.engine.tokenizer import PreparedPrompt
 from conftest import IMAGE_TOKEN, hf_greedy
 from test_llava import _ask, _image, assert_tp2_matches_tp1, assert_prefix_cache_tells_images_apart
+from test_llava import assert_batch_matches_transformers
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -66,15 +67,7 @@ def test_placeholders_match_the_processor_and_the_packed_features(llava_next):
 
 def test_image_prompts_match_transformers(llava_next):
     path, hf_model, engine = llava_next
-    one = engine.prepare_prompt(_ask("What is in this picture?", _image(0)))
-    two = engine.prepare_prompt(_two_images())
-    text_only = engine.prepare_prompt([{"role": "user", "content": "No picture here."}])
-    got = engine.generate([one, two, text_only], GREEDY)  # in one batch: image and text rows side by side
-    assert got[0].token_ids == _hf(hf_model, one)
-    assert got[1].token_ids == _hf(hf_model, two)
-    assert got[2].token_ids == _hf(hf_model, text_only)
-    assert got[0].token_ids != got[1].token_ids
-    assert engine.bm.num_free == engine.bm.num_blocks
+    assert_batch_matches_transformers(engine, lambda p: _hf(hf_model, p), _two_images())
 
 
 def test_chunked_prefill_splits_an_image(tiny_models, engine_cache):

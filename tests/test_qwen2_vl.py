@@ -18,6 +18,7 @@ from cluster.layers.mrope import mrope_positions
 from conftest import hf_greedy
 from qwen_vl_models import CHAT_TEMPLATE
 from test_llava import _ask, _image, assert_tp2_matches_tp1, assert_prefix_cache_tells_images_apart
+from test_llava import assert_batch_matches_transformers
 
 GREEDY = GenerationConfig(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -89,15 +90,7 @@ def test_rope_index_matches_transformers(qwen):
 
 def test_image_prompts_match_transformers(qwen):
     path, hf_model, engine = qwen
-    one = engine.prepare_prompt(_ask("What is in this picture?", _image(0)))
-    two = engine.prepare_prompt(_two_images())
-    text_only = engine.prepare_prompt([{"role": "user", "content": "No picture here."}])
-    got = engine.generate([one, two, text_only], GREEDY)  # in one batch: image and text rows side by side
-    assert got[0].token_ids == _hf(hf_model, engine, one)
-    assert got[1].token_ids == _hf(hf_model, engine, two)
-    assert got[2].token_ids == _hf(hf_model, engine, text_only)
-    assert got[0].token_ids != got[1].token_ids
-    assert engine.bm.num_free == engine.bm.num_blocks
+    assert_batch_matches_transformers(engine, lambda p: _hf(hf_model, engine, p), _two_images())
 
 
 def test_plain_rope_would_differ(qwen, engine_cache, monkeypatch):
