@@ -3,6 +3,7 @@
 
 Run on the GPU machine from the repository root:  python3 benchmarks/gpu_kernels.py [--sweep]
     python3 benchmarks/gpu_kernels.py --features   # only the Gemma 2 / 3 and Baichuan-13B attention rows (a minute)
+    python3 benchmarks/gpu_kernels.py --features-sweep   # Gemma-2-9B's batch-1 decode attention under tile configs
 Only `cluster.kernels` is imported (no pydantic, Ray, transformers needed). Each check draws fresh random inputs,
 poisons the kernel's outputs with NaN and compares by ||out - ref|| / ||ref|| against the fp32 reference. Timings are
 `triton.testing.do_bench` medians (L2 flushed before each call); decode is also timed as replays of a CUDA graph holding
@@ -526,6 +527,35 @@ def sweep_decode_graph(B: int, ctx_len: int, page: int = 16) -> None:
     attention.DECODE_CONFIG = base
 
 
+def sweep_feature_decode(name: str, heads: tuple[int, int, int], ctx_len: int, bound: int, softcap: float = 0.0,
+                         window: int = 0, B: int = 1, layers: int = 42) -> None:
+    """One decode step's attention at a feature shape (Gemma-2-9B: 16 / 8 heads of 256, soft-cap): `layers` distinct
+    caches in one graph, the split count sized by `bound` as the engine's graphs are, under a few tile configs and
+    MIN_SPLIT_TOKENS: sizes DECODE_CONFIG for wide heads."""
+    hq, hkv, d = heads
+    q, caches, tables, ctx, cu = make_cache([ctx_len] * B, [1] * B, 16, torch.bfloat16, layers, heads=heads)
+    kw = dict(softcap=softcap, window=window)
+    want = reference.paged_attention(q.float(), caches[0][0].float(), caches[0][1].float(), tables, ctx, cu,
+                                     d ** -0.5, **kw)
+    base = attention.DECODE_CONFIG
+    for bn, w, st, mst in [(64, 4, 3, 64), (32, 4, 3, 32), (32, 4, 2, 32), (32, 2, 3, 32), (64, 8, 3, 64),
+                           (64, 4, 2, 32), (16, 4, 3, 16), (32, 8, 2, 32)]:
+        over = dict(BLOCK_N=bn, num_warps=w, num_stages=st, MIN_SPLIT_TOKENS=mst)
+        attention.DECODE_CONFIG = {**base, **over}
+        try:
+            g, outs = capture(lambda kc_i, vc_i: attention.paged_decode_attention(
+                q, kc_i, vc_i, tables, ctx, d ** -0.5, bound, **kw), caches)
+            err, ms = rel_err(outs[0], want), bench(g.replay) / len(caches)
+        except Exception as e:  # noqa: BLE001
+            err, ms = float("nan"), float("nan")
+            print("   ", over, repr(e)[:120])
+        splits = attention.decode_num_splits(B, hkv, min(bound, window + bn) if window else bound, DEV)
+        SWEEPS.append(dict(kernel="decode-feature", case=name, ctx=ctx_len, splits=splits, cfg=over, err=err, ms=ms))
+        print(f"   decode {name} B={B} ctx={ctx_len} bound={bound} splits={splits} {over} err={err:.1e} "
+              f"{ms * 1e3:6.2f} us", flush=True)
+    attention.DECODE_CONFIG = base
+
+
 def host_overhead() -> None:
     """CPU time per call of each wrapper on tiny inputs (the GPU idles): what eager (non-graph) steps pay per launch."""
     T, page = 4, 16
@@ -656,6 +686,12 @@ def kv_quant_table() -> None:
 
 def main() -> None:
     sweep = "--sweep" in sys.argv
+    if "--features-sweep" in sys.argv:  # Gemma-2-9B's decode attention at batch 1, global and windowed layers
+        for ctx_len in (560, 2048):
+            sweep_feature_decode("gemma2-9b global", (16, 8, 256), ctx_len, 8192, softcap=50.0)
+            sweep_feature_decode("gemma2-9b window", (16, 8, 256), ctx_len, 8192, softcap=50.0, window=4096)
+        sweep_feature_decode("llama3-8b", (HQ, HKV, D), 560, 8192, layers=32)
+        return
     if "--features" in sys.argv:
         torch.manual_seed(int(time.time()))
         feature_rows()

@@ -2,7 +2,10 @@
 a serial step (schedule, prepare, execute, sample) timed with synchronisation, then a torch profiler table of
 overlapped steps. For finding the gap between measured decode speed and the floor.
 
-    python benchmarks/profile_decode.py [--shape llama3-8b] [--batch 1 64]
+    python benchmarks/profile_decode.py [--shape llama3-8b] [--batch 1 64] [--no-pdl]
+
+--no-pdl: no PDL check, and the steps run (and are profiled) with PDL off, so each kernel's time in the table is its
+own: with PDL on a kernel starts before its predecessor ends and its time includes that wait.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--no-pdl", action="store_true", help="profile with PDL off (each kernel's own time)")
     args = ap.parse_args()
     from cluster.config import GenerationConfig
 
@@ -55,7 +59,11 @@ def main() -> None:
     torch.cuda.empty_cache()
     rng = random.Random(0)
     runner = eng.runner
-    check_pdl(eng, rand_prompts(4, 200, vocab, rng))
+    if args.no_pdl:
+        os.environ["CLUSTER_PDL"] = "0"
+        runner.capture()
+    else:
+        check_pdl(eng, rand_prompts(4, 200, vocab, rng))
     for bsz in args.batch:
         prompts = rand_prompts(bsz, 512, vocab, rng)
         for overlap in (True, False):
@@ -103,6 +111,8 @@ def main() -> None:
                 eng.step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))
+        gpu_us = sum(e.self_device_time_total for e in prof.key_averages()) / 5
+        print(f"batch {bsz}: kernels' own time {gpu_us / 1e3:.2f} ms per step", flush=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=50))
         for r in rids:
             eng.abort(r)

@@ -101,6 +101,20 @@ def test_rms_norm(dtype, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_with_a_sandwich_pre_norm_is_the_two_norms(dtype):
+    """The post-norm of a block's output, the residual add and the next norm in one kernel: the same values as the
+    post-norm kernel followed by the add-and-norm kernel."""
+    x, r = torch.randn(5, 96, dtype=dtype) * 3, torch.randn(5, 96, dtype=dtype)
+    w, pw = torch.randn(96, dtype=dtype), torch.randn(96, dtype=dtype)
+    out, res = norm.rms_norm(x, w, 1e-6, r, pre_weight=pw)
+    want_out, want_res = norm.rms_norm(norm.rms_norm(x, pw, 1e-6), w, 1e-6, r)
+    assert rel_err(res, want_res) < TOL[dtype] and rel_err(out, want_out) < TOL[dtype]
+    ref_out, ref_res = ref.rms_norm(x, w, 1e-6, r, pre_weight=pw)
+    assert rel_err(ref_res, want_res) < TOL[dtype] and rel_err(ref_out, want_out) < TOL[dtype]
+    assert rel_err(res, r) > 0.1  # the pre-norm was applied (x is 3x the residual's scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     x = torch.randn(2, 3, 2 * 80, dtype=dtype)
     assert rel_err(act.silu_and_mul(x), ref.silu_and_mul(x)) < TOL[dtype]
@@ -120,12 +134,15 @@ def test_gemv(dtype, bias, n, k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("n,k", [(37, 200), (130, 96)])
-def test_gemv_gated_is_gemv_then_silu_and_mul(dtype, bias, n, k):
-    x, w = torch.randn(1, k, dtype=dtype), torch.randn(2 * n, k, dtype=dtype)
+@pytest.mark.parametrize("act_name", ["silu", "gelu_tanh"])
+def test_gemv_gated_is_gemv_then_act_and_mul(dtype, bias, n, k, act_name):
+    x, w = (torch.randn(1, k) / k ** 0.5).to(dtype), torch.randn(2 * n, k, dtype=dtype)  # gates ~1: acts differ
     b = torch.randn(2 * n, dtype=dtype) if bias else None
-    want = ref.silu_and_mul(gemv.gemv(x, w, b))  # the product rounded to the dtype first, as unfused
-    got = gemv.gemv(x, w, b, gated=True)
+    want = ref.act_and_mul(gemv.gemv(x, w, b), act_name)  # the product rounded to the dtype first, as unfused
+    got = gemv.gemv(x, w, b, gated=True, act=act_name)
     assert got.shape == (1, n) and got.dtype == dtype and rel_err(got, want) < TOL[dtype]
+    other = ref.act_and_mul(gemv.gemv(x, w, b), "gelu_tanh" if act_name == "silu" else "silu")
+    assert rel_err(got, other) > TOL[dtype]  # the activation asked for, not the other one
 
 
 def _w4_weight(N: int, K: int, group: int, dtype: torch.dtype):

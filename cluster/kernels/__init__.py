@@ -11,7 +11,7 @@ import torch
 
 from cluster.kernels import mla_reference, reference
 
-__all__ = ["linear", "linear_fp8", "linear_w4", "mla_attention", "mla_decode_attention", "moe_experts",
+__all__ = ["act_and_mul", "linear", "linear_fp8", "linear_w4", "mla_attention", "mla_decode_attention", "moe_experts",
            "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store", "silu_and_mul",
            "store_kvcache", "store_latent"]
 
@@ -30,25 +30,27 @@ def _triton(name: str, t: torch.Tensor) -> ModuleType | None:
     return _modules[name]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
-           ) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
+           act: str = "silu") -> torch.Tensor:
     """x @ weight.T + bias. One row of half-precision activations on CUDA (decode at batch 1, where the step is
     bound by reading the weights) goes through the Triton GEMV, which reads them faster than cuBLAS.
 
-    gated: weight is the MLP's [gate; up] and the result is silu_and_mul of the product, applied inside the GEMV
-    where it runs."""
+    gated: weight is the MLP's [gate; up] and the result is act_and_mul(product, act), applied inside the GEMV
+    where it runs (silu and gelu_tanh)."""
     if x.shape[0] == 1 and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous():
         mod = _triton("gemv", x)
-        if mod is not None:
-            return mod.gemv(x, weight, bias, gated)
+        if mod is not None and (not gated or act in mod.FUSED_ACTS):
+            return mod.gemv(x, weight, bias, gated, act)
     y = torch.nn.functional.linear(x, weight, bias)
-    return silu_and_mul(y) if gated else y
+    return act_and_mul(y, act) if gated else y
 
 
 def linear_w4(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-              bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+              bias: torch.Tensor | None = None, gated: bool = False, act: str = "silu") -> torch.Tensor:
     """x @ W.T + bias for a 4-bit weight (reference.linear_w4); the Triton path dequantizes in registers, so the
-    weight crosses memory at a quarter of its bf16 bytes. gated: silu_and_mul of the result (fused on CUDA)."""
+    weight crosses memory at a quarter of its bf16 bytes. gated: act_and_mul of the result (SwiGLU fused on CUDA)."""
+    if gated and act != "silu":
+        return act_and_mul(linear_w4(x, qweight, zeros, scales, bias), act)
     mod = _triton("w4a16", x)
     if mod is not None:
         return mod.linear_w4(x, qweight, zeros, scales, bias, gated)
@@ -57,10 +59,12 @@ def linear_w4(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
 
 
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-               gated: bool = False) -> torch.Tensor:
+               gated: bool = False, act: str = "silu") -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias for an e4m3 weight with per-output-channel fp32 scales
     (cluster/quant/fp8.py). On CUDA up to 16 rows read the fp8 bytes in a GEMV, more go to torch._scaled_mm with
-    per-token activation scales; elsewhere the weight is dequantized (quant.fp8.linear). gated: silu_and_mul."""
+    per-token activation scales; elsewhere the weight is dequantized (quant.fp8.linear). gated: act_and_mul."""
+    if gated and act != "silu":
+        return act_and_mul(linear_fp8(x, weight, scale, bias), act)
     mod = _triton("fp8", x)
     if mod is not None:
         return mod.linear_fp8(x, weight, scale, bias, gated)
@@ -70,14 +74,21 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     return silu_and_mul(y) if gated else y
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """RMSNorm in fp32; with `residual`, returns (norm(x + residual), x + residual)."""
-    return (_triton("norm", x) or reference).rms_norm(x, weight, eps, residual)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             pre_weight: torch.Tensor | None = None):
+    """RMSNorm in fp32; with `residual`, returns (norm(x + residual), x + residual); with pre_weight too, x is
+    normed by it first (a sandwich norm and the next norm in one kernel)."""
+    return (_triton("norm", x) or reference).rms_norm(x, weight, eps, residual, pre_weight)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2N] = [gate | up] -> silu(gate) * up."""
     return (_triton("activation", x) or reference).silu_and_mul(x)
+
+
+def act_and_mul(x: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """[..., 2N] = [gate | up] -> act(gate) * up: SwiGLU through silu_and_mul, the others (Gemma's GeGLU) in torch."""
+    return silu_and_mul(x) if act == "silu" else reference.act_and_mul(x, act)
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

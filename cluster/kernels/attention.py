@@ -43,6 +43,9 @@ PREFILL_CONFIG = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, DECODE
 MIXED_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, DECODE_ROWS=True)
 MIXED_BELOW = 64
 DECODE_CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, MIN_SPLIT_TOKENS=64, MAX_SPLITS=64)
+# At batch 1 the graphs' 33 splits leave each program a tile or few: 2 stages there took 7.8 us per layer against 9.6
+# (Llama-3-8B, ctx 560) and 9.8 against 12.5 (Gemma-2-9B's 256-wide heads; gpu_kernels.py --features-sweep, H200).
+MANY_SPLITS = 8
 # Per quantized cache (kvcache.py's QUANT), what differs from DECODE_CONFIG; from the sweeps of gpu_kernels.py --kv.
 # H200 (run 1 of issue 18): 2 warps a program instead of 4 took B=64 ctx 2048 from 180 to 116 us (int8), 152 to 116
 # (fp8), 217 to 154 (4-bit): each program's 16 query rows leave 4 warps mostly converting for one another.
@@ -657,6 +660,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if window > 0:
         bound = min(int(bound), int(window) + cfg["BLOCK_N"])  # python ints: the split count stays value-independent
     splits = num_splits or decode_num_splits(B, hkv, int(bound), q.device, cfg)
+    if splits >= MANY_SPLITS:  # each program attends a tile or few: a third stage buys nothing, costs shared memory
+        cfg = {**cfg, "num_stages": min(cfg["num_stages"], 2)}
     mid_o, mid_lse = split_buffers(out, splits, d)
     page = k_cache.shape[1]
     k_cache, v_cache = _words(k_cache, v_cache, quant)

@@ -22,8 +22,12 @@ import torch.nn.functional as F
 from cluster.quant.fp8 import to_fp8
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """RMSNorm in fp32; with `residual`, adds it first and also returns the sum (the next residual)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             pre_weight: torch.Tensor | None = None):
+    """RMSNorm in fp32; with `residual`, adds it first and also returns the sum (the next residual). pre_weight
+    (sandwich norms): x is first normed by it, before the add."""
+    if pre_weight is not None:
+        x = rms_norm(x, pre_weight, eps).to(x.dtype)
     if residual is not None:
         x = x + residual
         residual = x
@@ -36,6 +40,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x = [gate | up] on the last dim -> silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+GATED_ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """x = [gate | up] on the last dim -> act(gate) * up (gelu_tanh: transformers' gelu_pytorch_tanh)."""
+    gate, up = x.chunk(2, dim=-1)
+    return GATED_ACTS[act](gate) * up
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):

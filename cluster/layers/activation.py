@@ -1,5 +1,5 @@
-"""The MLP's activations. SwiGLU goes through kernels.silu_and_mul (fused into the one-row GEMV on CUDA); the
-others are plain torch on every device, one elementwise kernel beside the matmuls."""
+"""The MLP's activations. The gated ones go through kernels.act_and_mul (SwiGLU and GeGLU fused into the one-row
+GEMV on CUDA); elsewhere they are plain torch, one elementwise kernel beside the matmuls."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +23,6 @@ def act(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def gated(x: torch.Tensor, name: str) -> torch.Tensor:
     """[..., 2N] = [gate | up] -> act(gate) * up (Gemma's GeGLU: gelu_tanh, transformers' gelu_pytorch_tanh)."""
-    if name == "silu":
-        return kernels.silu_and_mul(x)
-    gate, up = x.chunk(2, dim=-1)
-    return act(gate, name) * up
+    if name not in ACTIVATIONS:
+        raise ValueError(f"MLP activation {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return kernels.act_and_mul(x, name)

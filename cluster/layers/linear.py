@@ -30,13 +30,13 @@ def cpu_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+           packed: torch.Tensor | None = None, gated: bool = False, act: str = "silu") -> torch.Tensor:
     """x @ weight.T + bias: through the packed weight on the CPU, through cluster.kernels.linear elsewhere.
-    gated: the result is silu_and_mul of the product (see kernels.linear)."""
+    gated: the result is act_and_mul of the product (see kernels.linear)."""
     if packed is not None:
         y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return kernels.silu_and_mul(y) if gated else y
-    return kernels.linear(x, weight, bias, gated)
+        return kernels.act_and_mul(y, act) if gated else y
+    return kernels.linear(x, weight, bias, gated, act)
 
 
 def pack_cpu_weights(model: nn.Module) -> None:
@@ -72,12 +72,13 @@ class PackableLinear(nn.Module):
         else:
             self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
-    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False, act: str = "silu"
+                ) -> torch.Tensor:
         if self.w4:
-            return kernels.linear_w4(x, self.qweight, self.zeros, self.scales, bias, gated)
+            return kernels.linear_w4(x, self.qweight, self.zeros, self.scales, bias, gated, act)
         if self.fp8:
-            return kernels.linear_fp8(x, self.weight, self.weight_scale, bias, gated)
-        return matmul(x, self.weight, bias, self.packed, gated)
+            return kernels.linear_fp8(x, self.weight, self.weight_scale, bias, gated, act)
+        return matmul(x, self.weight, bias, self.packed, gated, act)
 
 
 class ColumnLinear(PackableLinear):
@@ -89,9 +90,9 @@ class ColumnLinear(PackableLinear):
         self._make_weight(out_features_per_rank, in_features, group, fp8)
         self.bias = nn.Parameter(torch.empty(out_features_per_rank), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """gated: the weight is the MLP's [gate; up] and the result silu(gate) * up (fused into the one-row GEMV)."""
-        return self._matmul(x, self.bias, gated)
+    def forward(self, x: torch.Tensor, gated: bool = False, act: str = "silu") -> torch.Tensor:
+        """gated: the weight is the MLP's [gate; up] and the result act(gate) * up (fused into the one-row GEMV)."""
+        return self._matmul(x, self.bias, gated, act)
 
 
 class RowLinear(PackableLinear):

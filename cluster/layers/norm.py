@@ -15,9 +15,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """With `residual`: returns (norm(x + residual), x + residual), fused in one kernel on the GPU."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, pre: RMSNorm | None = None):
+        """With `residual`: returns (norm(x + residual), x + residual), fused in one kernel on the GPU; with `pre`
+        too (a sandwich norm of the same eps), x is pre(x) first, in the same kernel."""
+        if pre is None:
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        assert pre.eps == self.eps and residual is not None
+        return kernels.rms_norm(x, self.weight, self.eps, residual, pre.weight)
 
 
 class LayerNorm(nn.Module):
@@ -30,7 +34,9 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(hidden), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, pre: RMSNorm | None = None):
+        if pre is not None:
+            x = pre(x)
         if residual is not None:
             x = x + residual
             residual = x

@@ -92,13 +92,15 @@ class LlamaMLP(nn.Module):
             self.up_proj = ColumnLinear(cfg.hidden_size, ffn, group=group, fp8=fp8)
         self.down_proj = RowLinear(ffn, cfg.hidden_size, group, fp8)
         self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
+        if self.act not in activation.ACTIVATIONS:
+            raise ValueError(f"MLP activation {self.act!r} is not supported; supported: "
+                             f"{', '.join(activation.ACTIVATIONS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
             return self.down_proj(activation.act(self.up_proj(x), self.act))
-        if self.act == "silu":  # SiLU-and-multiply inside the matmul where a kernel fuses it
-            return self.down_proj(self.gate_up_proj(x, gated=True))
-        return self.down_proj(activation.gated(self.gate_up_proj(x), self.act))
+        # the activation-and-multiply inside the matmul where a kernel fuses it
+        return self.down_proj(self.gate_up_proj(x, gated=True, act=self.act))
 
 
 def make_mlp(cfg: ModelConfig, tp: int, layer: int) -> nn.Module:
@@ -127,23 +129,22 @@ class LlamaDecoderLayer(nn.Module):
             self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, x, residual, meta, rotary):
+    def forward(self, positions, x, residual, meta, rotary, pending: RMSNorm | None = None):
+        """Returns (the block's output, the residual). With sandwich norms the output is not yet normed by
+        post_mlp_layernorm: that norm rides in the next norm's kernel (`pending`), as post_self_attn_layernorm
+        rides in post_attention_layernorm's."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, pending)
         if self.parallel:  # Falcon: x + attn(ln1(x)) + mlp(ln2(x) or ln1(x))
             h = self.post_attention_layernorm(residual) if hasattr(self, "post_attention_layernorm") else x
             return self.self_attn(positions, x, meta, rotary) + self.mlp(h), residual
         x = self.self_attn(positions, x, meta, rotary)
-        if self.sandwich:
-            x = self.post_self_attn_layernorm(x)
-        x, residual = self.post_attention_layernorm(x, residual)
-        x = self.mlp(x)
-        if self.sandwich:
-            x = self.post_mlp_layernorm(x)
-        return x, residual
+        x, residual = self.post_attention_layernorm(x, residual, self.post_self_attn_layernorm if self.sandwich
+                                                    else None)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -188,10 +189,12 @@ class LlamaForCausalLM(nn.Module):
             x = x * embed_scale(self.embed_scale, x.dtype)  # a Python float: nothing copied inside a CUDA graph
         if embeds is not None:
             x[embed_rows] = embeds.to(x.dtype)
-        residual = None
+        residual = pending = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta, rotary if mrope is not None else self._rotary_of(layer))
-        x, _ = self.norm(x, residual)
+            x, residual = layer(positions, x, residual, meta, rotary if mrope is not None else self._rotary_of(layer),
+                                pending)
+            pending = layer.post_mlp_layernorm if layer.sandwich else None
+        x, _ = self.norm(x, residual, pending)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
