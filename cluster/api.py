@@ -7,7 +7,7 @@ from typing import Iterator, Union
 
 from cluster.config import EngineConfig, GenerationConfig
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.engine import LLMEngine, Response
+from cluster.engine.engine import Response
 from cluster.engine.multimodal import from_tuple
 from cluster.engine.tokenizer import Prompt, with_tools
 from cluster.schemas import AssistantToolCall, ToolCallFunction
@@ -59,7 +59,7 @@ def assistant_message(result: Response) -> dict:
 class Pipeline:
     def __init__(self, model: str | None = None, engine_config: EngineConfig | None = None,
                  gen_config: GenerationConfig | None = None, do_preprocess: bool = True):
-        self.engine = AsyncEngine(LLMEngine(model, engine_config))
+        self.engine = AsyncEngine.from_model(model, engine_config)
         self.do_preprocess = do_preprocess
         self.gen_config = gen_config or GenerationConfig()
         self.tokenizer = self.engine.tokenizer

@@ -159,3 +159,28 @@ def test_a_dead_loop_tells_streams_nothing_of_its_cause(tiny_models, engine_cach
     for message in (str(err.value), str(health.value)):
         assert "deadbeef" not in message and "user 42" not in message
     assert "deadbeef" in caplog.text  # the operators' log has it
+
+
+def test_from_model_builds_the_engine_on_the_step_loop_thread(tiny_models, engine_cache, solo):
+    """The engine's weights and warm-up run on the thread that then steps it (one OpenMP pool on the CPU, see
+    AsyncEngine), and it serves the same tokens as a plain engine."""
+    built_on = []
+
+    def build() -> LLMEngine:
+        built_on.append(threading.current_thread())
+        return make(tiny_models, engine_cache)
+
+    a = AsyncEngine(build)
+    try:
+        assert built_on == [a._thread] and a._thread is not threading.current_thread()
+        assert [t for out in a.stream(GOOD, G) for t in out.token_ids] == solo
+    finally:
+        a.shutdown()
+
+
+def test_a_failed_build_raises_in_the_caller():
+    def build() -> LLMEngine:
+        raise ValueError("model needs 30.1 GiB; lower --cache-max-entry-count")
+
+    with pytest.raises(ValueError, match="cache-max-entry-count"):
+        AsyncEngine(build)
