@@ -537,7 +537,8 @@ def sweep_feature_decode(name: str, heads: tuple[int, int, int], ctx_len: int, b
     kw = dict(softcap=softcap, window=window)
     want = reference.paged_attention(q.float(), caches[0][0].float(), caches[0][1].float(), tables, ctx, cu,
                                      d ** -0.5, **kw)
-    base = attention.DECODE_CONFIG
+    base, many = attention.DECODE_CONFIG, attention.MANY_SPLITS
+    attention.MANY_SPLITS = 1 << 30  # each config's num_stages as given, not clamped at many splits
     for bn, w, st, mst in [(64, 4, 3, 64), (32, 4, 3, 32), (32, 4, 2, 32), (32, 2, 3, 32), (64, 8, 3, 64),
                            (64, 4, 2, 32), (16, 4, 3, 16), (32, 8, 2, 32)]:
         over = dict(BLOCK_N=bn, num_warps=w, num_stages=st, MIN_SPLIT_TOKENS=mst)
@@ -553,7 +554,7 @@ def sweep_feature_decode(name: str, heads: tuple[int, int, int], ctx_len: int, b
         SWEEPS.append(dict(kernel="decode-feature", case=name, ctx=ctx_len, splits=splits, cfg=over, err=err, ms=ms))
         print(f"   decode {name} B={B} ctx={ctx_len} bound={bound} splits={splits} {over} err={err:.1e} "
               f"{ms * 1e3:6.2f} us", flush=True)
-    attention.DECODE_CONFIG = base
+    attention.DECODE_CONFIG, attention.MANY_SPLITS = base, many
 
 
 def host_overhead() -> None:

@@ -55,9 +55,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._built = threading.Event()
         self._build_error: BaseException | None = None
-        if isinstance(engine, LLMEngine):
-            self.engine = engine
-        self._thread = threading.Thread(target=self._run, args=(engine,), name="engine-loop", daemon=True)
+        build = (lambda: engine) if isinstance(engine, LLMEngine) else engine
+        self._thread = threading.Thread(target=self._run, args=(build,), name="engine-loop", daemon=True)
         self._thread.start()
         self._built.wait()
         if self._build_error is not None:
@@ -207,15 +206,14 @@ class AsyncEngine:
         elif abort:
             stream.put(RequestOutput(finish_reason="abort", request_id=rid))
 
-    def _run(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
-        if not isinstance(engine, LLMEngine):
-            try:
-                self.engine = engine()
-            except BaseException as e:  # noqa: BLE001 - the constructor re-raises it on its own thread
-                self._build_error = e
-                self._built.set()
-                return
-        self._built.set()
+    def _run(self, build: Callable[[], LLMEngine]) -> None:
+        try:
+            self.engine = build()
+        except BaseException as e:  # noqa: BLE001 - the constructor re-raises it on its own thread
+            self._build_error = e
+            return
+        finally:
+            self._built.set()
         self._loop()
 
     def _loop(self) -> None:

@@ -61,6 +61,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(rows,)](
             x2, r2 if r2 is not None else x2, weight, pre_weight if pre_weight is not None else weight, out,
             rout if rout is not None else out, x2.stride(0), r2.stride(0) if r2 is not None else 0, N, eps,
-            HAS_RESIDUAL=residual is not None, PRE_NORM=pre_weight is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
-            **pdl.launch_args(x))
+            HAS_RESIDUAL=residual is not None, PRE_NORM=pre_weight is not None, BLOCK=BLOCK,
+            num_warps=min(16, max(1, BLOCK // 256)), **pdl.launch_args(x))
     return out if residual is None else (out, rout)

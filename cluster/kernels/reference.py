@@ -42,13 +42,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-GATED_ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+# the MLP's activations, by ModelConfig.hidden_act
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 
 
 def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
     """x = [gate | up] on the last dim -> act(gate) * up (gelu_tanh: transformers' gelu_pytorch_tanh)."""
     gate, up = x.chunk(2, dim=-1)
-    return GATED_ACTS[act](gate) * up
+    return ACTIVATIONS[act](gate) * up
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):

@@ -92,9 +92,7 @@ class LlamaMLP(nn.Module):
             self.up_proj = ColumnLinear(cfg.hidden_size, ffn, group=group, fp8=fp8)
         self.down_proj = RowLinear(ffn, cfg.hidden_size, group, fp8)
         self.act, self.gated = cfg.hidden_act, cfg.gated_mlp
-        if self.act not in activation.ACTIVATIONS:
-            raise ValueError(f"MLP activation {self.act!r} is not supported; supported: "
-                             f"{', '.join(activation.ACTIVATIONS)}")
+        activation.check(self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
