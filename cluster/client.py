@@ -9,7 +9,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import httpx
 import openai
 
 from cluster.chat_loop import chat_loop as run_chat
@@ -30,7 +29,7 @@ class APIClient:
         base = url.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
         self.sdk = openai.OpenAI(base_url=self.base_url, api_key=api_key or "none", max_retries=0,
-                                 timeout=httpx.Timeout(timeout, connect=10.0))
+                                 timeout=openai.Timeout(timeout, connect=10.0))  # the SDK's own type
 
     @contextmanager
     def _errors(self):
