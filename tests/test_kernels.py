@@ -473,6 +473,24 @@ def test_paged_decode_attention(dtype, hq, hkv, page, splits, monkeypatch):
     assert out.dtype == dtype and rel_err(out, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("prewait", ["1", "0"])
+def test_decode_merge_in_the_last_split_equals_the_reduce_kernel(prewait, monkeypatch):
+    """The last split of each (sequence, kv head) to finish merges the partials (one launch): the same values as the
+    separate reduce kernel, and every counter back at zero for the next launch (graph replays reuse them). Also
+    with the first K/V tile loaded before the wait (PREWAIT) and without."""
+    use_decode_config(monkeypatch, SMALL_DECODE)
+    monkeypatch.setenv("CLUSTER_ATTN_PREWAIT", prewait)
+    q, kc, vc, tables, ctx, cu = make_batch([1] * 4, [1, 45, 16, 70], 8, 2, 64, 16, torch.float32)
+    want = ref_attention(q, kc, vc, tables, ctx, cu, 0.125)
+    monkeypatch.setenv("CLUSTER_ATTN_FUSED_MERGE", "0")
+    apart = attn.paged_decode_attention(q, kc, vc, tables, ctx, 0.125, num_splits=5)
+    monkeypatch.setenv("CLUSTER_ATTN_FUSED_MERGE", "1")
+    for _ in range(2):  # the second launch finds the counters zeroed by the first
+        fused = attn.paged_decode_attention(q, kc, vc, tables, ctx, 0.125, num_splits=5)
+        assert torch.equal(fused, apart) and rel_err(fused, want) < 1e-4
+        assert not attn.merge_counters(q.device, 8).any()
+
+
 def test_decode_agrees_with_prefill_kernel(monkeypatch):
     use_decode_config(monkeypatch, SMALL_DECODE)
     q, kc, vc, tables, ctx, cu = make_batch([1, 1, 1], [33, 5, 64], 8, 2, 64, 16, torch.float32)
@@ -504,8 +522,11 @@ def test_paged_attention_softcap_and_window(softcap, window, tiles, monkeypatch)
 @pytest.mark.parametrize("softcap, window", SOFTCAP_WINDOW)
 @pytest.mark.parametrize("splits", [1, 3, None])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_softcap_and_window(softcap, window, splits, dtype, monkeypatch):
+@pytest.mark.parametrize("switches", ["0", "1"])  # first tile before the wait and the merge in the last split
+def test_paged_decode_attention_softcap_and_window(softcap, window, splits, dtype, switches, monkeypatch):
     use_decode_config(monkeypatch, SMALL_DECODE)
+    monkeypatch.setenv("CLUSTER_ATTN_PREWAIT", switches)
+    monkeypatch.setenv("CLUSTER_ATTN_FUSED_MERGE", switches)
     ctx_lens = [1, 45, 16, 70, 8, 9]  # window edges inside a tile, on a tile edge, before any key
     q, kc, vc, tables, ctx, cu = make_batch([1] * 6, ctx_lens, 4, 2, 64, 16, dtype)
     q = q * 3
@@ -587,10 +608,13 @@ def test_paged_attention_alibi(tiles, hq, hkv, monkeypatch):
 
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_attention_alibi(splits, dtype, monkeypatch):
+@pytest.mark.parametrize("switches", ["0", "1"])
+def test_paged_decode_attention_alibi(splits, dtype, switches, monkeypatch):
     from cluster.convert.rope import alibi_slopes
 
     use_decode_config(monkeypatch, SMALL_DECODE)
+    monkeypatch.setenv("CLUSTER_ATTN_PREWAIT", switches)
+    monkeypatch.setenv("CLUSTER_ATTN_FUSED_MERGE", switches)
     q, kc, vc, tables, ctx, cu = make_batch([1] * 4, [1, 45, 16, 70], 6, 2, 64, 16, dtype)
     slopes = alibi_slopes(6)
     want = ref.paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, cu, 0.2, alibi=slopes)
@@ -778,3 +802,44 @@ def test_launch_fitting_shrinks_the_tiles_until_the_gpu_takes_them_and_remembers
     finally:
         attention._FITTED.pop(key, None)
         attention._FITTED.pop(("test", "never"), None)
+
+
+def test_l2_prefetch_rides_ahead_of_each_batch1_gemv(tiny_models, engine_cache, monkeypatch):
+    """With CLUSTER_L2_PREFETCH on, at one row each layer asks for the front of its qkv, o and [gate; up] (both
+    halves) weights ahead of their GEMVs, with PREFETCH_MB's sizes or the variable's own; at two rows nothing."""
+    from cluster import kernels
+    from cluster.config import EngineConfig, GenerationConfig
+    from cluster.engine import model_runner
+    from cluster.engine.engine import LLMEngine
+    from cluster.layers import linear
+
+    calls = []
+    monkeypatch.setattr(kernels, "prefetch_l2", lambda w, nbytes, parts=1: calls.append((tuple(w.shape), nbytes, parts)))
+    monkeypatch.setattr(model_runner, "pack_cpu_weights", lambda model: None)  # plain weights, as on the GPU
+    path, hf_model = tiny_models("llama")
+    eng = LLMEngine(str(path), EngineConfig(cache_dir=engine_cache, device="cpu", dtype="float32"))
+    c = hf_model.config
+    hd = c.hidden_size // c.num_attention_heads
+    qkv = ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size)
+    o, gate_up = (c.hidden_size, c.num_attention_heads * hd), (2 * c.intermediate_size, c.hidden_size)
+    gen = GenerationConfig(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    mb = {k: int(v * 2 ** 20) for k, v in linear.PREFETCH_MB.items()}
+
+    eng.generate([[5, 6, 7]], gen)
+    assert calls == []  # off unless asked for (not yet measured on a GPU)
+    monkeypatch.setenv("CLUSTER_L2_PREFETCH", "1")
+    eng.generate([[5, 6, 7]], gen)  # 3 decode steps at one row
+    per_step = [(qkv, mb["qkv"], 1), (o, mb["o"], 1), (gate_up, mb["gate_up"], 2)] * c.num_hidden_layers
+    assert calls == per_step * 3
+
+    calls.clear()
+    eng.generate([[5, 6, 7], [8, 9, 10]], gen)
+    assert calls == []
+
+    monkeypatch.setenv("CLUSTER_L2_PREFETCH", "o=1.5")
+    eng.generate([[5, 6, 7]], gen)
+    assert calls == [(o, int(1.5 * 2 ** 20), 1)] * c.num_hidden_layers * 3
+    calls.clear()
+    monkeypatch.setenv("CLUSTER_L2_PREFETCH", "0")
+    eng.generate([[5, 6, 7]], gen)
+    assert calls == []

@@ -12,7 +12,7 @@ import torch
 from cluster.kernels import mla_reference, reference
 
 __all__ = ["act_and_mul", "linear", "linear_fp8", "linear_w4", "mla_attention", "mla_decode_attention", "moe_experts",
-           "paged_attention", "paged_decode_attention", "rms_norm", "rotary_and_store", "silu_and_mul",
+           "paged_attention", "paged_decode_attention", "prefetch_l2", "rms_norm", "rotary_and_store", "silu_and_mul",
            "store_kvcache", "store_latent"]
 
 _modules: dict[str, ModuleType | None] = {}
@@ -72,6 +72,14 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
 
     y = fp8.linear(x, weight, scale, bias)
     return silu_and_mul(y) if gated else y
+
+
+def prefetch_l2(weight: torch.Tensor, nbytes: int, parts: int = 1) -> None:
+    """A hint: the first nbytes of weight (of each of its `parts` row blocks) towards L2 ahead of its GEMV, while the
+    kernels before it leave the memory bus idle (prefetch.py). Nothing off CUDA or outside a PDL chain."""
+    mod = _triton("prefetch", weight)
+    if mod is not None:
+        mod.prefetch_l2(weight, nbytes, parts)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

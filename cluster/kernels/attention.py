@@ -210,6 +210,15 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
         v = _load_rows(vc_ptr, ptrs, n_ok, MASK)
         if QUANT != 0:
             k, v = _to_dot_dtype(k, q, QUANT), _to_dot_dtype(v, q, QUANT)
+    return _update_tile(acc, l_i, m_i, q, qsum, k, v, page, ks_ptr, vs_ptr, n, n_ok, pos, kv_head, qk_scale, softcap,
+                        window, slopes, PAGE, MASK, QUANT, SOFTCAP, ALIBI)
+
+
+@triton.jit
+def _update_tile(acc, l_i, m_i, q, qsum, k, v, page, ks_ptr, vs_ptr, n, n_ok, pos, kv_head, qk_scale, softcap, window,
+                 slopes, PAGE: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, SOFTCAP: tl.constexpr,
+                 ALIBI: tl.constexpr):
+    """_attend_tile's update once the tile (keys n, their pages) is loaded."""
     s = _dot(q, tl.trans(k))
     k_sc, k_min, v_sc, v_min = _row_params(ks_ptr, vs_ptr, page, n, n_ok, kv_head, PAGE, MASK, QUANT)
     if QUANT == 4:
@@ -534,15 +543,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 @triton.jit(do_not_specialize=["stride_bt", "NUM_SPLITS", "softcap", "window"])
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, bt_ptr, ctx_ptr, o_ptr, mo_ptr, mlse_ptr,
-                         qk_scale, softcap, window,
+                         cnt_ptr, qk_scale, softcap, window,
                          stride_qb, stride_qh, stride_ob, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                          NUM_SPLITS, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
                          PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, QUANT: tl.constexpr,
-                         USE_PDL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
-    wait_for_previous(USE_PDL)
+                         USE_PDL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
+                         PREWAIT: tl.constexpr, FUSED_MERGE: tl.constexpr, SPLITS_P: tl.constexpr):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Until wait_for_previous only what no kernel of the step writes: the lengths and block tables (copied in before
+    # the step) and, with PREWAIT, the first tile of K/V, all but its newest row (the kernel before stores that one).
     ctx = tl.load(ctx_ptr + b)
     if WINDOW:  # the splits share out the window's tiles only
         base = _window_start(ctx, window, BLOCK_N)
@@ -561,14 +572,51 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, bt_ptr, 
     l_i = tl.zeros([GROUP_P], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     d = tl.arange(0, D)
-    q = _dot_operand(tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0), QUANT)
-    qsum = tl.sum(q.to(tl.float32), 1)  # the 4-bit cache's min term
     acc = tl.zeros([GROUP_P, D], tl.float32)
-    acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, ctx, kv_head,
-                                  qk_scale, softcap, window, _alibi_slopes(al_ptr, head, g_ok, ALIBI), stride_cb,
-                                  stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT, SOFTCAP, WINDOW, ALIBI)
+    if PREWAIT:
+        n = lo + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        off = page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch
+        k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        newest = ctx - 1
+        new_off = (tl.load(bt_row + newest // PAGE).to(tl.int64) * stride_cb + (newest % PAGE) * stride_cs
+                   + kv_head * stride_ch)
+        wait_for_previous(USE_PDL)
+        q = tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0)
+        is_new = (n == newest)[:, None]
+        k = tl.where(is_new, tl.load(kc_ptr + new_off + d)[None, :], k)
+        v = tl.where(is_new, tl.load(vc_ptr + new_off + d)[None, :], v)
+        slopes = _alibi_slopes(al_ptr, head, g_ok, ALIBI)
+        if lo < hi:  # an empty split's tile stays out: its scores would all be -inf
+            pos = tl.zeros([GROUP_P], tl.int32) + newest
+            acc, l_i, m_i = _update_tile(acc, l_i, m_i, q, q, k, v, page, ks_ptr, vs_ptr, n, n_ok, pos, kv_head,
+                                         qk_scale, softcap, window, slopes, PAGE, 1 + 2 * WINDOW, QUANT, SOFTCAP,
+                                         ALIBI)
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
+                                      tl.minimum(lo + BLOCK_N, hi), hi, ctx, kv_head, qk_scale, softcap, window,
+                                      slopes, stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT, SOFTCAP,
+                                      WINDOW, ALIBI)
+    else:
+        wait_for_previous(USE_PDL)
+        q = _dot_operand(tl.load(q_row + d[None, :], mask=g_ok[:, None], other=0.0), QUANT)
+        qsum = tl.sum(q.to(tl.float32), 1)  # the 4-bit cache's min term
+        acc, l_i, m_i = _attend_range(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, lo, hi, ctx,
+                                      kv_head, qk_scale, softcap, window, _alibi_slopes(al_ptr, head, g_ok, ALIBI),
+                                      stride_cb, stride_cs, stride_ch, D, PAGE, BLOCK_N, QUANT, SOFTCAP, WINDOW, ALIBI)
     _write_decode(acc, l_i, m_i, d, b, head, g_ok, split, o_ptr, mo_ptr, mlse_ptr, stride_ob, stride_oh,
                   NUM_SPLITS, GROUP, D, SPLIT)
+    if FUSED_MERGE:  # the last split of (b, kv head) to finish merges them all: no second kernel
+        tl.debug_barrier()  # every thread's partial stored before the count says so (the atomic releases them)
+        slot = cnt_ptr + b * tl.num_programs(1) + kv_head
+        if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            tl.store(slot, 0)  # zero again for the next launch (graph replays reuse the counters)
+            for j in tl.static_range(GROUP):
+                h = kv_head * GROUP + j
+                row = (b * (GROUP * tl.num_programs(1)) + h).to(tl.int64) * NUM_SPLITS
+                _merge_splits(mo_ptr, mlse_ptr, o_ptr, row, b.to(tl.int64) * stride_ob + h * stride_oh, NUM_SPLITS,
+                              D, SPLITS_P)
 
 
 @triton.jit
@@ -589,21 +637,32 @@ def _write_decode(acc, l_i, m_i, cols, b, head, g_ok, split, o_ptr, mo_ptr, mlse
         tl.store(mlse_ptr + row, lse, mask=g_ok)
 
 
+@triton.jit
+def _merge_splits(mo_ptr, mlse_ptr, o_ptr, row, o_off, NUM_SPLITS, D: tl.constexpr, SPLITS_P: tl.constexpr):
+    """One head's output from its splits' partials (rows row .. row + NUM_SPLITS of the [B, H, S] buffers). The
+    loads bypass L1: in the fused path they read what other SMs have just written."""
+    s = tl.arange(0, SPLITS_P)
+    d = tl.arange(0, D)
+    lse = tl.load(mlse_ptr + row + s, mask=s < NUM_SPLITS, other=float("-inf"), cache_modifier=".cg")
+    # Every split's row loaded at once, not masked by its lse (which would wait for that load first); an empty
+    # split's, never written, may hold anything and is dropped by the where.
+    parts = tl.load(mo_ptr + (row + s)[:, None] * D + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0,
+                    cache_modifier=".cg")
+    live = lse > float("-inf")
+    w = tl.exp2(lse - tl.max(lse, 0))
+    parts = tl.where(live[:, None], parts, 0.0)
+    out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+    tl.store(o_ptr + o_off + d, out.to(o_ptr.dtype.element_ty))
+
+
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _decode_reduce_kernel(mo_ptr, mlse_ptr, o_ptr, stride_ob, stride_oh, NUM_SPLITS,
                           D: tl.constexpr, SPLITS_P: tl.constexpr, USE_PDL: tl.constexpr):
     wait_for_previous(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.arange(0, SPLITS_P)
-    d = tl.arange(0, D)
     row = (b * tl.num_programs(1) + h).to(tl.int64) * NUM_SPLITS
-    lse = tl.load(mlse_ptr + row + s, mask=s < NUM_SPLITS, other=float("-inf"))
-    live = lse > float("-inf")  # empty splits are neither read nor weighted
-    w = tl.exp2(lse - tl.max(lse, 0))
-    parts = tl.load(mo_ptr + (row + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-    out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+    _merge_splits(mo_ptr, mlse_ptr, o_ptr, row, b.to(tl.int64) * stride_ob + h * stride_oh, NUM_SPLITS, D, SPLITS_P)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -624,6 +683,26 @@ def decode_num_splits(batch: int, kv_heads: int, max_context_len: int, device: t
     cfg = cfg or DECODE_CONFIG
     want = triton.cdiv(2 * _sm_count(device), batch * kv_heads)
     return max(1, min(want, triton.cdiv(max_context_len, cfg["MIN_SPLIT_TOKENS"]), cfg["MAX_SPLITS"]))
+
+
+_COUNTERS: dict[int, torch.Tensor] = {}
+MERGE_COUNTERS = 1 << 16  # (sequence, kv head) pairs a fused decode launch can count; past that, the reduce kernel
+
+
+def merge_counters(device: torch.device, pairs: int) -> torch.Tensor | None:
+    """Zeroed int32 counters, one per (sequence, kv head), that the fused merge counts finished splits in (and zeroes
+    again). One buffer per device, made before any graph capture (the warm-up's first launch): the decode launches of
+    a device run one after another in stream order, so they can share it. None where the pairs do not fit (or,
+    never expected, where a capture would have to make the buffer). Under the interpreter, on CPU tensors, the
+    programs run one by one and the same counting picks the last."""
+    if pairs > MERGE_COUNTERS:
+        return None
+    idx = -1 if device.type != "cuda" else device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[idx] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[idx]
 
 
 def split_buffers(out: torch.Tensor, splits: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -665,16 +744,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     mid_o, mid_lse = split_buffers(out, splits, d)
     page = k_cache.shape[1]
     k_cache, v_cache = _words(k_cache, v_cache, quant)
+    counts = merge_counters(q.device, B * hkv) if splits > 1 else None
+    fused = counts is not None and os.environ.get("CLUSTER_ATTN_FUSED_MERGE", "0") == "1"
     _decode_split_kernel[(B, hkv, splits)](
         q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache, _slopes_arg(alibi, q),
-        block_tables, context_lens, out, mid_o, mid_lse, scale * LOG2E, _log2_cap(softcap), int(window),
+        block_tables, context_lens, out, mid_o, mid_lse, counts if fused else out, scale * LOG2E, _log2_cap(softcap),
+        int(window),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         splits, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, PAGE=page,
         BLOCK_N=cfg["BLOCK_N"], SPLIT=splits > 1, QUANT=quant, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], SOFTCAP=softcap > 0, WINDOW=window > 0, ALIBI=alibi is not None,
-        **pdl.launch_args(q))
-    if splits > 1:
+        PREWAIT=not quant and os.environ.get("CLUSTER_ATTN_PREWAIT", "0") == "1", FUSED_MERGE=fused,
+        SPLITS_P=triton.next_power_of_2(splits), **pdl.launch_args(q))
+    if splits > 1 and not fused:
         _decode_reduce_kernel[(B, hq)](mid_o, mid_lse, out, out.stride(0), out.stride(1), splits, D=d,
                                        SPLITS_P=triton.next_power_of_2(splits), num_warps=4, **pdl.launch_args(q))
     return out

@@ -5,11 +5,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import os
+
 from cluster import kernels
 from cluster.layers.parallel import all_reduce
 
 # Rows the oneDNN weight layout is tuned for: decode batches are a few to a few dozen rows.
 CPU_PACK_ROWS = 16
+
+# MB of a weight's front pulled towards L2 ahead of its batch-1 GEMV (kernels/prefetch.py), by the weight's role:
+# "o" during rotary + attention, "gate_up" during the post-attention norm, "qkv" during the input norm.
+# Off until measured on a GPU (benchmarks/decode_variants.py): CLUSTER_L2_PREFETCH=1 turns these sizes on, and
+# e.g. "o=32,gate_up=0" gives others; read at each call (so at each graph capture).
+PREFETCH_MB = {"o": 32, "gate_up": 8, "qkv": 8}
+
+
+def prefetch_mb(role: str) -> float:
+    spec = os.environ.get("CLUSTER_L2_PREFETCH", "0").strip()
+    if spec in ("0", ""):
+        return 0
+    if spec == "1":
+        return PREFETCH_MB.get(role, 0)
+    given = dict(part.split("=") for part in spec.split(",") if "=" in part)
+    return float(given.get(role, 0))
 
 
 def cpu_pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -56,6 +74,13 @@ class PackableLinear(nn.Module):
 
     def matmul_weight(self) -> torch.Tensor:
         return self.weight
+
+    def prefetch(self, rows: int, role: str, parts: int = 1) -> None:
+        """Ahead of a one-row matmul of this layer (the GEMV), the front of its weight towards L2 (PREFETCH_MB);
+        parts=2 for a gated [gate; up] weight, read from the front of both halves."""
+        mb = prefetch_mb(role) if rows == 1 and self.packed is None else 0
+        if mb > 0:
+            kernels.prefetch_l2(self.qweight if self.w4 else self.weight, int(mb * 2 ** 20), parts)
 
     def _make_weight(self, out_features: int, in_features: int, group: int, fp8: bool = False) -> None:
         if fp8:

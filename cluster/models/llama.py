@@ -63,6 +63,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata, rotary: Rotary) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        self.o_proj.prefetch(x.shape[0], "o")  # pulled into L2 during rotary and attention
         if self.clip:  # Dbrx
             qkv = qkv.clamp(-self.clip, self.clip)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -131,6 +132,8 @@ class LlamaDecoderLayer(nn.Module):
         """Returns (the block's output, the residual). With sandwich norms the output is not yet normed by
         post_mlp_layernorm: that norm rides in the next norm's kernel (`pending`), as post_self_attn_layernorm
         rides in post_attention_layernorm's."""
+        if isinstance(self.self_attn, LlamaAttention):  # during the input norm
+            self.self_attn.qkv_proj.prefetch(x.shape[0], "qkv")
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
@@ -140,6 +143,8 @@ class LlamaDecoderLayer(nn.Module):
             h = self.post_attention_layernorm(residual) if hasattr(self, "post_attention_layernorm") else x
             return self.self_attn(positions, x, meta, rotary) + self.mlp(h), residual
         x = self.self_attn(positions, x, meta, rotary)
+        if isinstance(self.mlp, LlamaMLP) and self.mlp.gated:  # during the post-attention norm
+            self.mlp.gate_up_proj.prefetch(x.shape[0], "gate_up", parts=2)
         x, residual = self.post_attention_layernorm(x, residual, self.post_self_attn_layernorm if self.sandwich
                                                     else None)
         return self.mlp(x), residual
