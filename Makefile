@@ -30,26 +30,23 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) compiler
 
-# a C compiler for the CPU kernels (cluster/kernels/cpu_native.c, built on first use); without one the CPU runs the
-# slower torch reference kernels
+# apt-get install $(1) (as root, or through sudo) where it is missing; otherwise say so, and what $(2) does without it
+apt_install = if ! command -v apt-get >/dev/null; then echo "no apt-get: install $(1) ($(2))"; \
+  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends $(1) >/dev/null; \
+  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends $(1) >/dev/null; \
+  else echo "not root: apt-get install $(1) ($(2))"; fi
+
+# a C compiler for the CPU kernels (cluster/kernels/cpu_native.c, built on first use)
 compiler:
 	@command -v cc >/dev/null || command -v gcc >/dev/null || { \
-	  if ! command -v apt-get >/dev/null; then echo "no C compiler and no apt-get: the CPU runs the reference kernels"; \
-	  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; \
-	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; \
-	  else echo "not root: apt-get install gcc for the CPU kernels (the reference runs without them)"; fi; }
+	  $(call apt_install,gcc libc6-dev,the CPU runs the slower torch reference kernels without it); }
 
 # Debian's chromium and its driver for tests/test_webui_browser.py; nothing to do when both are there
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-	  if ! command -v apt-get >/dev/null; then echo "no apt-get: install chromium and chromedriver for the browser test"; \
-	  elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
-	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
-	  else echo "not root: apt-get install chromium chromium-driver for the browser test (it skips without them)"; fi; }
+	  $(call apt_install,chromium chromium-driver,the browser test skips without them); }
 
 serve: setup
 	$(VENV)/bin/cluster serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)

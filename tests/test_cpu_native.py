@@ -33,15 +33,16 @@ def test_the_library_builds_and_the_dispatch_takes_it(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", ["plain", "residual", "sandwich"])
-def test_rms_norm(dtype, form):
-    x, r = torch.randn(5, 576, dtype=dtype) * 3, torch.randn(5, 576, dtype=dtype)
+@pytest.mark.parametrize("rows", [5, 77])  # 77: a prefill's rows, shared over the threads
+def test_rms_norm(dtype, form, rows):
+    x, r = torch.randn(rows, 576, dtype=dtype) * 3, torch.randn(rows, 576, dtype=dtype)
     w, pw = torch.randn(576, dtype=dtype), torch.randn(576, dtype=dtype)
     args = {"plain": (), "residual": (r,), "sandwich": (r, pw)}[form]
     got, want = native.rms_norm(x, w, 1e-5, *args), ref.rms_norm(x, w, 1e-5, *args)
     if form == "plain":
         got, want = (got,), (want,)
     assert all(close(a, b, dtype) for a, b in zip(got, want))
-    strided = torch.randn(5, 700, dtype=dtype)[:, :576]  # a row stride of its own
+    strided = torch.randn(rows, 700, dtype=dtype)[:, :576]  # a row stride of its own
     assert close(native.rms_norm(strided, w, 1e-5), ref.rms_norm(strided, w, 1e-5), dtype)
 
 

@@ -5,6 +5,7 @@
  * the tensor dtype where the reference's torch ops round (built with -ffp-contract=off, so no fused multiply-adds
  * the reference does not do). */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,15 +63,13 @@ static void norm_row(int dt, float *x, int64_t n, const float *w, float eps, flo
     for (int64_t i = 0; i < n; i++) out[i] = rnd(dt, rnd(dt, x[i] * rstd) * w[i]);
 }
 
-/* reference.rms_norm: x [rows, n] (row stride sx); r (or NULL) the residual (stride sr), added first, the sum
- * written to rout [rows, n]; pw (or NULL) a sandwich pre-norm's weight, applied to x before the add. */
-void rms_norm(int dt, int64_t rows, int64_t n, const void *x, int64_t sx, const void *r, int64_t sr,
-              const void *pw, const void *w, float eps, void *out, void *rout) {
+static void rms_norm_rows(int dt, int64_t lo, int64_t hi, int64_t n, const void *x, int64_t sx, const void *r,
+                          int64_t sr, const void *pw, const void *w, float eps, void *out, void *rout) {
     float *buf = malloc((size_t)n * 4 * 4);
     float *xb = buf, *wb = buf + n, *pwb = buf + 2 * n, *ob = buf + 3 * n;
     load_row(dt, w, n, wb);
     if (pw) load_row(dt, pw, n, pwb);
-    for (int64_t t = 0; t < rows; t++) {
+    for (int64_t t = lo; t < hi; t++) {
         load_row(dt, at(dt, x, t * sx), n, xb);
         if (pw) {
             norm_row(dt, xb, n, pwb, eps, ob);
@@ -85,6 +84,23 @@ void rms_norm(int dt, int64_t rows, int64_t n, const void *x, int64_t sx, const 
         store_row(dt, (void *)at(dt, out, t * n), n, ob);
     }
     free(buf);
+}
+
+/* reference.rms_norm: x [rows, n] (row stride sx); r (or NULL) the residual (stride sr), added first, the sum
+ * written to rout [rows, n]; pw (or NULL) a sandwich pre-norm's weight, applied to x before the add. A prefill's
+ * rows are shared out over the OpenMP threads in contiguous blocks. */
+void rms_norm(int dt, int64_t rows, int64_t n, const void *x, int64_t sx, const void *r, int64_t sr,
+              const void *pw, const void *w, float eps, void *out, void *rout) {
+    if (rows * n < 16384) {
+        rms_norm_rows(dt, 0, rows, n, x, sx, r, sr, pw, w, eps, out, rout);
+        return;
+    }
+#pragma omp parallel
+    {
+        int64_t k = omp_get_num_threads(), i = omp_get_thread_num(), per = (rows + k - 1) / k;
+        int64_t lo = i * per, hi = lo + per < rows ? lo + per : rows;
+        if (lo < hi) rms_norm_rows(dt, lo, hi, n, x, sx, r, sr, pw, w, eps, out, rout);
+    }
 }
 
 /* Neox rotary of one head (halves [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s]) into dst (may be src). */
