@@ -14,10 +14,15 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    """bf16: the same bits (the same roundings at the same points); fp32: within the last bits (sums reordered)."""
+    """fp32: within the last bits (sums reordered). bf16: the same roundings at the same points, so the same bits but
+    where a reordered fp32 sum moves a value across a rounding boundary: at most one bf16 step, and rarely."""
+    if a.dtype != b.dtype:
+        return False
     if dtype == torch.bfloat16:
-        return torch.equal(a, b)
-    return a.dtype == b.dtype and torch.allclose(a, b, rtol=2e-6, atol=2e-6)
+        off = a != b
+        step = (b.float().abs() * 2 ** -7).clamp_min(1e-30)
+        return bool(((a.float() - b.float()).abs() <= step).all()) and off.float().mean() < 0.01
+    return torch.allclose(a, b, rtol=2e-6, atol=2e-6)
 
 
 def test_the_library_builds_and_the_dispatch_takes_it(monkeypatch):

@@ -10,8 +10,8 @@ caches, soft-capping, windows, ALiBi) goes to the reference, as does everything 
 `available()` says which, and CLUSTER_CPU_NATIVE=0 turns it off.
 
 Numerics: fp32 arithmetic with the reference's roundings to bf16 at the same points; sums (the norm's mean, the
-attention's dots and softmax) are accumulated in another order than torch's, so results can differ from the
-reference in the last bit.
+attention's dots and softmax) are accumulated in another order than torch's, so fp32 results can differ from the
+reference in the last bit, and bf16 ones, rarely, by one bf16 step.
 """
 from __future__ import annotations
 
