@@ -15,13 +15,15 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     """fp32: within the last bits (sums reordered). bf16: the same roundings at the same points, so the same bits but
-    where a reordered fp32 sum moves a value across a rounding boundary: at most one bf16 step, and rarely."""
+    where a reordered fp32 sum moves a value across a rounding boundary. A row's 1/rms one bit off moves many of its
+    values a step (two through the sandwich's second norm): a few steps at most, in a few percent of the values."""
     if a.dtype != b.dtype:
         return False
     if dtype == torch.bfloat16:
-        off = a != b
-        step = (b.float().abs() * 2 ** -7).clamp_min(1e-30)
-        return bool(((a.float() - b.float()).abs() <= step).all()) and off.float().mean() < 0.01
+        a, b = a.float(), b.float()
+        # 4 bf16 steps (8 significant bits) of the value, or of the typical value where a sum cancelled
+        step = torch.maximum(a.abs(), b.abs()) * 2 ** -5 + b.abs().mean() * 2 ** -6
+        return bool(((a - b).abs() <= step).all()) and (a != b).float().mean() < 0.05
     return torch.allclose(a, b, rtol=2e-6, atol=2e-6)
 
 
@@ -80,6 +82,28 @@ def test_decode_attention(dtype, hq, hkv, page, ctx_lens):
     got = native.paged_decode_attention(q, kc, vc, tables, ctx, 0.125)
     want = ref.paged_decode_attention(q.float(), kc.float(), vc.float(), tables, ctx, 0.125)
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding
+    assert got.dtype == dtype and (got.float() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (4, 4)])
+def test_prefill_attention_mixed_batch(dtype, hq, hkv):
+    """Whole prompts, decode rows and a short chunk through the C kernel, and in the same batch a long chunk over a
+    cached prefix that goes to the reference: every row as the reference computes it."""
+    q_lens, ctx_lens = [37, 1, 1, 20, 300, 16], [37, 60, 1, 150, 700, 16]  # the 300 over 700: past the C kernel's reach
+    d, page = 64, 16
+    width = -(-max(ctx_lens) // page)
+    nb = len(q_lens) * width + 2
+    kc, vc = torch.randn(nb, page, hkv, d, dtype=dtype), torch.randn(nb, page, hkv, d, dtype=dtype)
+    tables = torch.randperm(nb)[:len(q_lens) * width].view(len(q_lens), width).to(torch.int32)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), hq + 2 * hkv, d, dtype=dtype)[:, :hq]  # a view of a wider projection
+    assert [(e - s == c and c <= native.PREFILL_MAX_TOKENS) or (e - s) * c <= native.PREFILL_MAX_PAIRS
+            for s, e, c in zip(cu.tolist(), cu.tolist()[1:], ctx_lens)] == [True] * 4 + [False, True]
+    got = native.paged_attention(q, kc, vc, tables, ctx, cu, 0.125)
+    want = ref.paged_attention(q.float(), kc.float(), vc.float(), tables, ctx, cu, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
     assert got.dtype == dtype and (got.float() - want).abs().max() <= tol * want.abs().max()
 
 

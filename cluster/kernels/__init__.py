@@ -137,7 +137,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Causal attention of each sequence's new queries over its cached context (prefill, chunk, decode alike);
     softcap > 0: scores soft-capped (Gemma 2); window > 0: each query sees its last `window` keys only; alibi:
     fp32 [Hq] ALiBi slopes added as slope * (key - query position) (Baichuan-13B)."""
-    return (_triton("attention", q) or reference).paged_attention(
+    return (_triton("attention", q) or _cpu(q) or reference).paged_attention(
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, k_scale, v_scale, softcap, window, alibi)
 
 

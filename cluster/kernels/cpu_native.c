@@ -217,6 +217,17 @@ static void attend_64(ATTEND_ARGS) { ATTEND_PASS(64); }
 static void attend_128(ATTEND_ARGS) { ATTEND_PASS(128); }
 static void attend_any(ATTEND_ARGS, int64_t d) { ATTEND_PASS(d); }
 
+static void attend_any_d(int dt, int64_t hq, int64_t hkv, int64_t d, const void *q, int64_t sqh, const void *kc,
+                         const void *vc, int64_t page, const int32_t *bt, int64_t L, float scale, void *out,
+                         int64_t soh) {
+    if (d == 64)
+        attend_64(dt, hq, hkv, q, sqh, kc, vc, page, bt, L, scale, out, soh);
+    else if (d == 128)
+        attend_128(dt, hq, hkv, q, sqh, kc, vc, page, bt, L, scale, out, soh);
+    else
+        attend_any(dt, hq, hkv, q, sqh, kc, vc, page, bt, L, scale, out, soh, d);
+}
+
 /* reference.paged_decode_attention without soft-cap, window or ALiBi, over an unquantized cache: q [B, hq, d] (one
  * query a sequence), caches [nb, page, hkv, d], block_tables [B, >= ctx/page] int32, ctx [B] int32 -> out
  * [B, hq, d]: scores, an fp32 softmax, then the weighted sum of the values. The sequences are shared out over
@@ -228,14 +239,30 @@ void decode_attention(int dt, int64_t B, int64_t hq, int64_t hkv, int64_t d, con
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += ctx[b];
 #pragma omp parallel for schedule(dynamic, 1) if (B > 1 && work * hkv >= 4096)
-    for (int64_t b = 0; b < B; b++) {
-        const void *qb = at(dt, q, b * sqb);
-        void *ob = (void *)at(dt, out, b * sob);
-        if (d == 64)
-            attend_64(dt, hq, hkv, qb, sqh, kc, vc, page, bt + b * sbt, ctx[b], scale, ob, soh);
-        else if (d == 128)
-            attend_128(dt, hq, hkv, qb, sqh, kc, vc, page, bt + b * sbt, ctx[b], scale, ob, soh);
-        else
-            attend_any(dt, hq, hkv, qb, sqh, kc, vc, page, bt + b * sbt, ctx[b], scale, ob, soh, d);
+    for (int64_t b = 0; b < B; b++)
+        attend_any_d(dt, hq, hkv, d, at(dt, q, b * sqb), sqh, kc, vc, page, bt + b * sbt, ctx[b], scale,
+                     (void *)at(dt, out, b * sob), soh);
+}
+
+/* reference.paged_attention (causal, each sequence's new queries over its whole cached context) without soft-cap,
+ * window or ALiBi, over an unquantized cache, one query token at a time: token i of a sequence with ql new tokens
+ * and ctx cached sits at ctx - ql + i and attends keys 0..there, read from the cache as decode does. Every key is
+ * read again for every query, so this is for short prompts and chunks (the caller bounds ql x ctx); there it saves
+ * the reference's per-sequence gathers, masks and SDPA calls. q [T, hq, d] (strides sqt, sqh), cu [B + 1] int32;
+ * only the sequences with take[b] set are computed. */
+void prefill_attention(int dt, int64_t B, int64_t hq, int64_t hkv, int64_t d, const void *q, int64_t sqt,
+                       int64_t sqh, const void *kc, const void *vc, int64_t page, const int32_t *bt, int64_t sbt,
+                       const int32_t *ctx, const int32_t *cu, const int32_t *take, float scale, void *out,
+                       int64_t sot, int64_t soh) {
+    int64_t T = 0;
+    int32_t *seq = malloc((size_t)(cu[B] > 0 ? cu[B] : 1) * 8), *tok = seq + cu[B];
+    for (int64_t b = 0; b < B; b++)  /* the tokens of the sequences taken (take[b]); the caller does the rest */
+        for (int64_t t = cu[b]; take[b] && t < cu[b + 1]; t++, T++) seq[T] = (int32_t)b, tok[T] = (int32_t)t;
+#pragma omp parallel for schedule(dynamic, 4) if (T >= 8)
+    for (int64_t n = 0; n < T; n++) {
+        int64_t b = seq[n], t = tok[n], ql = cu[b + 1] - cu[b], i = t - cu[b];
+        attend_any_d(dt, hq, hkv, d, at(dt, q, t * sqt), sqh, kc, vc, page, bt + b * sbt, ctx[b] - ql + i + 1, scale,
+                     (void *)at(dt, out, t * sot), soh);
     }
+    free(seq);
 }

@@ -1,5 +1,5 @@
 """The CPU's fast path for the ops a decode step runs once per layer: RMSNorm (+ residual, + sandwich pre-norm),
-rotary + KV store, and decode attention over the paged cache, each one call into cpu_native.c instead of the
+rotary + KV store, and attention over the paged cache (decode, and short prefills), each one call into cpu_native.c instead of the
 reference's 8 to 30 torch ops.
 
 On 2 cores a SmolLM2 step is ~2,000 torch ops of 1-5 us each beside its matmuls, and the reference's decode
@@ -11,7 +11,7 @@ caches, soft-capping, windows, ALiBi) goes to the reference, as does everything 
 
 Numerics: fp32 arithmetic with the reference's roundings to bf16 at the same points; sums (the norm's mean, the
 attention's dots and softmax) are accumulated in another order than torch's, so fp32 results can differ from the
-reference in the last bit, and bf16 ones, rarely, by one bf16 step.
+reference in the last bit, and bf16 ones, rarely, by a bf16 step or two.
 """
 from __future__ import annotations
 
@@ -38,7 +38,15 @@ _SIGNATURES = {
     "rms_norm": [ctypes.c_int, _I, _I, _P, _I, _P, _I, _P, _P, _F, _P, _P],
     "rotary_store": [ctypes.c_int, _I, _I, _I, _I, _P, _I, _I, _P, _I, _I, _P, _I, _I, _P, _P, _I, _P, _P, _P],
     "decode_attention": [ctypes.c_int, _I, _I, _I, _I, _P, _I, _I, _P, _P, _I, _P, _I, _P, _F, _P, _I, _I],
+    "prefill_attention": [ctypes.c_int, _I, _I, _I, _I, _P, _I, _I, _P, _P, _I, _P, _I, _P, _P, _P, _F, _P, _I, _I],
 }
+# prefill_attention reads every key once per query, so it takes a sequence that is a whole prompt of at most
+# PREFILL_MAX_TOKENS (no cached prefix) or whose new tokens x context is at most PREFILL_MAX_PAIRS (a decode row in
+# a mixed batch, a short chunk); the reference (one SDPA a sequence) keeps the rest. From
+# benchmarks/bench_cpu_prefill_attention.py (bf16, this 2-core AVX512 CPU): whole prompts 1.4-2.7x the reference
+# up to 1,024 tokens, 16 x 48 3.8x, but a 128-token chunk over 512 cached 0.7x.
+PREFILL_MAX_TOKENS = 1024
+PREFILL_MAX_PAIRS = 4096
 
 
 def _cpu_id() -> str:
@@ -146,22 +154,58 @@ def rotary_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     return q
 
 
+def _plain_cache(q, k_cache, v_cache, block_tables, context_lens, k_scale, softcap, window, alibi) -> int | None:
+    """The dtype code where the C attention kernels apply (unquantized, no soft-cap, window or ALiBi), else None."""
+    dt = _dt(q, k_cache, v_cache) if library() is not None else None
+    if (dt is None or k_scale is not None or softcap or window or alibi is not None
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or block_tables.dtype != torch.int32
+            or context_lens.dtype != torch.int32 or block_tables.stride(-1) != 1 or not context_lens.is_contiguous()):
+        return None
+    return dt
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """As reference.paged_attention: the sequences PREFILL_MAX_TOKENS / PREFILL_MAX_PAIRS admit in one C call, the
+    others through the reference one by one."""
+    dt = _plain_cache(q, k_cache, v_cache, block_tables, context_lens, k_scale, softcap, window, alibi)
+    if dt is None or cu_seqlens_q.dtype != torch.int32 or not cu_seqlens_q.is_contiguous():
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
+                                         k_scale, v_scale, softcap, window, alibi)
+    cu, lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    take = [int((e - s == c and c <= PREFILL_MAX_TOKENS) or (e - s) * c <= PREFILL_MAX_PAIRS)
+            for s, e, c in zip(cu, cu[1:], lens)]
+    T, hq, d = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype)
+    if T and any(take):
+        flags = torch.tensor(take, dtype=torch.int32)
+        library().prefill_attention(dt, len(take), hq, k_cache.shape[2], d, q.data_ptr(), q.stride(0), q.stride(1),
+                                    k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], block_tables.data_ptr(),
+                                    block_tables.stride(0), context_lens.data_ptr(), cu_seqlens_q.data_ptr(),
+                                    flags.data_ptr(), scale, out.data_ptr(), out.stride(0), out.stride(1))
+    for b, taken in enumerate(take):
+        s, e = cu[b], cu[b + 1]
+        if not taken and e > s:
+            out[s:e] = reference.paged_attention(q[s:e], k_cache, v_cache, block_tables[b:b + 1],
+                                                 context_lens[b:b + 1], cu_seqlens_q.new_tensor([0, e - s]), scale)
+    return out
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, max_context_len: int | None = None,
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                            softcap: float = 0.0, window: int = 0, alibi: torch.Tensor | None = None) -> torch.Tensor:
-    lib = library()
-    dt = _dt(q, k_cache, v_cache) if lib is not None else None
-    if (dt is None or k_scale is not None or softcap or window or alibi is not None
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or block_tables.dtype != torch.int32
-            or context_lens.dtype != torch.int32 or block_tables.stride(-1) != 1 or not context_lens.is_contiguous()):
+    dt = _plain_cache(q, k_cache, v_cache, block_tables, context_lens, k_scale, softcap, window, alibi)
+    if dt is None:
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                 max_context_len, k_scale=k_scale, v_scale=v_scale, softcap=softcap,
                                                 window=window, alibi=alibi)
     B, hq, d = q.shape
     out = torch.empty(q.shape, dtype=q.dtype)
     if B:
-        lib.decode_attention(dt, B, hq, k_cache.shape[2], d, q.data_ptr(), q.stride(0), q.stride(1),
+        library().decode_attention(dt, B, hq, k_cache.shape[2], d, q.data_ptr(), q.stride(0), q.stride(1),
                              k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], block_tables.data_ptr(),
                              block_tables.stride(0), context_lens.data_ptr(), scale, out.data_ptr(), out.stride(0),
                              out.stride(1))
