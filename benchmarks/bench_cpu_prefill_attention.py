@@ -7,19 +7,11 @@ and SDPA per sequence) at SmolLM2's heads (9 over 3 kv heads of 64), per layer: 
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
+from bench_cpu_matmul import ms as per_call_ms
 from cluster.kernels import cpu_native, reference
-
-
-def per_call_ms(fn, reps: int) -> float:
-    fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps * 1e3
 
 
 def main() -> None:
