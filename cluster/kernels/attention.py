@@ -191,6 +191,17 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
     (+ sum(q) * k_min for 4 bits), and p @ v = (p * v_scale) @ v_q (+ sum(p * v_min)). A 4-bit cache comes as int32
     words [keys, D / 8] (the caller's view).
     """
+    k, v, page, n, n_ok = _load_tile(kc_ptr, vc_ptr, bt_row, start, ctx, kv_head, q, stride_cb, stride_cs,
+                                     stride_ch, D, PAGE, BLOCK_N, MASK, QUANT)
+    return _update_tile(acc, l_i, m_i, q, qsum, k, v, page, ks_ptr, vs_ptr, n, n_ok, pos, kv_head, qk_scale, softcap,
+                        window, slopes, PAGE, MASK, QUANT, SOFTCAP, ALIBI)
+
+
+@triton.jit
+def _load_tile(kc_ptr, vc_ptr, bt_row, start, ctx, kv_head, like, stride_cb, stride_cs, stride_ch,
+               D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr):
+    """The K and V tile of keys [start, start + BLOCK_N) (those >= ctx masked unless MASK == 0) as the dots take
+    them (like: q, whose dtype a quantized tile converts to), with the keys' pages, indices and validity."""
     n = start + tl.arange(0, BLOCK_N)
     n_ok = n < ctx
     if MASK == 0:
@@ -200,18 +211,17 @@ def _attend_tile(acc, l_i, m_i, q, qsum, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
     off = page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch
     if QUANT == 4:
         ptrs = off[:, None] + tl.arange(0, D // 8)[None, :]
-        k = _unpack4(_load_rows(kc_ptr, ptrs, n_ok, MASK), q, 0.0)
+        k = _unpack4(_load_rows(kc_ptr, ptrs, n_ok, MASK), like, 0.0)
         # V centred, -8..7: with 0..15 the two parts of p @ v, each several times the result, would cancel and
         # magnify the rounding of p * v_scale
-        v = _unpack4(_load_rows(vc_ptr, ptrs, n_ok, MASK), q, 8.0)
+        v = _unpack4(_load_rows(vc_ptr, ptrs, n_ok, MASK), like, 8.0)
     else:
         ptrs = off[:, None] + tl.arange(0, D)[None, :]
         k = _load_rows(kc_ptr, ptrs, n_ok, MASK)
         v = _load_rows(vc_ptr, ptrs, n_ok, MASK)
         if QUANT != 0:
-            k, v = _to_dot_dtype(k, q, QUANT), _to_dot_dtype(v, q, QUANT)
-    return _update_tile(acc, l_i, m_i, q, qsum, k, v, page, ks_ptr, vs_ptr, n, n_ok, pos, kv_head, qk_scale, softcap,
-                        window, slopes, PAGE, MASK, QUANT, SOFTCAP, ALIBI)
+            k, v = _to_dot_dtype(k, like, QUANT), _to_dot_dtype(v, like, QUANT)
+    return k, v, page, n, n_ok
 
 
 @triton.jit
@@ -574,12 +584,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, al_ptr, bt_ptr, 
     d = tl.arange(0, D)
     acc = tl.zeros([GROUP_P, D], tl.float32)
     if PREWAIT:
-        n = lo + tl.arange(0, BLOCK_N)
-        n_ok = n < hi
-        page = tl.load(bt_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-        off = page * stride_cb + (n % PAGE) * stride_cs + kv_head * stride_ch
-        k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        # (like: unused, an unquantized tile is not converted; q is not loaded yet)
+        k, v, page, n, n_ok = _load_tile(kc_ptr, vc_ptr, bt_row, lo, hi, kv_head, 0.0, stride_cb, stride_cs,
+                                         stride_ch, D, PAGE, BLOCK_N, 1, QUANT)
         newest = ctx - 1
         new_off = (tl.load(bt_row + newest // PAGE).to(tl.int64) * stride_cb + (newest % PAGE) * stride_cs
                    + kv_head * stride_ch)

@@ -159,8 +159,8 @@ static inline float exp_neg(float x) {
 }
 
 /* One sequence of decode attention: its hq query heads against its L keys, each token's kv heads read together
- * (they are contiguous in the cache), page by page. Inlined into copies for head_dim 64 and 128 (attend_64,
- * attend_128), whose loops the compiler then unrolls. */
+ * (they are contiguous in the cache), page by page. Always inlined, so `attend` can make constant-head_dim
+ * copies. */
 static inline __attribute__((always_inline)) void attend_body(int dt, int64_t hq, int64_t hkv, int64_t d,
                                                              const void *q, int64_t sqh, const void *kc,
                                                              const void *vc, int64_t page, const int32_t *bt,
@@ -210,22 +210,15 @@ static inline __attribute__((always_inline)) void attend_body(int dt, int64_t hq
     free(qf);
 }
 
-#define ATTEND_ARGS int dt, int64_t hq, int64_t hkv, const void *q, int64_t sqh, const void *kc, const void *vc, \
-                    int64_t page, const int32_t *bt, int64_t L, float scale, void *out, int64_t soh
-#define ATTEND_PASS(D) attend_body(dt, hq, hkv, D, q, sqh, kc, vc, page, bt, L, scale, out, soh)
-static void attend_64(ATTEND_ARGS) { ATTEND_PASS(64); }
-static void attend_128(ATTEND_ARGS) { ATTEND_PASS(128); }
-static void attend_any(ATTEND_ARGS, int64_t d) { ATTEND_PASS(d); }
-
-static void attend_any_d(int dt, int64_t hq, int64_t hkv, int64_t d, const void *q, int64_t sqh, const void *kc,
-                         const void *vc, int64_t page, const int32_t *bt, int64_t L, float scale, void *out,
-                         int64_t soh) {
+/* attend_body with head_dim 64 and 128 as constants (the compiler unrolls those loops), any other as it is. */
+static void attend(int dt, int64_t hq, int64_t hkv, int64_t d, const void *q, int64_t sqh, const void *kc,
+                   const void *vc, int64_t page, const int32_t *bt, int64_t L, float scale, void *out, int64_t soh) {
     if (d == 64)
-        attend_64(dt, hq, hkv, q, sqh, kc, vc, page, bt, L, scale, out, soh);
+        attend_body(dt, hq, hkv, 64, q, sqh, kc, vc, page, bt, L, scale, out, soh);
     else if (d == 128)
-        attend_128(dt, hq, hkv, q, sqh, kc, vc, page, bt, L, scale, out, soh);
+        attend_body(dt, hq, hkv, 128, q, sqh, kc, vc, page, bt, L, scale, out, soh);
     else
-        attend_any(dt, hq, hkv, q, sqh, kc, vc, page, bt, L, scale, out, soh, d);
+        attend_body(dt, hq, hkv, d, q, sqh, kc, vc, page, bt, L, scale, out, soh);
 }
 
 /* reference.paged_decode_attention without soft-cap, window or ALiBi, over an unquantized cache: q [B, hq, d] (one
@@ -240,7 +233,7 @@ void decode_attention(int dt, int64_t B, int64_t hq, int64_t hkv, int64_t d, con
     for (int64_t b = 0; b < B; b++) work += ctx[b];
 #pragma omp parallel for schedule(dynamic, 1) if (B > 1 && work * hkv >= 4096)
     for (int64_t b = 0; b < B; b++)
-        attend_any_d(dt, hq, hkv, d, at(dt, q, b * sqb), sqh, kc, vc, page, bt + b * sbt, ctx[b], scale,
+        attend(dt, hq, hkv, d, at(dt, q, b * sqb), sqh, kc, vc, page, bt + b * sbt, ctx[b], scale,
                      (void *)at(dt, out, b * sob), soh);
 }
 
@@ -261,7 +254,7 @@ void prefill_attention(int dt, int64_t B, int64_t hq, int64_t hkv, int64_t d, co
 #pragma omp parallel for schedule(dynamic, 4) if (T >= 8)
     for (int64_t n = 0; n < T; n++) {
         int64_t b = seq[n], t = tok[n], ql = cu[b + 1] - cu[b], i = t - cu[b];
-        attend_any_d(dt, hq, hkv, d, at(dt, q, t * sqt), sqh, kc, vc, page, bt + b * sbt, ctx[b] - ql + i + 1, scale,
+        attend(dt, hq, hkv, d, at(dt, q, t * sqt), sqh, kc, vc, page, bt + b * sbt, ctx[b] - ql + i + 1, scale,
                      (void *)at(dt, out, t * sot), soh);
     }
     free(seq);

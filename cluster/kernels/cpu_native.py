@@ -206,7 +206,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty(q.shape, dtype=q.dtype)
     if B:
         library().decode_attention(dt, B, hq, k_cache.shape[2], d, q.data_ptr(), q.stride(0), q.stride(1),
-                             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], block_tables.data_ptr(),
-                             block_tables.stride(0), context_lens.data_ptr(), scale, out.data_ptr(), out.stride(0),
-                             out.stride(1))
+                                   k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], block_tables.data_ptr(),
+                                   block_tables.stride(0), context_lens.data_ptr(), scale, out.data_ptr(),
+                                   out.stride(0), out.stride(1))
     return out
